@@ -1,0 +1,652 @@
+"""Settings: every knob of `resilient`, resolved once into one frozen object.
+
+Precedence, highest first:
+
+1. keyword arguments passed in code (``Settings.from_env(keep=5)``, ``settings.with_options(keep=5)``);
+2. ``RESILIENT_*`` variables of the environment mapping given to `Settings.from_env` (``os.environ``
+   by default, read when the function is called, never at import);
+3. the defaults in `FIELDS`.
+
+Resolution happens on the driver. The resulting `Settings` is plain, immutable data: it pickles and
+travels to Ray actors as an argument, so workers never consult their own environment and every process
+of a job sees the same configuration. It carries storage URLs and fsspec options, never live
+filesystem handles.
+
+Every field is declared once, in `FIELDS`; parsing, validation, error messages, `Settings.describe`
+and `reference_table` (the README table) all read that table. A value that is not accepted raises
+`resilient.errors.ConfigError` naming the variable (or keyword), the value and what is accepted; there
+is no silent fallback to a default. Credentials (URL user info, secret-looking storage options) are
+masked in ``repr``, in errors and in `Settings.describe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from resilient.errors import ConfigError
+
+__all__ = [
+    "FIELDS",
+    "Field",
+    "RedundancyWarning",
+    "Settings",
+    "redact_url",
+    "reference_table",
+]
+
+ENV_PREFIX = "RESILIENT_"
+MASK = "***"
+
+_SOURCES = ("keyword", "environment", "default")
+# "scheme://user:password@" anywhere in a text.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+# "?name=value" / "&name=value" query parameters whose name looks secret (presigned URLs, SAS tokens).
+_SECRET_NAME = re.compile(r"key|secret|token|passw|credential|session|signature|^sig$", re.IGNORECASE)
+_QUERY_PARAM = re.compile(r"(?P<lead>[?&])(?P<name>[^=&#\s]+)=(?P<value>[^&#\s]*)")
+_SCHEME = re.compile(r"^(?P<protocol>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.DOTALL)
+_PROTOCOL = re.compile(r"^[a-z][a-z0-9+.-]*$")
+_INTEGER = re.compile(r"^[+-]?[0-9]+$")
+
+
+class RedundancyWarning(UserWarning):
+    """The configuration stores checkpoints in one place only (no replica to fall back on)."""
+
+
+def redact_url(url: str) -> str:
+    """Mask credentials in a URL, or in any text that contains URLs.
+
+    User info (``scheme://user:password@``) becomes ``***@`` and query parameters whose name looks
+    secret (``X-Amz-Signature``, ``sig``, ``token``...) keep their name but lose their value.
+
+    Example:
+        >>> redact_url("s3://AKIAEXAMPLE:wJalrXUtn@bucket/run1")
+        's3://***@bucket/run1'
+        >>> redact_url("https://host/obj?X-Amz-Signature=abc&part=1")
+        'https://host/obj?X-Amz-Signature=***&part=1'
+    """
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", url)
+
+    def _query(m: re.Match[str]) -> str:
+        if _SECRET_NAME.search(m["name"]):
+            return f"{m['lead']}{m['name']}={MASK}"
+        return m[0]
+
+    return _QUERY_PARAM.sub(_query, text) if "://" in text else text
+
+
+def _redact_options(value: Any) -> Any:
+    """A plain deep copy of storage options with secret-looking keys' values masked."""
+    if isinstance(value, Mapping):
+        return {
+            k: MASK if isinstance(k, str) and _SECRET_NAME.search(k) else _redact_options(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_redact_options(v) for v in value]
+    if isinstance(value, str):
+        return redact_url(value)
+    return value
+
+
+class _FrozenDict(Mapping[str, Any]):
+    """An immutable mapping that pickles (``types.MappingProxyType`` does not)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any] = ()) -> None:  # type: ignore[assignment]
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_FrozenDict, (self._data,))
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return _FrozenDict({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+# --- parsers: text (from the environment) or native values (from keywords) -> normalized value ---
+
+
+class _Refused(Exception):
+    """Internal: a parser's refusal; `Settings` turns it into a ConfigError with the right name."""
+
+    def __init__(self, detail: str = "", *, shown: Any = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.shown = shown
+
+
+class _Parser:
+    kind = "text"
+    accepted = "a value"
+
+    def parse(self, raw: Any) -> Any:
+        raise NotImplementedError
+
+    def format(self, value: Any) -> str:
+        """The value written the way the environment variable takes it."""
+        return str(value)
+
+    def show(self, raw: Any) -> Any:
+        """The raw value as an error may display it (credentials masked)."""
+        return redact_url(raw) if isinstance(raw, str) else raw
+
+
+class _Integer(_Parser):
+    def __init__(self, lo: int, hi: int | None = None) -> None:
+        self.lo, self.hi = lo, hi
+        self.kind = f"integer {lo}..{hi}" if hi is not None else f"integer >= {lo}"
+        self.accepted = f"an integer from {lo} to {hi}" if hi is not None else f"an integer >= {lo}"
+
+    def parse(self, raw: Any) -> int:
+        if isinstance(raw, str) and _INTEGER.match(raw.strip()):
+            value = int(raw.strip())
+        elif isinstance(raw, int) and not isinstance(raw, bool):
+            value = raw
+        else:
+            raise _Refused("not an integer")
+        if value < self.lo or (self.hi is not None and value > self.hi):
+            raise _Refused("out of range")
+        return value
+
+
+class _Number(_Parser):
+    kind = "number > 0"
+    accepted = "a finite number > 0"
+
+    def parse(self, raw: Any) -> float:
+        if isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                raise _Refused("not a number") from None
+        elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            value = float(raw)
+        else:
+            raise _Refused("not a number")
+        if not math.isfinite(value) or value <= 0:
+            raise _Refused("out of range")
+        return value
+
+    def format(self, value: Any) -> str:
+        return f"{value:g}"
+
+
+class _Choice(_Parser):
+    def __init__(self, *options: str) -> None:
+        self.options = options
+        self.kind = " | ".join(f"`{o}`" for o in options)
+        self.accepted = "one of " + ", ".join(f'"{o}"' for o in options)
+
+    def parse(self, raw: Any) -> str:
+        if isinstance(raw, str) and raw.strip().lower() in self.options:
+            return raw.strip().lower()
+        raise _Refused()
+
+
+class _Flag(_Parser):
+    kind = "boolean"
+    accepted = "1/0, true/false, yes/no or on/off (any case)"
+    _WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+    def parse(self, raw: Any) -> bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in self._WORDS:
+            return self._WORDS[raw.strip().lower()]
+        raise _Refused()
+
+    def format(self, value: Any) -> str:
+        return "true" if value else "false"
+
+
+class _Quorum(_Parser):
+    kind = "`majority` | `all` | integer"
+    accepted = '"majority", "all", or an integer from 1 to the number of storage URLs'
+
+    def parse(self, raw: Any) -> int | str:
+        if isinstance(raw, str):
+            text = raw.strip().lower()
+            if text in ("majority", "all"):
+                return text
+            if not _INTEGER.match(text):
+                raise _Refused()
+            raw = int(text)
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
+            raise _Refused()
+        return raw
+
+
+class _Storage(_Parser):
+    kind = "comma-separated URLs"
+    accepted = (
+        "comma-separated storage URLs or paths (file:///abs/path, /abs/path, s3://bucket/prefix, "
+        "gs://bucket/prefix, memory://name), no empty entry, no duplicate"
+    )
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        if isinstance(raw, str):
+            entries: list[Any] = raw.split(",")
+        elif isinstance(raw, (list, tuple)):
+            entries = list(raw)
+        else:
+            raise _Refused("not a comma-separated string or a list of URLs")
+        if not entries:
+            raise _Refused("at least one URL is needed")
+        urls: list[str] = []
+        for entry in entries:
+            url = self._normalize(entry)
+            if url in urls:
+                raise _Refused(f"duplicate entry {redact_url(url)}", shown=self.show(raw))
+            urls.append(url)
+        return tuple(urls)
+
+    def _normalize(self, entry: Any) -> str:
+        if isinstance(entry, os.PathLike):
+            entry = os.fspath(entry)
+        if not isinstance(entry, str):
+            raise _Refused(f"entry {entry!r} is not a string")
+        entry = entry.strip()
+        if not entry:
+            raise _Refused("empty entry")
+        m = _SCHEME.match(entry)
+        if m is None:  # a plain path: absolute, as a file:// URL
+            return "file://" + os.path.abspath(os.path.expanduser(entry))
+        protocol, rest = m["protocol"].lower(), m["rest"]
+        if protocol in ("file", "local"):
+            if not rest.startswith("/"):
+                raise _Refused(f"{redact_url(entry)} is not an absolute file:// URL (file:///abs/path)")
+            return "file://" + os.path.normpath(rest)
+        if not rest.strip("/"):
+            raise _Refused(f"{redact_url(entry)} names no bucket or location")
+        return f"{protocol}://{rest.rstrip('/')}"
+
+    def format(self, value: Any) -> str:
+        return ",".join(redact_url(u) for u in value)
+
+    def show(self, raw: Any) -> Any:
+        if isinstance(raw, (list, tuple)):
+            return [redact_url(e) if isinstance(e, str) else e for e in raw]
+        return super().show(raw)
+
+
+class _StorageOptions(_Parser):
+    kind = "JSON object"
+    accepted = (
+        'a JSON object mapping a protocol ("s3") or a URL prefix ("s3://bucket") to an object of '
+        "fsspec options"
+    )
+
+    def parse(self, raw: Any) -> Mapping[str, Mapping[str, Any]]:
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise _Refused(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        if not isinstance(raw, Mapping):
+            raise _Refused("not an object")
+        for key, options in raw.items():
+            if not isinstance(key, str) or not (_PROTOCOL.match(key) or _SCHEME.match(key)):
+                raise _Refused(f"key {key!r} is neither a protocol nor a URL prefix")
+            if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+                raise _Refused(f"options for {redact_url(key)!r} are not an object with string keys")
+        return _freeze(raw)
+
+    def format(self, value: Any) -> str:
+        return json.dumps(_redact_options(value), sort_keys=True, default=repr)
+
+    def show(self, raw: Any) -> Any:
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError:
+                return MASK  # unparsable text may hold credentials anywhere
+        return _redact_options(raw)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting: where it lives, how it is read, what it defaults to.
+
+    Attributes:
+        attr: the `Settings` attribute and the keyword-override name.
+        env: the environment variable.
+        parser: turns environment text or a native keyword value into the normalized value.
+        default: the default value (``()`` for storage: resolved against the working directory).
+        doc: one line of meaning, for errors and the README table.
+        example: an example value as it would be written in the environment.
+        secret: mask the whole value wherever it is shown.
+        default_text: how the README shows the default when the value alone does not say it.
+    """
+
+    attr: str
+    env: str
+    parser: _Parser
+    default: Any
+    doc: str
+    example: str
+    secret: bool = False
+    default_text: str = ""
+
+    def shown_default(self) -> str:
+        return self.default_text or self.parser.format(self.default)
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("storage", "RESILIENT_STORAGE", _Storage(), (), "storage replicas, one fsspec URL each",
+          "s3://ckpt-a/run1,gs://ckpt-b/run1,/mnt/nfs/run1", default_text="`file://<cwd>/.resilient/store` (warns)"),
+    Field("storage_options", "RESILIENT_STORAGE_OPTIONS", _StorageOptions(), _FrozenDict(),
+          "fsspec options per protocol or URL prefix", '{"s3": {"endpoint_url": "http://127.0.0.1:5000"}}'),
+    Field("redundancy", "RESILIENT_REDUNDANCY", _Choice("replicate", "parity"), "replicate",
+          "full copies on every replica, or XOR parity across them (needs 3+)", "parity"),
+    Field("write_quorum", "RESILIENT_WRITE_QUORUM", _Quorum(), "majority",
+          "replicas that must acknowledge a write before it counts", "2"),
+    Field("keep", "RESILIENT_KEEP", _Integer(1), 3, "checkpoint generations retained per key", "5"),
+    Field("compression", "RESILIENT_COMPRESSION", _Choice("auto", "zstd", "off"), "auto",
+          "zstd compression: chosen per tensor, always, or never", "zstd"),
+    Field("compression_level", "RESILIENT_COMPRESSION_LEVEL", _Integer(-7, 22), 1, "zstd level", "3"),
+    Field("io_threads", "RESILIENT_IO_THREADS", _Integer(1, 64), 2, "storage I/O threads per process", "8"),
+    Field("retry_attempts", "RESILIENT_RETRY_ATTEMPTS", _Integer(1), 5,
+          "attempts per storage operation (1 = no retry)", "8"),
+    Field("retry_max_seconds", "RESILIENT_RETRY_MAX_SECONDS", _Number(), 60.0,
+          "time budget for one storage operation's retries", "120"),
+    Field("retry_backoff_seconds", "RESILIENT_RETRY_BACKOFF_SECONDS", _Number(), 0.2,
+          "first backoff between attempts; doubles after each", "0.5"),
+    Field("retry_backoff_max_seconds", "RESILIENT_RETRY_BACKOFF_MAX_SECONDS", _Number(), 10.0,
+          "longest backoff between attempts", "30"),
+    Field("degraded_after", "RESILIENT_DEGRADED_AFTER", _Integer(1), 3,
+          "consecutive failed operations before a replica is reported degraded", "5"),
+    Field("allow_pickle", "RESILIENT_ALLOW_PICKLE", _Flag(), False,
+          "store values the codec does not know with pickle (and load them back)", "true"),
+)
+
+_BY_ATTR = {f.attr: f for f in FIELDS}
+_BY_ENV = {f.env: f for f in FIELDS}
+
+
+def _label(field: Field, source: str) -> str:
+    """How an error names a setting: its keyword when it was given as one, else its variable."""
+    return f"keyword '{field.attr}'" if source == "keyword" else field.env
+
+
+def _default_storage() -> str:
+    return "file://" + os.path.join(os.path.abspath(os.getcwd()), ".resilient", "store")
+
+
+@dataclass(frozen=True, repr=False)
+class Settings:
+    """Every setting of `resilient`, validated, immutable and picklable.
+
+    Build it with `Settings.from_env` (or copy one with `with_options`); the constructor validates too.
+    The meaning, variable and default of each attribute are in `FIELDS` (see `reference_table`).
+
+    Example:
+        >>> s = Settings.from_env({"RESILIENT_STORAGE": "memory://a,memory://b,memory://c"}, keep=5)
+        >>> s.keep, s.quorum, s.storage[0]
+        (5, 2, 'memory://a')
+        >>> s.describe()[4]
+        ('RESILIENT_KEEP', '5', 'keyword')
+    """
+
+    storage: tuple[str, ...]
+    storage_options: Mapping[str, Mapping[str, Any]]
+    redundancy: str
+    write_quorum: int | str
+    keep: int
+    compression: str
+    compression_level: int
+    io_threads: int
+    retry_attempts: int
+    retry_max_seconds: float
+    retry_backoff_seconds: float
+    retry_backoff_max_seconds: float
+    degraded_after: int
+    allow_pickle: bool
+    #: attribute -> "keyword" | "environment" | "default"; not part of equality.
+    sources: Mapping[str, str] = dataclasses.field(default_factory=_FrozenDict, compare=False)
+
+    def __post_init__(self) -> None:
+        sources = {f.attr: self.sources.get(f.attr, "keyword") for f in FIELDS}
+        for field in FIELDS:
+            raw = getattr(self, field.attr)
+            try:
+                value = field.parser.parse(raw)
+            except _Refused as e:
+                shown = MASK if field.secret else (e.shown if e.shown is not None else field.parser.show(raw))
+                raise ConfigError(_label(field, sources[field.attr]), shown, field.parser.accepted,
+                                  detail=e.detail) from None
+            object.__setattr__(self, field.attr, value)
+        object.__setattr__(self, "sources", _FrozenDict(sources))
+        self._check_together()
+
+    def _check_together(self) -> None:
+        n = len(self.storage)
+        label = {f.attr: _label(f, self.sources[f.attr]) for f in FIELDS}
+        storage_note = f"{label['storage']} lists {n} URL{'s' if n != 1 else ''}"
+        if self.redundancy == "parity" and n < 3:
+            raise ConfigError(label["redundancy"], self.redundancy,
+                              '"replicate", or "parity" with at least 3 storage URLs', detail=storage_note)
+        wq = self.write_quorum
+        if isinstance(wq, int):
+            low = n - 1 if self.redundancy == "parity" else 1
+            if not low <= wq <= n:
+                why = f"; parity needs its {n - 1} data shards" if self.redundancy == "parity" else ""
+                raise ConfigError(label["write_quorum"], wq,
+                                  f'"majority", "all", or an integer from {low} to {n}', detail=storage_note + why)
+        if self.retry_backoff_max_seconds < self.retry_backoff_seconds:
+            raise ConfigError(label["retry_backoff_max_seconds"], self.retry_backoff_max_seconds,
+                              f"a number >= {label['retry_backoff_seconds']} ({self.retry_backoff_seconds:g})")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Resolve settings: keyword overrides, then ``RESILIENT_*`` variables, then defaults.
+
+        Args:
+            environ: the environment to read; ``os.environ`` (at call time) when None.
+            **overrides: native values by attribute name (``storage=["/a", "/b"]``, ``keep=5``).
+
+        Returns:
+            The validated settings, with each value's source recorded in ``sources``.
+
+        Raises:
+            ConfigError: a value is not accepted, a ``RESILIENT_*`` variable or a keyword is unknown,
+                or two settings contradict each other.
+
+        Warns:
+            RedundancyWarning: no storage was configured; one local directory is used.
+
+        Example:
+            >>> env = {"RESILIENT_STORAGE": "memory://a,memory://b", "RESILIENT_KEEP": "4"}
+            >>> s = Settings.from_env(env, keep=2)
+            >>> s.keep, s.sources["keep"], s.sources["storage"], s.sources["io_threads"]
+            (2, 'keyword', 'environment', 'default')
+        """
+        environ = os.environ if environ is None else environ
+        _check_names(environ, overrides)
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for field in FIELDS:
+            if field.attr in overrides:
+                values[field.attr], sources[field.attr] = overrides[field.attr], "keyword"
+            elif field.env in environ:
+                values[field.attr], sources[field.attr] = environ[field.env], "environment"
+            else:
+                values[field.attr], sources[field.attr] = field.default, "default"
+        if sources["storage"] == "default":
+            values["storage"] = (_default_storage(),)
+            warnings.warn(
+                f"RESILIENT_STORAGE is not set: checkpoints go to {values['storage'][0]} only, with no "
+                "redundancy; set RESILIENT_STORAGE to two or more URLs to survive the loss of one",
+                RedundancyWarning,
+                stacklevel=2,
+            )
+        return cls(**values, sources=_FrozenDict(sources))
+
+    def with_options(self, **overrides: Any) -> Settings:
+        """A validated copy with some settings replaced (they are recorded as keyword-sourced).
+
+        Example:
+            >>> s = Settings.from_env({"RESILIENT_STORAGE": "memory://a"})
+            >>> s.with_options(keep=9).keep
+            9
+        """
+        _check_names({}, overrides)
+        sources = {**self.sources, **{k: "keyword" for k in overrides}}
+        return dataclasses.replace(self, **overrides, sources=_FrozenDict(sources))
+
+    @property
+    def quorum(self) -> int:
+        """How many replicas must acknowledge a write.
+
+        ``"majority"`` is ``n // 2 + 1`` with replication and ``n - 1`` with parity (every data shard);
+        ``"all"`` is ``n``; an integer is itself.
+
+        Example:
+            >>> Settings.from_env({"RESILIENT_STORAGE": "memory://a,memory://b,memory://c,memory://d"}).quorum
+            3
+        """
+        n = len(self.storage)
+        if self.write_quorum == "all":
+            return n
+        if self.write_quorum == "majority":
+            return n - 1 if self.redundancy == "parity" else n // 2 + 1
+        return int(self.write_quorum)
+
+    def storage_options_for(self, url: str) -> dict[str, Any]:
+        """The fsspec options for one storage URL: its protocol's entry, overlaid with the entry of the
+        longest matching URL prefix (nested objects merge; the prefix wins).
+
+        Example:
+            >>> s = Settings.from_env({"RESILIENT_STORAGE": "s3://a/run,s3://b/run"}, storage_options={
+            ...     "s3": {"anon": False, "client_kwargs": {"region_name": "eu-west-1"}},
+            ...     "s3://b": {"client_kwargs": {"endpoint_url": "http://127.0.0.1:5000"}}})
+            >>> s.storage_options_for("s3://b/run")["client_kwargs"]
+            {'region_name': 'eu-west-1', 'endpoint_url': 'http://127.0.0.1:5000'}
+        """
+        m = _SCHEME.match(url)
+        protocol = m["protocol"].lower() if m else "file"
+        plain = _USERINFO.sub(lambda g: g["scheme"], url)
+        options = _thaw(self.storage_options.get(protocol, {}))
+        prefixes = [
+            p for p in self.storage_options
+            if "://" in p and (plain == p.rstrip("/") or plain.startswith(p.rstrip("/") + "/"))
+        ]
+        if prefixes:
+            options = _merge(options, _thaw(self.storage_options[max(prefixes, key=len)]))
+        return options
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting by attribute, with credentials masked (safe to log).
+
+        Example:
+            >>> Settings.from_env({"RESILIENT_STORAGE": "s3://KEY:SECRET@bucket/run"}).redacted()["storage"]
+            ('s3://***@bucket/run',)
+        """
+        out: dict[str, Any] = {}
+        for field in FIELDS:
+            value = getattr(self, field.attr)
+            if field.secret:
+                value = MASK
+            elif field.attr == "storage":
+                value = tuple(redact_url(u) for u in value)
+            elif field.attr == "storage_options":
+                value = _redact_options(value)
+            elif isinstance(value, str):
+                value = redact_url(value)
+            out[field.attr] = value
+        return out
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(variable, value as the variable would be written with credentials masked, source) for every
+        setting, in `FIELDS` order; source is ``"keyword"``, ``"environment"`` or ``"default"``.
+
+        Example:
+            >>> Settings.from_env({"RESILIENT_STORAGE": "memory://a"}).describe()[0]
+            ('RESILIENT_STORAGE', 'memory://a', 'environment')
+        """
+        return [
+            (f.env, MASK if f.secret else f.parser.format(getattr(self, f.attr)), self.sources[f.attr])
+            for f in FIELDS
+        ]
+
+    def __repr__(self) -> str:
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.redacted().items()) + ")"
+
+
+def _check_names(environ: Mapping[str, str], overrides: Mapping[str, Any]) -> None:
+    for name in overrides:
+        if name not in _BY_ATTR:
+            close = difflib.get_close_matches(name, list(_BY_ATTR), n=1)
+            raise ConfigError(
+                f"keyword '{name}'", MASK, "one of the keywords " + ", ".join(_BY_ATTR),
+                detail=f"unknown setting; did you mean '{close[0]}'?" if close else "unknown setting",
+            )
+    for name in environ:
+        if name.startswith(ENV_PREFIX) and name not in _BY_ENV:
+            close = difflib.get_close_matches(name, list(_BY_ENV), n=1)
+            raise ConfigError(
+                name, MASK, "one of the known variables " + ", ".join(_BY_ENV),
+                detail=f"unknown variable; did you mean {close[0]}?" if close else "unknown variable",
+            )
+
+
+def reference_table() -> str:
+    """The settings as a Markdown table (variable | meaning | type | default | example), for the README.
+
+    Example:
+        >>> print(reference_table().splitlines()[0])
+        | Variable | Meaning | Type | Default | Example |
+    """
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = ["| Variable | Meaning | Type | Default | Example |", "|---|---|---|---|---|"]
+    for f in FIELDS:
+        default = f.shown_default() if f.default_text else f"`{cell(f.shown_default())}`"
+        rows.append(f"| `{f.env}` | {cell(f.doc)} | {cell(f.parser.kind)} | {default} | `{cell(f.example)}` |")
+    return "\n".join(rows)
+

@@ -1,0 +1,7 @@
+"""Redundant checkpoint storage over several fsspec URLs (see `store` for the commit protocol)."""
+
+from resilient.storage.maintenance import VerifyReport
+from resilient.storage.replica import ReplicaHealth
+from resilient.storage.store import CheckpointStore, Commit, Loaded, PendingSave
+
+__all__ = ["CheckpointStore", "Commit", "Loaded", "PendingSave", "ReplicaHealth", "VerifyReport"]

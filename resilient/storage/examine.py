@@ -1,0 +1,242 @@
+"""Examine one generation across replicas, recover its object, and repair the replicas that lack it.
+
+`examine_generation` reads manifests and pieces and records, per replica, what it found; it returns the
+verified object bytes when any combination of good copies yields them. With ``full=False`` (loads) it
+stops at the first good copy; with ``full=True`` (verify/scrub) it reads and checks every copy.
+`repair_generation` then rewrites what was found missing or bad from the recovered bytes: data first,
+manifest last, as in a save.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from resilient.errors import CorruptionError, UnsafeCheckpointError
+from resilient.storage import layout
+from resilient.storage.manifest import Manifest, choose_manifest
+from resilient.storage.parity import Striper, assemble, placement, reconstruct
+
+if TYPE_CHECKING:
+    from resilient.storage.store import CheckpointStore
+
+__all__ = ["Examination", "examine_generation", "repair_generation"]
+
+log = logging.getLogger("resilient.storage")
+
+
+@dataclass
+class Examination:
+    """What one generation looks like on every replica."""
+
+    key: str
+    generation: int
+    urls: list[str]
+    listed: set[int] = field(default_factory=set)  # replicas whose key directory lists the generation
+    manifests: dict[int, Manifest] = field(default_factory=dict)  # valid manifests by replica index
+    manifest_errors: dict[int, str] = field(default_factory=dict)  # missing/corrupt manifest by replica
+    manifest: Manifest | None = None  # the chosen one
+    piece_ok: dict[int, int] = field(default_factory=dict)  # replica -> piece index verified there
+    piece_errors: dict[int, str] = field(default_factory=dict)  # replica -> what was wrong with its piece
+    object_bytes: bytes | bytearray | None = None
+
+    def problems(self) -> list[str]:
+        """One line per problem found, naming the replica and the object."""
+        gdir = layout.gen_dir(self.key, self.generation)
+        out = [f"{self.urls[j]}/{gdir}/{layout.MANIFEST}: {e}" for j, e in sorted(self.manifest_errors.items())]
+        out += [f"{self.urls[j]}/{gdir}: {e}" for j, e in sorted(self.piece_errors.items())]
+        if self.manifest is None and not out:
+            out.append(f"{gdir}: no manifest on any replica (an uncommitted write)")
+        elif self.manifest is not None and self.object_bytes is None:
+            out.append(f"{gdir}: no verifying copy could be assembled")
+        return out
+
+
+def examine_generation(
+    store: "CheckpointStore", key: str, g: int, listings: list[set[int]], *, full: bool
+) -> Examination:
+    gdir = layout.gen_dir(key, g)
+    rel_m = f"{gdir}/{layout.MANIFEST}"
+    ex = Examination(key, g, [r.url for r in store.replicas])
+    ex.listed = {j for j, gs in enumerate(listings) if g in gs}
+    for j in range(len(store.replicas)):
+        if j not in ex.listed:
+            ex.manifest_errors[j] = "missing (generation absent)"
+
+    def read_manifest(r):  # noqa: ANN001
+        data = r.call(r.backend.read, rel_m, path=rel_m, generation=g)
+        m = Manifest.from_bytes(data, where=f"{r.url}/{rel_m}")
+        if m.key != key or m.generation != g:
+            raise CorruptionError(f"{r.url}/{rel_m}", f"manifest is for {m.key!r} generation {m.generation}")
+        return m
+
+    listed = sorted(ex.listed)
+    for j, res in zip(listed, store._parallel(read_manifest, [store.replicas[j] for j in listed])):
+        if isinstance(res, UnsafeCheckpointError):
+            raise res
+        if isinstance(res, Manifest):
+            ex.manifests[j] = res
+        else:
+            ex.manifest_errors[j] = _describe(res)
+    ex.manifest = choose_manifest(ex.manifests.values())
+    if ex.manifest is None:
+        return ex
+    if ex.manifest.mode == "replicate":
+        _recover_replicated(store, ex, full)
+    else:
+        _recover_parity(store, ex, full)
+    return ex
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError):
+        return "missing"
+    return f"{type(e).__name__}: {e}"
+
+
+def _check(data: bytes | bytearray, length: int, digest: str) -> str | None:
+    if len(data) != length:
+        return f"length {len(data)}, manifest says {length}"
+    if xxhash.xxh3_64_hexdigest(data) != digest:
+        return "checksum mismatch"
+    return None
+
+
+def _recover_replicated(store: "CheckpointStore", ex: Examination, full: bool) -> None:
+    m = ex.manifest
+    assert m is not None
+    piece = m.pieces[0]
+    rel = f"{layout.gen_dir(ex.key, ex.generation)}/{piece.name}"
+    agree = [j for j, mm in ex.manifests.items() if mm.checkpoint_id == m.checkpoint_id]
+    others = [j for j in sorted(ex.listed) if j not in agree]
+    order = sorted(agree, key=lambda j: store.replicas[j].health.degraded) + others
+
+    def read_piece(r):  # noqa: ANN001
+        data = r.call(r.backend.read, rel, path=rel, generation=ex.generation)
+        bad = _check(data, piece.length, piece.xxh3)
+        if bad:
+            raise CorruptionError(f"{r.url}/{rel}", bad)
+        return data
+
+    batches = [order] if full else [[j] for j in order]
+    for batch in batches:
+        for j, res in zip(batch, store._parallel(read_piece, [store.replicas[j] for j in batch])):
+            if isinstance(res, BaseException):
+                ex.piece_errors[j] = f"{piece.name}: {_describe(res)}"
+            else:
+                ex.piece_ok[j] = 0
+                if ex.object_bytes is None:
+                    ex.object_bytes = res
+        if ex.object_bytes is not None and not full:
+            return
+
+
+def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> None:
+    m = ex.manifest
+    assert m is not None
+    gdir = layout.gen_dir(ex.key, ex.generation)
+    prefix = f"{m.checkpoint_id}.s"
+
+    def read_pieces(r):  # noqa: ANN001
+        found = {}
+        for name in r.call(r.backend.listdir, gdir, path=gdir, generation=ex.generation):
+            if name.startswith(prefix) and layout.object_name_ok(name):
+                i = int(name[len(prefix) :])
+                if i < len(m.pieces):
+                    rel = f"{gdir}/{name}"
+                    data = r.call(r.backend.read, rel, path=rel, generation=ex.generation)
+                    bad = _check(data, m.pieces[i].length, m.pieces[i].xxh3)
+                    found[i] = data if bad is None else CorruptionError(f"{r.url}/{rel}", bad)
+        return found
+
+    listed = sorted(ex.listed)
+    good: dict[int, bytes] = {}
+    for j, res in zip(listed, store._parallel(read_pieces, [store.replicas[j] for j in listed])):
+        if isinstance(res, BaseException):
+            ex.piece_errors[j] = _describe(res)
+            continue
+        if not res:
+            ex.piece_errors[j] = "missing (no shard of this checkpoint)"
+        for i, data in res.items():
+            if isinstance(data, BaseException):
+                ex.piece_errors[j] = f"shard {i}: {data.reason}"
+            else:
+                ex.piece_ok[j] = i
+                good.setdefault(i, data)
+    k = m.k
+    missing = [i for i in range(k + 1) if i not in good]
+    if len(missing) > 1:
+        return
+    if missing and missing[0] < k:
+        good[missing[0]] = reconstruct([good.get(i) for i in range(k + 1)])
+    data = assemble([good[i] for i in range(k)], m.block, m.length)
+    if _check(data, m.length, m.xxh3) is None:
+        ex.object_bytes = data
+
+
+def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
+    """Rewrite missing or bad copies of a recovered generation; return ``"url/path"`` of each rewrite."""
+    m = ex.manifest
+    if m is None or ex.object_bytes is None:
+        return []
+    gdir = layout.gen_dir(ex.key, ex.generation)
+    n = len(store.replicas)
+    pieces = _pieces_of(ex.object_bytes, m)
+    # which piece each replica should hold: its own manifest says so, else fill the gaps in placement order
+    holds: dict[int, int] = {j: mm.held for j, mm in ex.manifests.items() if mm.checkpoint_id == m.checkpoint_id}
+    if m.mode == "parity":
+        free = [i for i in range(len(m.pieces)) if i not in holds.values()]
+        pref = placement(ex.generation, n)
+        for j in sorted(range(n), key=lambda j: pref[j]):
+            if j not in holds and free:
+                want = pref[j] if pref[j] in free else free[0]
+                holds[j] = want
+                free.remove(want)
+    else:
+        holds.update({j: 0 for j in range(n) if j not in holds})
+    done: list[str] = []
+    for j, i in sorted(holds.items()):
+        r = store.replicas[j]
+        other = ex.manifests.get(j)
+        if other is not None and other.checkpoint_id != m.checkpoint_id:
+            log.warning("%s/%s holds another writer's checkpoint; left for gc", r.url, gdir)
+            continue
+        piece_bad = ex.piece_ok.get(j) != i and (j in ex.piece_errors or j not in ex.listed or other is None)
+        manifest_bad = j not in ex.manifests
+        if not (piece_bad or manifest_bad):
+            continue
+        rel_p = f"{gdir}/{m.pieces[i].name}"
+        rel_m = f"{gdir}/{layout.MANIFEST}"
+        try:
+            if piece_bad:
+                r.call(r.backend.write_object, rel_p, [pieces[i]], path=rel_p, generation=ex.generation)
+                done.append(f"{r.url}/{rel_p}")
+            if manifest_bad:
+                body = m.holding(i).to_bytes()
+                if j in ex.manifest_errors and ex.manifest_errors[j] not in ("missing", "missing (generation absent)"):
+                    r.call(r.backend.overwrite, rel_m, body, path=rel_m, generation=ex.generation)
+                else:
+                    try:
+                        r.call(r.backend.create_exclusive, rel_m, body, path=rel_m, generation=ex.generation)
+                    except FileExistsError:
+                        continue
+                done.append(f"{r.url}/{rel_m}")
+        except Exception as e:  # noqa: BLE001 - repair is best effort, the load already succeeded
+            log.warning("repair of %s/%s failed: %s: %s", r.url, gdir, type(e).__name__, e)
+    if done:
+        log.info("repaired %s generation %d: %s", ex.key, ex.generation, done)
+    return done
+
+
+def _pieces_of(obj: bytes | bytearray, m: Manifest) -> list[bytes | bytearray | memoryview]:
+    if m.mode == "replicate":
+        return [obj]
+    s = Striper(k=m.k, block=m.block)
+    parts: list[list] = [[] for _ in range(m.k + 1)]
+    for stripe in list(s.feed(obj)) + list(s.finish()):
+        for i, b in enumerate(stripe):
+            parts[i].append(b)
+    return [b"".join(bytes(x) for x in p) for p in parts]

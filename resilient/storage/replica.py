@@ -1,0 +1,400 @@
+"""One replica root: the only place that touches a filesystem, and how each backend commits atomically.
+
+Two backends share one small interface:
+
+* `LocalReplica` (``file://`` URLs and plain paths) uses the OS directly, because fsspec's local
+  ``autocommit=False`` writes its temporary file in the system temp dir and never fsyncs:
+  data objects are written to ``.tmp-*`` in their final directory, fsynced, renamed over the final name,
+  and the directory fsynced; create-only objects (manifests, epoch claims) are written to a temporary,
+  fsynced, then ``link()``-ed to their name, which fails if the name exists: an atomic
+  create-if-absent with complete content.
+* `FsspecReplica` (every other protocol) goes through fsspec. Object stores have no rename; an object
+  upload becomes visible whole or not at all, so data objects are uploaded under their final,
+  never-reused name, and a failed upload is discarded rather than closed. Create-only objects use
+  ``pipe_file(mode="create")``, which s3fs sends with ``If-None-Match: *`` (atomic on S3 and moto);
+  on protocols without a conditional put fsspec falls back to check-then-write, which is not atomic:
+  concurrent writers of the same key are then not fenced reliably (a warning says so once).
+
+`GuardedReplica` wraps a backend with the retry policy and health accounting: transient errors are
+retried with backoff, permanent ones are not, and a replica failing `degraded_after` operations in a
+row is reported degraded and gets a single attempt per operation until it succeeds again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import xxhash
+
+from resilient.errors import PermanentStorageError, StorageError
+from resilient.retry import RetryPolicy, classify
+from resilient.storage.layout import MANIFEST, TMP_PREFIX
+
+__all__ = ["FsspecReplica", "GuardedReplica", "LocalReplica", "ReplicaHealth", "open_backend"]
+
+T = TypeVar("T")
+Buffer = bytes | bytearray | memoryview
+_ATOMIC_CREATE = {"s3", "s3a"}
+_warned: set[str] = set()
+_WRITES = frozenset({"write_object", "create_exclusive", "overwrite", "delete"})
+
+
+def _write_all(fd: int, data: Buffer) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalReplica:
+    """A replica on a local (or locally mounted) filesystem."""
+
+    protocol = "file"
+
+    def __init__(self, root: str, url: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = url
+
+    def _abs(self, rel: str) -> str:
+        return os.path.join(self.root, *rel.split("/"))
+
+    def _makedirs(self, path: str) -> None:
+        missing = []
+        p = path
+        while not os.path.isdir(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        os.makedirs(path, exist_ok=True)
+        for d in reversed(missing):  # make the new directory entries durable too
+            _fsync_dir(os.path.dirname(d))
+
+    def write_object(self, rel: str, chunks: Iterable[Buffer]) -> tuple[int, str]:
+        path = self._abs(rel)
+        d = os.path.dirname(path)
+        self._makedirs(d)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=d)
+        try:
+            h = xxhash.xxh3_64()
+            n = 0
+            for c in chunks:
+                h.update(c)
+                _write_all(fd, c)
+                n += memoryview(c).nbytes
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, path)
+            _fsync_dir(d)
+            return n, h.hexdigest()
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        path = self._abs(rel)
+        d = os.path.dirname(path)
+        self._makedirs(d)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=d)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.link(tmp, path)  # FileExistsError if the name is taken
+            _fsync_dir(d)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            _unlink_quietly(tmp)
+
+    def overwrite(self, rel: str, data: bytes) -> None:
+        self.write_object(rel, [data])
+
+    def read(self, rel: str) -> bytearray:
+        with open(self._abs(rel), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = bytearray(size)
+            view = memoryview(buf)
+            got = 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            del view
+            del buf[got:]
+            return buf
+
+    def listdir(self, rel: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self._abs(rel)))
+        except FileNotFoundError:
+            return []
+
+    def delete(self, rel: str, *, recursive: bool = False) -> None:
+        path = self._abs(rel)
+        try:
+            if recursive and os.path.isdir(path):
+                for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+                    for name in filenames:
+                        os.unlink(os.path.join(dirpath, name))
+                    for name in dirnames:
+                        os.rmdir(os.path.join(dirpath, name))
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def manifest_paths(self) -> Iterator[str]:
+        for dirpath, _dirs, files in os.walk(self.root):
+            if MANIFEST in files:
+                yield os.path.relpath(os.path.join(dirpath, MANIFEST), self.root).replace(os.sep, "/")
+
+    def temporaries(self) -> Iterator[tuple[str, float]]:
+        """Leftover temporaries of interrupted writes, with their modification time."""
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(TMP_PREFIX):
+                    p = os.path.join(dirpath, name)
+                    try:
+                        mtime = os.stat(p).st_mtime
+                    except FileNotFoundError:
+                        continue
+                    yield os.path.relpath(p, self.root).replace(os.sep, "/"), mtime
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class FsspecReplica:
+    """A replica on any fsspec filesystem (S3, GCS, memory...)."""
+
+    def __init__(self, fs: Any, root: str, url: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = url
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self.protocol = proto
+        if proto not in _ATOMIC_CREATE and proto not in _warned:
+            _warned.add(proto)
+            warnings.warn(
+                f"storage protocol {proto!r} has no conditional create known to resilient: manifests are "
+                "created with check-then-write, so two writers racing on one key are not fenced atomically",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _abs(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def write_object(self, rel: str, chunks: Iterable[Buffer]) -> tuple[int, str]:
+        path = self._abs(rel)
+        h = xxhash.xxh3_64()
+        n = 0
+        f = self._with_parents(self.fs.open, path, "wb")
+        try:
+            for c in chunks:
+                h.update(c)
+                f.write(c)
+                n += memoryview(c).nbytes
+        except BaseException:
+            discard = getattr(f, "discard", None)
+            if discard is not None:
+                try:
+                    discard()
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+            raise
+        f.close()
+        return n, h.hexdigest()
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        path = self._abs(rel)
+        try:
+            self._with_parents(self.fs.pipe_file, path, data, mode="create")
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if _precondition_failed(e):
+                raise FileExistsError(errno.EEXIST, "already exists", path) from e
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def overwrite(self, rel: str, data: bytes) -> None:
+        self._with_parents(self.fs.pipe_file, self._abs(rel), data)
+
+    def _with_parents(self, op: Callable[..., T], path: str, *args: Any, **kwargs: Any) -> T:
+        """Run a write; where the backend has real directories and the parent is missing, create it
+        and run it again (object stores never need this, so they pay no extra request)."""
+        try:
+            return op(path, *args, **kwargs)
+        except FileNotFoundError:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            return op(path, *args, **kwargs)
+
+    def read(self, rel: str) -> bytes:
+        return self.fs.cat_file(self._abs(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        path = self._abs(rel)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+        return sorted(n for n in names if n)
+
+    def delete(self, rel: str, *, recursive: bool = False) -> None:
+        try:
+            self.fs.rm(self._abs(rel), recursive=recursive)
+        except FileNotFoundError:
+            pass
+        finally:
+            self.fs.invalidate_cache(self._abs(rel))
+
+    def manifest_paths(self) -> Iterator[str]:
+        self.fs.invalidate_cache(self.root)
+        try:
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
+            return
+        prefix = self.root + "/"
+        for p in found:
+            if p.startswith(prefix) and p.endswith("/" + MANIFEST):
+                yield p[len(prefix) :]
+
+    def temporaries(self) -> Iterator[tuple[str, float]]:
+        return iter(())  # object stores never hold partial objects under a name
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    text = f"{e} {e.__cause__!r}"
+    return "PreconditionFailed" in text or "412" in text or "At least one of the pre-conditions" in text
+
+
+def open_backend(url: str, options: dict[str, Any], display_url: str) -> LocalReplica | FsspecReplica:
+    """Build the backend for one storage URL (in the process that uses it; never pickled)."""
+    if "://" not in url or url.startswith("file://") or url.startswith("local://"):
+        path = url.split("://", 1)[1] if "://" in url else url
+        return LocalReplica(path, display_url)
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    return FsspecReplica(fs, root, display_url)
+
+
+@dataclass
+class ReplicaHealth:
+    """What one replica's recent operations looked like."""
+
+    url: str
+    degraded: bool = False
+    consecutive_failures: int = 0
+    failures: int = 0
+    operations: int = 0
+    last_error: str | None = None
+    last_success_at: float | None = None
+
+
+class GuardedReplica:
+    """A backend behind the retry policy, with health accounting; raises only StorageError subclasses
+    (and FileExistsError from `create_exclusive`, which is an answer, not a failure)."""
+
+    def __init__(
+        self,
+        backend: LocalReplica | FsspecReplica,
+        policy: RetryPolicy,
+        *,
+        degraded_after: int,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.url = backend.url
+        self.policy = policy
+        self.degraded_after = degraded_after
+        self._sleep = sleep
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.health = ReplicaHealth(url=backend.url)
+        self._streaks = {"read": 0, "write": 0}
+
+    def call(
+        self,
+        op: Callable[..., T],
+        *args: Any,
+        path: str | None = None,
+        generation: int | None = None,
+        **kwargs: Any,
+    ) -> T:
+        policy = self.policy
+        if self.health.degraded:  # one probe per operation until it answers again
+            policy = dataclasses.replace(policy, attempts=1)
+        try:
+            result = policy.retrying(sleep=self._sleep)(op, *args, **kwargs)
+        except FileExistsError:
+            self._ok(op)
+            raise
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                raise
+            err = e if isinstance(e, StorageError) else classify(e, url=self.url, path=path, generation=generation)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                err = PermanentStorageError(f"no space left: {e}", url=self.url, path=path, generation=generation)
+            self._failed(op, err)
+            if err is e:
+                raise
+            raise err from e
+        self._ok(op)
+        return result
+
+    def _ok(self, op: Callable[..., Any]) -> None:
+        # a replica that still answers reads but fails every write is not healthy: only a successful
+        # write clears a streak of write failures
+        writes = getattr(op, "__name__", "") in _WRITES
+        with self._lock:
+            h = self.health
+            h.operations += 1
+            self._streaks["read"] = 0
+            if writes:
+                self._streaks["write"] = 0
+            h.consecutive_failures = max(self._streaks.values())
+            h.degraded = h.consecutive_failures >= self.degraded_after
+            h.last_success_at = self._clock()
+
+    def _failed(self, op: Callable[..., Any], err: BaseException) -> None:
+        kind = "write" if getattr(op, "__name__", "") in _WRITES else "read"
+        with self._lock:
+            h = self.health
+            h.operations += 1
+            h.failures += 1
+            self._streaks[kind] += 1
+            h.consecutive_failures = max(self._streaks.values())
+            h.last_error = f"{type(err).__name__}: {err}"
+            h.degraded = h.consecutive_failures >= self.degraded_after

@@ -1,0 +1,550 @@
+"""`CheckpointStore`: save and load checkpoint generations across redundant replicas.
+
+Commit protocol (one ``save(key, state, epoch=e)``)
+---------------------------------------------------
+1. Fence. The highest epoch claimed for the key (``claim_epoch``) is read from every replica; a writer
+   whose epoch is lower is refused with `FencedError` before it writes anything. The next generation is
+   one past the highest generation directory seen on any replica, so generations only ever grow, and a
+   number used by a failed write is never reused.
+2. Data. The state is encoded once and streamed, in parallel, to every replica under a fresh random
+   checkpoint id: the whole object (``replicate``) or one stripe shard (``parity``: k data shards plus
+   one XOR parity shard over k+1 replicas, see `parity`). Each upload is atomic and durable on its own
+   (see `replica`). If fewer uploads than the write quorum succeed, the save fails with `QuorumError`
+   and no manifest is written: the data objects are orphans for `gc`.
+3. Commit. A ``MANIFEST`` is created, create-only, beside each successful upload. It records the
+   object's length and checksum and every piece's checksum. The save is committed when at least
+   `quorum` manifests were created. A manifest that already exists means another writer took the same
+   generation: if that leaves fewer than `quorum`, the save fails with `FencedError`.
+4. Retention. Generations older than the newest `keep` committed ones are deleted (best effort).
+
+Readers ignore anything without a manifest, so a crash at any point leaves the previous generation
+readable and nothing half-written visible.
+
+Read protocol (``load(key)``)
+----------------------------
+Generations are tried newest first. For each, every replica's manifest is read and validated; the
+manifest with the highest epoch (then the most copies) names the checkpoint. Its object is read from a
+replica that holds it and checked (length, xxh3_64 of the whole object, then each block inside the
+codec) before anything is deserialized; a bad or missing copy moves on to the next replica (replicate)
+or is rebuilt from the other shards (parity). If nothing at that generation verifies, the next older one
+is tried. After a successful load, replicas found missing, stale or corrupt for that generation are
+rewritten from the good copy (read-repair).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from resilient import codec
+from resilient.config import Settings, redact_url
+from resilient.errors import CorruptionError, FencedError, NoCheckpointError, QuorumError
+from resilient.retry import RetryPolicy
+from resilient.storage import layout, maintenance
+from resilient.storage.examine import examine_generation, repair_generation
+from resilient.storage.fanout import Piece, Tape, produce
+from resilient.storage.manifest import Manifest, ShardInfo, choose_manifest
+from resilient.storage.parity import Striper, placement
+from resilient.storage.maintenance import VerifyReport
+from resilient.storage.replica import GuardedReplica, ReplicaHealth, open_backend
+
+__all__ = ["CheckpointStore", "Commit", "Loaded", "PendingSave"]
+
+log = logging.getLogger("resilient.storage")
+PARITY_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A committed save: where it went and what failed on the way."""
+
+    key: str
+    generation: int
+    epoch: int
+    checkpoint_id: str
+    length: int
+    acked: tuple[str, ...]
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A loaded checkpoint with where it came from."""
+
+    state: Any
+    key: str
+    generation: int
+    epoch: int
+    checkpoint_id: str
+    skipped: tuple[int, ...] = ()  # newer generations that did not verify anywhere
+    repaired: tuple[str, ...] = ()  # "url: path" rewritten by read-repair
+
+
+class CheckpointStore:
+    """Checkpoints of many keys over the replicas named by ``settings.storage``.
+
+    Args:
+        settings: resolved settings; by default `Settings.from_env()` with `overrides` applied.
+        sleep, clock: injectable for tests (backoff sleeps, timestamps).
+        **overrides: keyword settings, e.g. ``storage=["/mnt/a", "s3://bucket/ckpt"]``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> d1, d2, d3 = (tempfile.mkdtemp() for _ in range(3))
+        >>> store = CheckpointStore(storage=[d1, d2, d3])
+        >>> store.save("demo", {"w": torch.ones(3), "step": 7}).generation
+        1
+        >>> store.load("demo").state["step"]
+        7
+        >>> store.close()
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+        backends: list | None = None,
+        **overrides: Any,
+    ) -> None:
+        if settings is None:
+            settings = Settings.from_env(**overrides)
+        elif overrides:
+            settings = settings.with_options(**overrides)
+        self.settings = settings
+        self._clock = clock
+        policy = RetryPolicy.from_settings(settings)
+        if backends is None:
+            backends = [
+                open_backend(url, dict(settings.storage_options_for(url)), redact_url(url)) for url in settings.storage
+            ]
+        self.replicas = [
+            GuardedReplica(b, policy, degraded_after=settings.degraded_after, sleep=sleep, clock=clock)
+            for b in backends
+        ]
+        self.quorum = settings.quorum
+        self.mode = settings.redundancy
+        n = len(self.replicas)
+        self._io = ThreadPoolExecutor(max_workers=max(4, 2 * n), thread_name_prefix="resilient-io")
+        self._bg = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resilient-save")
+        self._owners: dict[str, _Owner] = {}
+        self._owners_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ public API
+
+    def save(self, key: str, state: Any, *, epoch: int = 0, generation: int | None = None) -> Commit:
+        """Encode `state` and commit it as the next generation of `key`; return once committed.
+
+        Raises:
+            FencedError: `epoch` is below the key's highest claimed epoch, or `generation` is not newer
+                than every existing one, or another writer took the generation.
+            QuorumError: fewer replicas than the write quorum stored it.
+        """
+        layout.validate_key(key)
+        t0 = time.perf_counter()
+        claimed = self.current_epoch(key)
+        if epoch < claimed:
+            raise FencedError(f"epoch {epoch} of key {key!r} is stale: epoch {claimed} was claimed")
+        newest = self._newest_dir(key)
+        if generation is None:
+            generation = newest + 1
+        elif generation <= newest:
+            raise FencedError(
+                f"generation {generation} of key {key!r} is not newer than existing generation {newest}",
+                generation=generation,
+            )
+        commit = self._write(key, state, epoch, generation)
+        commit = Commit(**{**commit.__dict__, "seconds": time.perf_counter() - t0})
+        self._retain(key)
+        return commit
+
+    def save_async(self, key: str, state: Any, *, epoch: int = 0) -> "PendingSave":
+        """Snapshot `state` into reused host buffers and save it in the background.
+
+        Blocks only for the in-memory copy, and, when the key's previous save is still running, until that
+        one ends (at most one pending save per key: back-pressure). An earlier save's error that nobody
+        collected with `PendingSave.wait` is raised here rather than lost.
+        """
+        layout.validate_key(key)
+        owner = self._owner(key)
+        with owner.lock:
+            if owner.pending is not None:
+                prev, owner.pending = owner.pending, None
+                prev.settle()  # back-pressure; raises an error nobody collected
+            snapshot = owner.buffers.take(state)
+            fut = self._bg.submit(self.save, key, snapshot, epoch=epoch)
+            owner.pending = PendingSave(fut)
+            return owner.pending
+
+    def flush(self) -> None:
+        """Wait for every pending asynchronous save; raise the first error not yet collected."""
+        for owner in list(self._owners.values()):
+            with owner.lock:
+                pending, owner.pending = owner.pending, None
+            if pending is not None:
+                pending.settle()
+
+    def load(
+        self,
+        key: str,
+        *,
+        generation: int | None = None,
+        map_location: Any = None,
+        repair: bool = True,
+    ) -> Loaded:
+        """Load the newest checkpoint of `key` that verifies (or exactly `generation`).
+
+        Raises:
+            NoCheckpointError: nothing committed for `key` verifies on any replica.
+            UnsafeCheckpointError: the checkpoint needs pickle and it was not allowed, or its manifest
+                names objects outside its directory.
+        """
+        layout.validate_key(key)
+        listings = self._list_generations(key)
+        gens = sorted({g for gs in listings for g in gs}, reverse=True)
+        if generation is not None:
+            gens = [g for g in gens if g == generation]
+        skipped: list[int] = []
+        problems: list[str] = []
+        for g in gens:
+            exam = examine_generation(self, key, g, listings, full=False)
+            if exam.object_bytes is None:
+                if exam.manifest is not None:
+                    skipped.append(g)
+                problems.extend(exam.problems())
+                continue
+            m = exam.manifest
+            where = f"{key} generation {g}"
+            state = codec.decode(
+                exam.object_bytes, map_location=map_location, allow_pickle=self.settings.allow_pickle, where=where
+            )
+            repaired: list[str] = []
+            if repair:
+                repaired = repair_generation(self, exam)
+            if skipped:
+                log.warning("key %r: newest generations %s did not verify; loaded generation %d", key, skipped, g)
+            return Loaded(state, key, g, m.epoch, m.checkpoint_id, tuple(skipped), tuple(repaired))
+        detail = "; ".join(problems[:20]) or "no generation found on any replica"
+        raise NoCheckpointError(f"no committed checkpoint of key {key!r} verifies ({detail})")
+
+    def latest(self, key: str) -> int | None:
+        """The newest generation of `key` with a valid manifest (its data is not read), or None."""
+        return next(iter(self.generations(key)[::-1]), None)
+
+    def generations(self, key: str) -> list[int]:
+        """Generations of `key` with at least one valid manifest, oldest first (data not read)."""
+        layout.validate_key(key)
+        listings = self._list_generations(key)
+        out = []
+        for g in sorted({g for gs in listings for g in gs}):
+            if choose_manifest(self._read_manifests(key, g, listings).values()) is not None:
+                out.append(g)
+        return out
+
+    def keys(self) -> list[str]:
+        """Every key with at least one manifest on any replica."""
+        found: set[str] = set()
+        for r, paths in zip(self.replicas, self._parallel(lambda r: list(r.call(r.backend.manifest_paths)))):
+            if isinstance(paths, BaseException):
+                continue
+            for p in paths:
+                parts = p.split("/")
+                if len(parts) >= 3 and layout.parse_gen_name(parts[-2]) is not None:
+                    key = "/".join(parts[:-2])
+                    try:
+                        found.add(layout.validate_key(key))
+                    except ValueError:
+                        log.warning("ignoring unexpected path %r on %s", p, r.url)
+        return sorted(found)
+
+    def current_epoch(self, key: str) -> int:
+        """The highest epoch claimed for `key` on any replica (0 if none)."""
+        best = 0
+        for names in self._parallel(lambda r: r.call(r.backend.listdir, f"{key}/{layout.EPOCHS_DIR}")):
+            if isinstance(names, BaseException):
+                continue
+            for n in names:
+                e = layout.parse_epoch_name(n)
+                if e is not None and e > best:
+                    best = e
+        return best
+
+    def claim_epoch(self, key: str) -> int:
+        """Claim a new, higher epoch for `key`: writers holding older epochs are refused from now on.
+
+        Returns the new epoch (create-only on a quorum of replicas, so two claimers never share one).
+        """
+        layout.validate_key(key)
+        epoch = self.current_epoch(key) + 1
+        for _ in range(100):
+            rel = f"{key}/{layout.EPOCHS_DIR}/{layout.epoch_name(epoch)}"
+            body = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}".encode()
+
+            def create(r: GuardedReplica) -> None:
+                try:
+                    r.call(r.backend.create_exclusive, rel, body, path=rel)
+                except FileExistsError:
+                    if r.call(r.backend.read, rel, path=rel) != body:  # not our own retried create
+                        raise
+
+            results = self._parallel(create)
+            acked = sum(1 for x in results if not isinstance(x, BaseException))
+            taken = any(isinstance(x, FileExistsError) for x in results)
+            if acked >= self.quorum:
+                return epoch
+            if not taken:
+                failures = {r.url: x for r, x in zip(self.replicas, results) if isinstance(x, BaseException)}
+                raise QuorumError(f"claiming epoch {epoch} of {key!r}", acked=acked, required=self.quorum, failures=failures)
+            epoch += 1
+        raise FencedError(f"could not claim an epoch for key {key!r}: too many concurrent claimers")
+
+    def verify(self, key: str | None = None) -> "VerifyReport":
+        """Read and check every manifest and stored piece of every generation (all keys by default)."""
+        return maintenance.verify(self, key)
+
+    def repair(self, key: str | None = None) -> list[str]:
+        """Rewrite missing or corrupt copies from good ones; return ``url/path`` of each rewrite."""
+        return maintenance.repair(self, key)
+
+    def gc(self, key: str | None = None, *, dry_run: bool = True, grace_s: float = 3600.0) -> list[str]:
+        """Apply retention and remove orphans (failed writes, losers' pieces, stale temporaries).
+
+        Only reports what it would remove unless ``dry_run=False``.
+        """
+        return maintenance.collect_garbage(self, key, dry_run=dry_run, grace_s=grace_s)
+
+    def health(self) -> list[ReplicaHealth]:
+        """A copy of each replica's health, in storage order."""
+        return [ReplicaHealth(**r.health.__dict__) for r in self.replicas]
+
+    def close(self) -> None:
+        """Wait for pending saves, then release threads. Pending errors are raised."""
+        try:
+            self.flush()
+        finally:
+            self._bg.shutdown(wait=True)
+            self._io.shutdown(wait=True)
+
+    def __enter__(self) -> "CheckpointStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        urls = ", ".join(r.url for r in self.replicas)
+        return f"CheckpointStore([{urls}], mode={self.mode!r}, quorum={self.quorum})"
+
+    # ------------------------------------------------------------------ internals
+
+    def _owner(self, key: str) -> "_Owner":
+        with self._owners_lock:
+            if key not in self._owners:
+                self._owners[key] = _Owner()
+            return self._owners[key]
+
+    def _parallel(self, fn: Callable[[GuardedReplica], Any], replicas: Iterable[GuardedReplica] | None = None) -> list:
+        """Run `fn` on each replica concurrently; results in order, exceptions returned, not raised."""
+        reps = list(self.replicas if replicas is None else replicas)
+
+        def guard(r: GuardedReplica) -> Any:
+            try:
+                return fn(r)
+            except Exception as e:  # noqa: BLE001 - returned to the caller, who decides
+                return e
+
+        futures = [self._io.submit(guard, r) for r in reps]
+        return [f.result() for f in futures]
+
+    def _list_generations(self, key: str) -> list[set[int]]:
+        out = []
+        for names in self._parallel(lambda r: r.call(r.backend.listdir, key, path=key)):
+            if isinstance(names, BaseException):
+                out.append(set())
+                continue
+            out.append({g for g in map(layout.parse_gen_name, names) if g is not None})
+        return out
+
+    def _newest_dir(self, key: str) -> int:
+        return max((g for gs in self._list_generations(key) for g in gs), default=0)
+
+    def _read_manifests(self, key: str, g: int, listings: list[set[int]]) -> dict[int, Manifest]:
+        rel = f"{layout.gen_dir(key, g)}/{layout.MANIFEST}"
+
+        def read(r: GuardedReplica) -> Manifest:
+            m = Manifest.from_bytes(r.call(r.backend.read, rel, path=rel, generation=g), where=f"{r.url}/{rel}")
+            if m.key != key or m.generation != g:
+                raise CorruptionError(f"{r.url}/{rel}", f"manifest is for {m.key!r} generation {m.generation}")
+            return m
+
+        holders = [r for r, gs in zip(self.replicas, listings) if g in gs]
+        results = self._parallel(read, holders)
+        return {
+            self.replicas.index(r): m for r, m in zip(holders, results) if isinstance(m, Manifest)
+        }
+
+    def _write(self, key: str, state: Any, epoch: int, generation: int) -> Commit:
+        s = self.settings
+        n = len(self.replicas)
+        cid = uuid.uuid4().hex
+        gdir = layout.gen_dir(key, generation)
+        if self.mode == "parity":
+            striper: Striper | None = Striper(k=n - 1, block=PARITY_BLOCK)
+            names = [layout.shard_name(cid, i) for i in range(n)]
+            held = placement(generation, n)
+        else:
+            striper = None
+            names = [layout.data_name(cid)]
+            held = [0] * n
+        pieces = [Piece(Tape()) for _ in names]
+
+        def upload(j: int) -> tuple[int, str]:
+            r = self.replicas[j]
+            rel = f"{gdir}/{names[held[j]]}"
+            return r.call(r.backend.write_object, rel, pieces[held[j]].tape, path=rel, generation=generation)
+
+        uploads = [self._io.submit(upload, j) for j in range(n)]
+        chunks = codec.encode(
+            state,
+            compression=s.compression,
+            level=s.compression_level,
+            allow_pickle=s.allow_pickle,
+            threads=s.io_threads,
+        )
+        try:
+            length, whole = produce(chunks, pieces, striper=striper)
+        finally:
+            results = [_outcome(f) for f in uploads]
+            for p in pieces:
+                p.tape.release()
+        failed = {self.replicas[j].url: e for j, e in enumerate(results) if isinstance(e, BaseException)}
+        ok = [j for j, e in enumerate(results) if not isinstance(e, BaseException)]
+        if len(ok) < self.quorum:
+            raise QuorumError(
+                f"storing generation {generation} of {key!r}",
+                acked=len(ok),
+                required=self.quorum,
+                failures=failed,
+                generation=generation,
+            )
+        manifest = Manifest(
+            key=key,
+            generation=generation,
+            epoch=epoch,
+            checkpoint_id=cid,
+            mode=self.mode,
+            length=length,
+            xxh3=whole,
+            pieces=tuple(ShardInfo(nm, p.length, p.xxh3) for nm, p in zip(names, pieces)),
+            block=PARITY_BLOCK if striper else 0,
+            created_at=self._clock(),
+            info={"writer": f"{socket.gethostname()}:{os.getpid()}"},
+        )
+        rel = f"{gdir}/{layout.MANIFEST}"
+
+        def commit(j: int) -> None:
+            r = self.replicas[j]
+            try:
+                r.call(r.backend.create_exclusive, rel, manifest.holding(held[j]).to_bytes(), path=rel, generation=generation)
+            except FileExistsError:
+                # a retried create whose first attempt landed finds its own manifest: that is an ack
+                theirs = Manifest.from_bytes(r.call(r.backend.read, rel, path=rel), where=f"{r.url}/{rel}")
+                if theirs.checkpoint_id != cid:
+                    raise
+
+        outcomes = [_outcome(f) for f in [self._io.submit(commit, j) for j in ok]]
+        acked = [j for j, e in zip(ok, outcomes) if not isinstance(e, BaseException)]
+        for j, e in zip(ok, outcomes):
+            if isinstance(e, BaseException):
+                failed[self.replicas[j].url] = e
+        if len(acked) < self.quorum:
+            if any(isinstance(e, FileExistsError) for e in outcomes):
+                raise FencedError(
+                    f"generation {generation} of key {key!r} was committed by another writer",
+                    generation=generation,
+                )
+            raise QuorumError(
+                f"committing generation {generation} of {key!r}",
+                acked=len(acked),
+                required=self.quorum,
+                failures=failed,
+                generation=generation,
+            )
+        if failed:
+            log.warning(
+                "key %r generation %d committed on %d of %d replicas; failed: %s",
+                key, generation, len(acked), n, {u: f"{type(e).__name__}: {e}" for u, e in failed.items()},
+            )
+        return Commit(
+            key=key,
+            generation=generation,
+            epoch=epoch,
+            checkpoint_id=cid,
+            length=length,
+            acked=tuple(self.replicas[j].url for j in acked),
+            failed={u: f"{type(e).__name__}: {e}" for u, e in failed.items()},
+        )
+
+    def _retain(self, key: str) -> None:
+        try:
+            maintenance.apply_retention(self, key)
+        except Exception as e:  # noqa: BLE001 - retention is best effort; the save is committed
+            log.warning("retention for key %r failed: %s: %s", key, type(e).__name__, e)
+
+
+def _outcome(f: Future) -> Any:
+    try:
+        return f.result()
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+class _Owner:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buffers = codec.SnapshotBuffers()
+        self.pending: PendingSave | None = None
+
+
+class PendingSave:
+    """An asynchronous save in flight. `wait()` returns its `Commit` or raises its error."""
+
+    def __init__(self, future: Future) -> None:
+        self._future = future
+        self.collected = False
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> Commit:
+        try:
+            result = self._future.result(timeout)
+        except FutureTimeout:
+            raise
+        except BaseException:
+            self.collected = True  # the caller has now seen the save's error
+            raise
+        self.collected = True
+        return result
+
+    def settle(self) -> None:
+        """Wait for the save to end; raise its error only if nobody has seen it yet."""
+        try:
+            self._future.result()
+        except BaseException:
+            if not self.collected:
+                self.collected = True
+                raise
+        self.collected = True
+
