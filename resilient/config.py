@@ -388,7 +388,7 @@ FIELDS: tuple[Field, ...] = (
     Field("compression", "RESILIENT_COMPRESSION", _Choice("auto", "zstd", "off"), "auto",
           "zstd compression: chosen per tensor, always, or never", "zstd"),
     Field("compression_level", "RESILIENT_COMPRESSION_LEVEL", _Integer(-7, 22), 1, "zstd level", "3"),
-    Field("io_threads", "RESILIENT_IO_THREADS", _Integer(1, 64), 2, "storage I/O threads per process", "8"),
+    Field("io_threads", "RESILIENT_IO_THREADS", _Integer(1, 64), 2, "threads compressing one checkpoint while it is written", "8"),
     Field("retry_attempts", "RESILIENT_RETRY_ATTEMPTS", _Integer(1), 5,
           "attempts per storage operation (1 = no retry)", "8"),
     Field("retry_max_seconds", "RESILIENT_RETRY_MAX_SECONDS", _Number(), 60.0,

@@ -362,10 +362,13 @@ def test_map_location_forms() -> None:
             decode(data, map_location={"cpu": "cpu"})
 
 
-def test_device_tensor_records_its_device() -> None:
-    info_tree = decode(blob({"d": DeviceTensor(torch.ones(2), "cuda:1")}), map_location=lambda saved: (
-        pytest.fail("unexpected") if saved != "cuda:1" else "cpu"))
-    assert torch.equal(info_tree["d"], torch.ones(2))
+def test_device_tensor_records_its_device_and_map_location_is_asked_once_per_device() -> None:
+    seen: list[str] = []
+    state = {"a": DeviceTensor(torch.ones(2), "cuda:1"), "b": DeviceTensor(torch.zeros(3), "cuda:1"),
+             "c": torch.ones(1)}
+    out = decode(blob(state), map_location=lambda saved: seen.append(saved) or "cpu")
+    assert sorted(seen) == ["cpu", "cuda:1"]
+    assert_same(out, state)
     with pytest.raises(CodecError, match="not a device"):
         blob({"d": DeviceTensor(torch.ones(2), "warp-drive:9")})
 

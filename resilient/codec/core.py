@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Union
 
@@ -26,7 +27,13 @@ _COALESCE_BELOW = 16 << 10
 _COALESCE_TO = 1 << 20
 
 
+def _check_host() -> None:
+    if sys.byteorder != "little":
+        raise CodecError("the checkpoint format stores tensors little-endian; this host is big-endian")
+
+
 def _check_options(compression: str, level: int, threads: int, block_size: int) -> None:
+    _check_host()
     if compression not in COMPRESSIONS:
         raise ConfigError("compression", compression, 'one of "auto", "zstd", "off"')
     if type(level) is not int or not -7 <= level <= 22:
@@ -220,6 +227,7 @@ def decode(
         UnsafeCheckpointError: it holds pickle segments and ``allow_pickle`` is false.
         CodecError: a target device is unavailable (e.g. saved on CUDA, loading without it).
     """
+    _check_host()
     if type(threads) is not int or not 1 <= threads <= 256:
         raise ConfigError("threads", threads, "an int from 1 to 256")
     view = as_bytes_view(data, where)

@@ -24,7 +24,8 @@ or a pickle payload):
     raw            the bytes as they are (stored length == raw length)
     zstd           one zstd frame that declares its content size
     shuffle+zstd   the bytes regrouped by position within an element (byte 0 of every element, then
-                   byte 1 of every element...), then one zstd frame; the element size comes from the leaf
+                   byte 1 of every element...), then one zstd frame (short byte planes end in block
+                   flushes, so no zstd block mixes two planes); the element size comes from the leaf
     pickle         raw bytes of a pickle payload; never read unless the reader passes allow_pickle=True
 
 The index is ASCII JSON (no floats, no NaN)::
