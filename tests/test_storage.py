@@ -186,6 +186,7 @@ def test_retention_keeps_last_k_and_gc_removes_failed_writes(dirs):
     with store_of(dirs[:3], keep=2) as store:
         for s in range(1, 6):
             store.save("k", make_state(s))
+        store.flush()  # retention runs in the background
         for d in dirs[:3]:
             assert sorted(os.listdir(os.path.join(d, "k"))) == ["g00000000000000000004", "g00000000000000000005"]
         # a failed write: data object without manifest in an older generation, plus a stray temporary

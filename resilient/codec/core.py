@@ -66,7 +66,7 @@ def encode(
         state: nested dict / OrderedDict / list / tuple of torch.Tensor (any dtype but quantized, any
             device), numpy.ndarray and scalars (numeric and bool), DeviceTensor, int, float, bool, None,
             str, bytes, bytearray. Dict keys: str, int, float, bool, None.
-        compression: "auto" (compress a leaf only when a sample shows it saves >= 10%), "zstd" (always),
+        compression: "auto" (compress a leaf only when a sample shows it saves >= 20%), "zstd" (always),
             "off".
         level: zstd level, -7 (fastest) to 22.
         allow_pickle: pickle values of other types into "pickle" segments instead of raising.

@@ -77,14 +77,13 @@ def produce(chunks: Iterable[Buffer], pieces: list[Piece], *, striper: Striper |
     never wait forever.
     """
     whole = xxhash.xxh3_64()
-    hashes = [xxhash.xxh3_64() for _ in pieces]
+    hashes = [whole] if striper is None else [xxhash.xxh3_64() for _ in pieces]  # replicate: piece == object
     length = 0
     try:
         for chunk in chunks:
             whole.update(chunk)
             length += memoryview(chunk).nbytes
             if striper is None:
-                hashes[0].update(chunk)
                 pieces[0].tape.append(chunk)
                 continue
             for stripe in striper.feed(chunk):

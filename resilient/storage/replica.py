@@ -33,8 +33,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import xxhash
-
 from resilient.errors import PermanentStorageError, StorageError
 from resilient.retry import RetryPolicy, classify
 from resilient.storage.layout import MANIFEST, TMP_PREFIX
@@ -85,16 +83,15 @@ class LocalReplica:
         for d in reversed(missing):  # make the new directory entries durable too
             _fsync_dir(os.path.dirname(d))
 
-    def write_object(self, rel: str, chunks: Iterable[Buffer]) -> tuple[int, str]:
+    def write_object(self, rel: str, chunks: Iterable[Buffer]) -> int:
+        """Write the chunks as one object, atomically and durably; return its length."""
         path = self._abs(rel)
         d = os.path.dirname(path)
         self._makedirs(d)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=d)
         try:
-            h = xxhash.xxh3_64()
             n = 0
             for c in chunks:
-                h.update(c)
                 _write_all(fd, c)
                 n += memoryview(c).nbytes
             os.fsync(fd)
@@ -102,7 +99,7 @@ class LocalReplica:
             fd = -1
             os.replace(tmp, path)
             _fsync_dir(d)
-            return n, h.hexdigest()
+            return n
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -211,14 +208,13 @@ class FsspecReplica:
     def _abs(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
-    def write_object(self, rel: str, chunks: Iterable[Buffer]) -> tuple[int, str]:
+    def write_object(self, rel: str, chunks: Iterable[Buffer]) -> int:
+        """Upload the chunks as one object under its final name; return its length."""
         path = self._abs(rel)
-        h = xxhash.xxh3_64()
         n = 0
         f = self._with_parents(self.fs.open, path, "wb")
         try:
             for c in chunks:
-                h.update(c)
                 f.write(c)
                 n += memoryview(c).nbytes
         except BaseException:
@@ -230,7 +226,7 @@ class FsspecReplica:
                     pass
             raise
         f.close()
-        return n, h.hexdigest()
+        return n
 
     def create_exclusive(self, rel: str, data: bytes) -> None:
         path = self._abs(rel)

@@ -15,7 +15,8 @@ Commit protocol (one ``save(key, state, epoch=e)``)
    object's length and checksum and every piece's checksum. The save is committed when at least
    `quorum` manifests were created. A manifest that already exists means another writer took the same
    generation: if that leaves fewer than `quorum`, the save fails with `FencedError`.
-4. Retention. Generations older than the newest `keep` committed ones are deleted (best effort).
+4. Retention. Generations older than the newest `keep` committed ones are deleted, in the background
+   after the save returns (best effort; `flush()` waits for it).
 
 Readers ignore anything without a manifest, so a crash at any point leaves the previous generation
 readable and nothing half-written visible.
@@ -138,6 +139,8 @@ class CheckpointStore:
         n = len(self.replicas)
         self._io = ThreadPoolExecutor(max_workers=max(4, 2 * n), thread_name_prefix="resilient-io")
         self._bg = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resilient-save")
+        self._gc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-retention")
+        self._retention: list[Future] = []
         self._owners: dict[str, _Owner] = {}
         self._owners_lock = threading.Lock()
 
@@ -166,7 +169,9 @@ class CheckpointStore:
             )
         commit = self._write(key, state, epoch, generation)
         commit = Commit(**{**commit.__dict__, "seconds": time.perf_counter() - t0})
-        self._retain(key)
+        with self._owners_lock:  # retention runs off the caller's path; keep only unfinished passes
+            self._retention = [f for f in self._retention if not f.done()]
+            self._retention.append(self._gc.submit(self._retain, key))
         return commit
 
     def save_async(self, key: str, state: Any, *, epoch: int = 0) -> "PendingSave":
@@ -188,12 +193,17 @@ class CheckpointStore:
             return owner.pending
 
     def flush(self) -> None:
-        """Wait for every pending asynchronous save; raise the first error not yet collected."""
+        """Wait for every pending asynchronous save and retention pass; raise the first save error not
+        yet collected (retention is best effort and only logs)."""
         for owner in list(self._owners.values()):
             with owner.lock:
                 pending, owner.pending = owner.pending, None
             if pending is not None:
                 pending.settle()
+        with self._owners_lock:
+            passes, self._retention = self._retention, []
+        for f in passes:
+            f.result()
 
     def load(
         self,
@@ -334,6 +344,7 @@ class CheckpointStore:
             self.flush()
         finally:
             self._bg.shutdown(wait=True)
+            self._gc.shutdown(wait=True)
             self._io.shutdown(wait=True)
 
     def __enter__(self) -> "CheckpointStore":
@@ -409,7 +420,7 @@ class CheckpointStore:
             held = [0] * n
         pieces = [Piece(Tape()) for _ in names]
 
-        def upload(j: int) -> tuple[int, str]:
+        def upload(j: int) -> int:
             r = self.replicas[j]
             rel = f"{gdir}/{names[held[j]]}"
             return r.call(r.backend.write_object, rel, pieces[held[j]].tape, path=rel, generation=generation)
