@@ -124,6 +124,10 @@ def _delete_generations(store: "CheckpointStore", key: str, gens: list[int], dry
         rel = layout.gen_dir(key, g)
         outcomes = [None] * len(store.replicas)
         if not dry_run:
+            # the manifest goes first: a deletion cut short leaves an uncommitted write (gc's business),
+            # never a committed generation with missing data
+            manifest = f"{rel}/{layout.MANIFEST}"
+            store._parallel(lambda r: r.call(r.backend.delete, manifest, path=manifest))
             outcomes = store._parallel(lambda r: r.call(r.backend.delete, rel, recursive=True, path=rel))
         for r, out in zip(store.replicas, outcomes):
             if isinstance(out, BaseException):

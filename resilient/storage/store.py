@@ -265,7 +265,7 @@ class CheckpointStore:
     def keys(self) -> list[str]:
         """Every key with at least one manifest on any replica."""
         found: set[str] = set()
-        for r, paths in zip(self.replicas, self._parallel(lambda r: list(r.call(r.backend.manifest_paths)))):
+        for r, paths in zip(self.replicas, self._parallel(lambda r: r.call(lambda: list(r.backend.manifest_paths())))):
             if isinstance(paths, BaseException):
                 continue
             for p in paths:
