@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import xxhash
@@ -110,8 +109,3 @@ def _append_stripe(stripe: list, pieces: list[Piece], hashes: list) -> None:
         mv = memoryview(block)
         hashes[i].update(mv)
         pieces[i].tape.append(mv)
-
-
-def start_writers(pool: ThreadPoolExecutor, jobs: list) -> list[Future]:
-    """Submit ``(callable, args)`` jobs and return their futures, in order."""
-    return [pool.submit(fn, *args) for fn, args in jobs]
