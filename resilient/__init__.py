@@ -16,6 +16,7 @@ Example:
 
 __version__ = "0.1.0"  # first: submodules record it in what they write
 
+from resilient.api import JobHandle, Pipeline, pipeline
 from resilient.config import RedundancyWarning, Settings
 from resilient.errors import (
     CodecError,
@@ -32,6 +33,7 @@ from resilient.errors import (
     UnsupportedTypeError,
 )
 from resilient.retry import RetryPolicy, is_transient
+from resilient.runtime.supervisor import DeadLetter, JobFailedError, JobMismatchError, JobResult
 from resilient.storage import CheckpointStore, Commit, Loaded, PendingSave, ReplicaHealth, VerifyReport
 
 
@@ -41,11 +43,17 @@ __all__ = [
     "Commit",
     "ConfigError",
     "CorruptionError",
+    "DeadLetter",
     "FencedError",
+    "JobFailedError",
+    "JobHandle",
+    "JobMismatchError",
+    "JobResult",
     "Loaded",
     "NoCheckpointError",
     "PendingSave",
     "PermanentStorageError",
+    "Pipeline",
     "QuorumError",
     "RedundancyWarning",
     "ReplicaHealth",
@@ -59,4 +67,5 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "is_transient",
+    "pipeline",
 ]

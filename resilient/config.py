@@ -197,6 +197,12 @@ class _Number(_Parser):
     kind = "number > 0"
     accepted = "a finite number > 0"
 
+    def __init__(self, *, allow_zero: bool = False) -> None:
+        self.allow_zero = allow_zero
+        if allow_zero:
+            self.kind = "number >= 0"
+            self.accepted = "a finite number >= 0"
+
     def parse(self, raw: Any) -> float:
         if isinstance(raw, str):
             try:
@@ -207,7 +213,7 @@ class _Number(_Parser):
             value = float(raw)
         else:
             raise _Refused("not a number")
-        if not math.isfinite(value) or value <= 0:
+        if not math.isfinite(value) or value < 0 or (value == 0 and not self.allow_zero):
             raise _Refused("out of range")
         return value
 
@@ -401,6 +407,25 @@ FIELDS: tuple[Field, ...] = (
           "consecutive failed operations before a replica is reported degraded", "5"),
     Field("allow_pickle", "RESILIENT_ALLOW_PICKLE", _Flag(), False,
           "store values the codec does not know with pickle (and load them back)", "true"),
+    Field("num_actors", "RESILIENT_NUM_ACTORS", _Integer(1, 4096), 2,
+          "worker actors (slots) running the pipeline", "8"),
+    Field("actor_cpus", "RESILIENT_ACTOR_CPUS", _Number(), 0.25, "CPUs Ray reserves per worker actor", "1"),
+    Field("actor_gpus", "RESILIENT_ACTOR_GPUS", _Number(allow_zero=True), 0.0,
+          "GPUs Ray reserves per worker actor", "1"),
+    Field("standby", "RESILIENT_STANDBY", _Integer(0, 64), 1,
+          "spare worker actors started ahead, model loaded, to replace a failed one at once", "2"),
+    Field("queue_depth", "RESILIENT_QUEUE_DEPTH", _Integer(1, 64), 2,
+          "batches queued on one worker actor at a time", "4"),
+    Field("checkpoint_every", "RESILIENT_CHECKPOINT_EVERY", _Integer(1), 100,
+          "stateful pipelines: checkpoint a slot's state every N batches", "500"),
+    Field("checkpoint_interval_seconds", "RESILIENT_CHECKPOINT_INTERVAL_SECONDS", _Number(), 60.0,
+          "stateful pipelines: checkpoint a slot's state at least this often", "30"),
+    Field("batch_timeout_seconds", "RESILIENT_BATCH_TIMEOUT_SECONDS", _Number(), 600.0,
+          "a batch running longer is a hang: its actor is killed and replaced", "120"),
+    Field("max_attempts", "RESILIENT_MAX_ATTEMPTS", _Integer(1), 3,
+          "attempts per batch (exceptions, crashes, hangs) before it is a poison batch", "5"),
+    Field("on_poison", "RESILIENT_ON_POISON", _Choice("dead-letter", "fail"), "dead-letter",
+          "what a poison batch does: recorded as a dead letter (job goes on), or fails the job", "fail"),
 )
 
 _BY_ATTR = {f.attr: f for f in FIELDS}
@@ -445,6 +470,16 @@ class Settings:
     retry_backoff_max_seconds: float
     degraded_after: int
     allow_pickle: bool
+    num_actors: int
+    actor_cpus: float
+    actor_gpus: float
+    standby: int
+    queue_depth: int
+    checkpoint_every: int
+    checkpoint_interval_seconds: float
+    batch_timeout_seconds: float
+    max_attempts: int
+    on_poison: str
     #: attribute -> "keyword" | "environment" | "default"; not part of equality.
     sources: Mapping[str, str] = dataclasses.field(default_factory=_FrozenDict, compare=False)
 

@@ -235,14 +235,20 @@ def _decompress_into(stored: memoryview, out: np.ndarray, where: str, index: int
         raise CorruptionError(where, f"block {index}: zstd: {exc}") from None
 
 
-def decode_block(stored: memoryview, block: Block, out: np.ndarray, itemsize: int, where: str, index: int) -> None:
+def decode_block(
+    stored: memoryview, block: Block, out: np.ndarray | None, itemsize: int, where: str, index: int
+) -> None:
     """Check one block's checksum, then decode it into ``out`` (exactly ``block.raw`` bytes).
+
+    ``out`` is None for a raw block that is used where it is stored: only its checksum is checked.
 
     Raises:
         CorruptionError: checksum mismatch, or a zstd frame that does not hold exactly ``block.raw`` bytes.
     """
     if xxhash.xxh3_64_intdigest(stored) != block.checksum:
         raise CorruptionError(where, f"block {index} (offset {block.offset}, {block.stored} bytes): checksum mismatch")
+    if out is None:
+        return
     if block.encoding in ("raw", "pickle"):
         out[:] = np.frombuffer(stored, dtype=np.uint8)
         return

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from resilient.codec.blocks import DEFER, decode_block, encode_block, ordered_map, plan_leaf
+from resilient.codec.buffer import HUGE_PAGE, ObjectBuffer, fresh_array
 from resilient.codec.check import Slot, build, check_tree
-from resilient.codec.format import HEADER, MAX_BLOCK_BYTES, Block, dump_index, footer, header, read_frame
+from resilient.codec.format import HEADER, MAX_BLOCK_BYTES, Block, block_start, dump_index, footer, header, read_frame
 from resilient.codec.info import as_bytes_view
-from resilient.codec.tree import Leaf, flatten, leaf_bytes
+from resilient.codec.tree import Leaf, block_step, flatten, leaf_bytes
 from resilient.errors import CodecError, ConfigError, CorruptionError, UnsafeCheckpointError
 
 __all__ = ["MapLocation", "decode", "encode"]
@@ -100,7 +101,7 @@ def _tasks(leaves: list[Leaf], mode: str, level: int, block_size: int) -> Iterat
         elif len(leaf.spans) == 1:
             plan = DEFER
         else:
-            plan = plan_leaf(data, leaf.itemsize, mode, level, block_size - block_size % leaf.itemsize)
+            plan = plan_leaf(data, leaf.itemsize, mode, level, block_step(leaf.itemsize, block_size))
         for start, stop in leaf.spans:
             yield data[start:stop], leaf.itemsize, plan, mode, level
 
@@ -112,9 +113,12 @@ def _stream(tree: Any, leaves: list[Leaf], mode: str, level: int, threads: int,
     offset = HEADER.size
     tasks = _tasks(leaves, mode, level, block_size)
     for encoded in ordered_map(encode_block, tasks, threads, size_of=lambda task: task[0].size):
+        start = block_start(offset)
+        if start != offset:
+            yield bytes(start - offset)
         size = len(encoded.payload)
-        blocks.append(Block(offset, size, encoded.raw, encoded.encoding, encoded.checksum))
-        offset += size
+        blocks.append(Block(start, size, encoded.raw, encoded.encoding, encoded.checksum))
+        offset = start + size
         yield encoded.payload
     index = dump_index(tree, blocks)
     yield index
@@ -180,8 +184,13 @@ def _resolver(map_location: MapLocation, where: str) -> Callable[[str, str], tor
 
 
 def _allocate(slot: Slot, where: str) -> tuple[Any, np.ndarray]:
-    """A fresh value for ``slot`` and a flat uint8 view of its memory."""
+    """A fresh value for ``slot`` and a flat uint8 view of its memory (huge pages for large arrays)."""
     try:
+        if slot.nbytes >= HUGE_PAGE and slot.kind in ("tensor", "ndarray"):
+            flat = fresh_array(slot.nbytes)
+            value = _view(slot, flat)
+            if value is not None:
+                return value, flat
         if slot.kind == "tensor":
             tensor = torch.empty(slot.shape, dtype=slot.dtype)
             return tensor, tensor.reshape(-1).view(torch.uint8).numpy()
@@ -190,8 +199,18 @@ def _allocate(slot: Slot, where: str) -> tuple[Any, np.ndarray]:
             return array, array.reshape(-1).view(np.uint8)
         buffer = bytearray(slot.nbytes)
         return buffer, np.frombuffer(buffer, dtype=np.uint8)
-    except (MemoryError, RuntimeError, ValueError, OverflowError) as exc:
+    except (MemoryError, OSError, RuntimeError, ValueError, OverflowError) as exc:
         raise CorruptionError(where, f"{slot.path}: cannot allocate the {slot.nbytes} bytes declared: {exc}") from None
+
+
+def _view(slot: Slot, flat: np.ndarray) -> Any:
+    """The tensor or array of ``slot`` on the memory of ``flat`` (its bytes), or None if torch has no view."""
+    if slot.kind == "ndarray":
+        return flat.view(slot.dtype).reshape(slot.shape)
+    try:
+        return torch.from_numpy(flat).view(slot.dtype).reshape(slot.shape)
+    except (RuntimeError, TypeError):
+        return None
 
 
 def decode(
@@ -201,22 +220,32 @@ def decode(
     allow_pickle: bool = False,
     where: str = "<object>",
     threads: int = 2,
+    owned: bool = False,
 ) -> Any:
     """Rebuild the state stored in ``data``.
 
     The footer, index and whole tree are validated before any block is read; each block's checksum is
-    checked before it is decompressed; pickle segments are refused before any of them is read unless
-    ``allow_pickle`` is true. Values are built in fresh memory (nothing refers into ``data``).
+    checked before it is decompressed or used; pickle segments are refused before any of them is read
+    unless ``allow_pickle`` is true; nothing is returned before every block has passed.
+
+    Values are built in fresh memory, except when ``data`` is handed over: then a tensor or array whose
+    blocks are all stored raw, next to each other and aligned for its element type is built on ``data``'s
+    own memory, with no copy (the values keep that memory alive; torch storages built this way cannot be
+    resized). ``data`` is handed over when it is an `ObjectBuffer` that no decode has taken before, or when
+    ``owned`` is true and it is writable.
 
     Args:
-        data: the whole stored object (bytes, bytearray, memoryview or any contiguous buffer, e.g. mmap).
+        data: the whole stored object (bytes, bytearray, memoryview, `ObjectBuffer` or any contiguous
+            buffer).
         map_location: None puts each tensor on the device it was saved from; a device (``"cpu"``,
             ``torch.device("cuda:0")``) puts every tensor there; a dict maps saved device strings to targets
             (unlisted devices stay); a callable gets the saved device string and returns a device (None: stay),
             once per distinct saved device.
         allow_pickle: load pickle segments (runs arbitrary code from the object: trusted objects only).
         where: names the object in errors.
-        threads: decompression threads.
+        threads: checksum and decompression threads.
+        owned: the caller hands ``data`` over: nobody else will use, change or resize it, so values may be
+            built on its memory. Read-only data is copied regardless.
 
     Returns:
         The state, with the types it was encoded with (Parameters come back as plain tensors,
@@ -241,17 +270,22 @@ def decode(
         )
     resolve = _resolver(map_location, where)
     devices = [resolve(s.device, s.path) if s.kind == "tensor" else None for s in slots]
+    memory = _handed_over(data, view, owned)
     values: list[Any] = []
 
     def tasks() -> Iterator[tuple[Any, ...]]:
         for slot in slots:
-            value, flat = _allocate(slot, where)
+            value = None if memory is None else _in_place(slot, frame.blocks, memory)
+            flat = None
+            if value is None:
+                value, flat = _allocate(slot, where)
             values.append(value)
             position = 0
             for i in range(slot.first, slot.first + slot.count):
                 block = frame.blocks[i]
                 stored = view[block.offset : block.offset + block.stored]
-                yield stored, block, flat[position : position + block.raw], slot.itemsize, where, i
+                out = None if flat is None else flat[position : position + block.raw]
+                yield stored, block, out, slot.itemsize, where, i
                 position += block.raw
 
     for _ in ordered_map(decode_block, tasks(), threads, size_of=lambda task: task[1].raw):
@@ -267,6 +301,30 @@ def decode(
             except (RuntimeError, AssertionError) as exc:
                 raise CodecError(f"{where}: {slot.path}: cannot move to {devices[i]}: {exc}") from exc
     return build(compiled, values)
+
+
+def _handed_over(data: Any, view: memoryview, owned: bool) -> np.ndarray | None:
+    """The object's memory as flat uint8, when values may be built on it; None when they must be copied.
+
+    The array holds a buffer export of ``data`` for as long as any value built on it lives, so ``data``
+    cannot be resized, closed or unmapped under them.
+    """
+    if view.readonly or not (owned or (isinstance(data, ObjectBuffer) and data.take())):
+        return None
+    return np.frombuffer(view, dtype=np.uint8)
+
+
+def _in_place(slot: Slot, blocks: list[Block], memory: np.ndarray) -> Any:
+    """``slot``'s value as a view of the object's ``memory``, or None where its blocks do not allow it."""
+    if slot.kind not in ("tensor", "ndarray") or not slot.nbytes:
+        return None
+    run = blocks[slot.first : slot.first + slot.count]
+    start = run[0].offset
+    if run[-1].offset + run[-1].stored - start != slot.nbytes or any(b.encoding != "raw" for b in run):
+        return None  # compressed, or gaps between its blocks (raw lengths add up to nbytes)
+    if (memory.__array_interface__["data"][0] + start) % slot.itemsize:
+        return None  # misaligned (a version 1 object after an odd-sized leaf)
+    return _view(slot, memory[start : start + slot.nbytes])
 
 
 def _unpickle(payload: bytearray, slot: Slot, where: str) -> Any:

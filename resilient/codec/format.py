@@ -11,14 +11,17 @@ so a writer can stream blocks as they are produced and describe them afterwards:
 
     header (16 bytes, little-endian)        footer (32 bytes, little-endian)
     +0   8s  magic  b"\\x89RESCK\\r\\n"        +0   u64  index_length
-    +8   u16 format version (1)              +8   u64  xxh3_64 of the index bytes
+    +8   u16 format version (2)              +8   u64  xxh3_64 of the index bytes
     +10  u16 flags (0)                       +16  u16  format version (equals the header's)
     +12  u32 reserved (0)                    +18  u16  flags (0)
                                              +20  u32  reserved (0)
                                              +24  8s   magic (equals the header's)
 
-Blocks tile the space between header and index exactly, in index order, with no gaps. Each block is one of
-these encodings of a slice of one leaf's bytes (a tensor's contiguous little-endian elements, a bytes value,
+Blocks fill the space between header and index in index order. In version 2 each block starts at the first
+multiple of `ALIGN` (64) at or after the end of the one before it (of the header, for block 0), and the gap
+bytes are zero, so a reader that holds the object at an aligned address can use raw blocks in place, as
+tensors, with no copy (every element type is at most 64 bytes). Version 1 (still read) has no gaps: each
+block starts where the one before it ends. Each block is one of these encodings of a slice of one leaf's bytes (a tensor's contiguous little-endian elements, a bytes value,
 or a pickle payload):
 
     raw            the bytes as they are (stored length == raw length)
@@ -30,7 +33,7 @@ or a pickle payload):
 
 The index is ASCII JSON (no floats, no NaN)::
 
-    {"version": 1, "writer": "resilient 0.1.0",
+    {"version": 2, "writer": "resilient 0.1.0",
      "tree": <node>,
      "blocks": [[offset, stored_length, raw_length, encoding, "xxh3_64 of the stored bytes, 16 hex"], ...]}
 
@@ -51,7 +54,7 @@ ranges are consecutive, so every block belongs to exactly one leaf::
 
 Readers check, in order, before touching any block: size, header magic, version (a newer one is refused
 naming both versions), footer magic and fields, index length and checksum, JSON, the block table (types,
-tiling, lengths, encodings), and the whole tree (node types, dtypes from the allow-lists, shapes consistent
+tiling, lengths, encodings, zero gaps), and the whole tree (node types, dtypes from the allow-lists, shapes consistent
 with raw lengths, block ranges). Only then are blocks read, each checked against its xxh3_64 before it is
 decompressed into exactly its declared raw length. Any failure is a ``CorruptionError``.
 """
@@ -69,6 +72,7 @@ from resilient import __version__
 from resilient.errors import CorruptionError
 
 __all__ = [
+    "ALIGN",
     "Block",
     "ENCODINGS",
     "FOOTER",
@@ -78,6 +82,7 @@ __all__ = [
     "MAGIC",
     "MAX_BLOCK_BYTES",
     "MAX_INDEX_BYTES",
+    "block_start",
     "dump_index",
     "footer",
     "header",
@@ -85,7 +90,9 @@ __all__ = [
 ]
 
 MAGIC = b"\x89RESCK\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ALIGN = 64
+"""In format version 2, where blocks start: at multiples of this many bytes from the object's start."""
 HEADER = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQHHI8s")
 ENCODINGS = ("raw", "zstd", "shuffle+zstd", "pickle")
@@ -114,6 +121,11 @@ class Frame(NamedTuple):
     version: int
     tree: Any
     blocks: list[Block]
+
+
+def block_start(end: int, version: int = FORMAT_VERSION) -> int:
+    """Where a block starts when the previous one (or the header) ends at ``end``."""
+    return end if version < 2 else -(-end // ALIGN) * ALIGN
 
 
 def header() -> bytes:
@@ -189,7 +201,8 @@ def read_frame(data: memoryview, where: str) -> Frame:
         raise CorruptionError(where, "index is not an object with keys version, writer, tree, blocks")
     if doc["version"] != version or type(doc["version"]) is not int:
         raise CorruptionError(where, f"index version {doc['version']!r} != frame version {version}")
-    blocks = _read_blocks(doc["blocks"], index_start, where)
+    blocks = _read_blocks(doc["blocks"], index_start, version, where)
+    _check_gaps(data, blocks, where)
     return Frame(version, doc["tree"], blocks)
 
 
@@ -197,12 +210,13 @@ def _is_int(value: Any, low: int, high: int) -> bool:
     return type(value) is int and low <= value <= high
 
 
-def _read_blocks(table: Any, end: int, where: str) -> list[Block]:
+def _read_blocks(table: Any, end: int, version: int, where: str) -> list[Block]:
     if not isinstance(table, list):
         raise CorruptionError(where, "block table is not a list")
     blocks = []
     offset = HEADER.size
     for i, entry in enumerate(table):
+        offset = block_start(offset, version)
         if not (isinstance(entry, list) and len(entry) == 5):
             raise CorruptionError(where, f"block {i}: entry is not a 5-item list")
         b_offset, stored, raw, encoding, checksum = entry
@@ -223,3 +237,12 @@ def _read_blocks(table: Any, end: int, where: str) -> list[Block]:
     if offset != end:
         raise CorruptionError(where, f"blocks end at {offset} but the index starts at {end}")
     return blocks
+
+
+def _check_gaps(data: memoryview, blocks: list[Block], where: str) -> None:
+    """Every byte outside the header, blocks, index and footer (version 2 alignment gaps) must be zero."""
+    end = HEADER.size
+    for i, block in enumerate(blocks):
+        if block.offset != end and data[end : block.offset].tobytes().count(0) != block.offset - end:
+            raise CorruptionError(where, f"block {i}: the {block.offset - end} gap bytes before it are not zero")
+        end = block.offset + block.stored

@@ -7,6 +7,7 @@ whose bytes become blocks. It reads no tensor data (device copies happen later, 
 
 from __future__ import annotations
 
+import math
 import pickle
 import struct
 from collections import OrderedDict
@@ -17,12 +18,14 @@ import numpy as np
 import torch
 
 from resilient.codec.dtypes import numpy_dtype_name, same_size_int, torch_dtype_name
+from resilient.codec.format import ALIGN
 from resilient.errors import CodecError, UnsupportedTypeError
 
 __all__ = [
     "DeviceTensor",
     "Leaf",
     "MAX_DEPTH",
+    "block_step",
     "flatten",
     "float_node",
     "int_node",
@@ -106,8 +109,14 @@ def _scalar_node(value: Any) -> dict[str, Any] | None:
     return None
 
 
+def block_step(itemsize: int, block_size: int) -> int:
+    """The length of each block of a leaf but its last: at most ``block_size``, whole elements, and a
+    multiple of `resilient.codec.format.ALIGN` (so a leaf's raw blocks follow each other with no gap)."""
+    return block_size - block_size % math.lcm(itemsize, ALIGN)
+
+
 def _spans(nbytes: int, itemsize: int, block_size: int) -> tuple[tuple[int, int], ...]:
-    step = block_size - block_size % itemsize
+    step = block_step(itemsize, block_size)
     return tuple((start, min(start + step, nbytes)) for start in range(0, nbytes, step))
 
 
@@ -202,7 +211,8 @@ def flatten(state: Any, *, allow_pickle: bool, block_size: int) -> tuple[dict[st
     Args:
         state: the value to store (see `resilient.codec.encode` for what is supported).
         allow_pickle: pickle unsupported values into ``pickle`` leaves instead of raising.
-        block_size: the largest block, in bytes (rounded down to a multiple of each leaf's item size).
+        block_size: the largest block, in bytes (rounded down to a multiple of each leaf's item size and of
+            `resilient.codec.format.ALIGN`).
 
     Returns:
         The root node and the leaves in block order.

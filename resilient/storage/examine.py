@@ -5,20 +5,30 @@ verified object bytes when any combination of good copies yields them. With ``fu
 stops at the first good copy; with ``full=True`` (verify/scrub) it reads and checks every copy.
 `repair_generation` then rewrites what was found missing or bad from the recovered bytes: data first,
 manifest last, as in a save.
+
+Objects are read into a `resilient.codec.ObjectBuffer` where the backend can (local and fsspec replicas):
+a local read hashes the object while reading it, so the whole-object check against the manifest (length and
+xxh3_64) costs no time after the read, and a load then hands the buffer to `resilient.codec.decode`, which
+builds raw tensors on it without a copy. Each byte is still checked twice on a load: here as part of the
+whole object (this check binds the object to its manifest and picks a good copy, so a corrupt copy is
+skipped rather than failing the load) and by decode block by block (decode trusts nothing it is given).
+The second check runs on the decode threads, overlapped with decompression.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from resilient.codec.buffer import ObjectBuffer
 from resilient.errors import CorruptionError, UnsafeCheckpointError
 from resilient.storage import layout
 from resilient.storage.manifest import Manifest, choose_manifest
 from resilient.storage.parity import Striper, assemble, placement, reconstruct
+from resilient.storage.replica import FsspecReplica, LocalReplica
 
 if TYPE_CHECKING:
     from resilient.storage.store import CheckpointStore
@@ -41,7 +51,7 @@ class Examination:
     manifest: Manifest | None = None  # the chosen one
     piece_ok: dict[int, int] = field(default_factory=dict)  # replica -> piece index verified there
     piece_errors: dict[int, str] = field(default_factory=dict)  # replica -> what was wrong with its piece
-    object_bytes: bytes | bytearray | None = None
+    object_bytes: bytes | bytearray | ObjectBuffer | None = None  # verified; a load hands it to decode
 
     def problems(self) -> list[str]:
         """One line per problem found, naming the replica and the object."""
@@ -97,10 +107,20 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _check(data: bytes | bytearray, length: int, digest: str) -> str | None:
+def _read_object(backend: Any, rel: str) -> bytes | bytearray | ObjectBuffer:
+    """An object (or shard), in an `ObjectBuffer` where the backend can read into one."""
+    if isinstance(backend, (LocalReplica, FsspecReplica)):
+        return backend.read(rel, owned=True)
+    return backend.read(rel)
+
+
+def _check(data: bytes | bytearray | ObjectBuffer, length: int, digest: str) -> str | None:
     if len(data) != length:
         return f"length {len(data)}, manifest says {length}"
-    if xxhash.xxh3_64_hexdigest(data) != digest:
+    actual = data.xxh3 if isinstance(data, ObjectBuffer) else None  # hashed while it was read
+    if actual is None:
+        actual = xxhash.xxh3_64_intdigest(data)
+    if f"{actual:016x}" != digest:
         return "checksum mismatch"
     return None
 
@@ -115,7 +135,7 @@ def _recover_replicated(store: "CheckpointStore", ex: Examination, full: bool) -
     order = sorted(agree, key=lambda j: store.replicas[j].health.degraded) + others
 
     def read_piece(r):  # noqa: ANN001
-        data = r.call(r.backend.read, rel, path=rel, generation=ex.generation)
+        data = r.call(_read_object, r.backend, rel, path=rel, generation=ex.generation)
         bad = _check(data, piece.length, piece.xxh3)
         if bad:
             raise CorruptionError(f"{r.url}/{rel}", bad)
@@ -147,7 +167,7 @@ def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> No
                 i = int(name[len(prefix) :])
                 if i < len(m.pieces):
                     rel = f"{gdir}/{name}"
-                    data = r.call(r.backend.read, rel, path=rel, generation=ex.generation)
+                    data = r.call(_read_object, r.backend, rel, path=rel, generation=ex.generation)
                     bad = _check(data, m.pieces[i].length, m.pieces[i].xxh3)
                     found[i] = data if bad is None else CorruptionError(f"{r.url}/{rel}", bad)
         return found

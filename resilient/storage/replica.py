@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from resilient.codec.buffer import ObjectBuffer
 from resilient.errors import PermanentStorageError, StorageError
 from resilient.retry import RetryPolicy, classify
 from resilient.storage.layout import MANIFEST, TMP_PREFIX
@@ -126,9 +127,13 @@ class LocalReplica:
     def overwrite(self, rel: str, data: bytes) -> None:
         self.write_object(rel, [data])
 
-    def read(self, rel: str) -> bytearray:
+    def read(self, rel: str, *, owned: bool = False) -> bytes | bytearray | ObjectBuffer:
+        """The object's bytes; with ``owned``, in an `ObjectBuffer` (hashed while read, see its ``xxh3``)
+        that the caller may hand over to `resilient.codec.decode`."""
         with open(self._abs(rel), "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
+            if owned:
+                return ObjectBuffer.read(f, size)
             buf = bytearray(size)
             view = memoryview(buf)
             got = 0
@@ -253,8 +258,15 @@ class FsspecReplica:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             return op(path, *args, **kwargs)
 
-    def read(self, rel: str) -> bytes:
-        return self.fs.cat_file(self._abs(rel))
+    def read(self, rel: str, *, owned: bool = False) -> bytes | ObjectBuffer:
+        """The object's bytes; with ``owned``, copied into an `ObjectBuffer` the caller may hand over to
+        `resilient.codec.decode` (which then needs no copy of its own)."""
+        data = self.fs.cat_file(self._abs(rel))
+        if not owned or not data:
+            return data
+        buffer = ObjectBuffer.allocate(len(data))
+        buffer[:] = data
+        return buffer
 
     def listdir(self, rel: str) -> list[str]:
         path = self._abs(rel)

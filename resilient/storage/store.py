@@ -174,12 +174,15 @@ class CheckpointStore:
             self._retention.append(self._gc.submit(self._retain, key))
         return commit
 
-    def save_async(self, key: str, state: Any, *, epoch: int = 0) -> "PendingSave":
+    def save_async(self, key: str, state: Any, *, epoch: int = 0, copy: bool = True) -> "PendingSave":
         """Snapshot `state` into reused host buffers and save it in the background.
 
         Blocks only for the in-memory copy, and, when the key's previous save is still running, until that
         one ends (at most one pending save per key: back-pressure). An earlier save's error that nobody
         collected with `PendingSave.wait` is raised here rather than lost.
+
+        With ``copy=False`` the state is saved as it is, without a snapshot: the caller hands over a
+        state nobody changes until the save ends (for instance its own snapshot).
         """
         layout.validate_key(key)
         owner = self._owner(key)
@@ -187,7 +190,7 @@ class CheckpointStore:
             if owner.pending is not None:
                 prev, owner.pending = owner.pending, None
                 prev.settle()  # back-pressure; raises an error nobody collected
-            snapshot = owner.buffers.take(state)
+            snapshot = owner.buffers.take(state) if copy else state
             fut = self._bg.submit(self.save, key, snapshot, epoch=epoch)
             owner.pending = PendingSave(fut)
             return owner.pending

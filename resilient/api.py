@@ -1,0 +1,199 @@
+"""`@resilient.pipeline` and the job handle: what users write and what they get back.
+
+Example:
+    >>> import resilient
+    >>> @resilient.pipeline(num_actors=2)
+    ... class Doubler:
+    ...     def __call__(self, batch):
+    ...         return {"id": batch["id"], "y": batch["id"] * 2}
+    >>> # handle = Doubler.run(range(10_000), sink="file:///tmp/out", job_id="double-1")
+    >>> # handle.wait(); list(handle.results())
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar, overload
+
+from resilient.config import Settings
+from resilient.errors import ConfigError
+from resilient.runtime.supervisor import JobResult, Supervisor
+from resilient.runtime.worker import JobSpec
+
+__all__ = ["JobHandle", "Pipeline", "pipeline"]
+
+T = TypeVar("T")
+
+
+class JobHandle:
+    """A running (or finished) job: wait on it, watch it, read its committed outputs in input order."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+        self.job_id = supervisor.spec.job_id
+        self.sink = supervisor.sink
+        self._result: JobResult | None = None
+        self._error: BaseException | None = None
+        self._events: collections.deque = collections.deque(maxlen=10_000)
+        self._committed = 0
+        self._started = time.monotonic()
+        supervisor.on_event = self._on_event
+        self._thread = threading.Thread(target=self._run, name=f"resilient-job-{self.job_id}", daemon=True)
+        self._thread.start()
+
+    def _on_event(self, kind: str, info: dict) -> None:
+        if kind == "commit":
+            self._committed += 1  # counted, not kept: a handle's memory does not grow with the job
+        else:
+            self._events.append((kind, info))
+
+    def progress(self) -> dict:
+        """Committed batches (this run), total, rate, restarts, retries and dead letters so far."""
+        sup = self._supervisor
+        elapsed = max(1e-9, time.monotonic() - self._started)
+        return {
+            "job_id": self.job_id,
+            "committed": self._committed,
+            "total": sup.total,
+            "rate_per_s": self._committed / elapsed,
+            "restarts": sup.restarts,
+            "retries": sup.retries,
+            "dead_letters": len(sup.dead),
+            "done": self.done(),
+        }
+
+    def _run(self) -> None:
+        try:
+            self._result = self._supervisor.run()
+        except BaseException as e:  # noqa: BLE001 - surfaced by wait()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> JobResult:
+        """Block until the job ends; return its `JobResult` or raise its error."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"job {self.job_id!r} still running after {timeout}s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def actors(self) -> list[dict]:
+        """The worker actors now serving the job: slot, pid, node id, epoch."""
+        return [
+            {"slot": s.index, "pid": s.pid, "node_id": s.node_id, "epoch": s.epoch}
+            for s in self._supervisor.slots
+            if s.pid is not None
+        ]
+
+    def events(self) -> list[tuple[str, dict]]:
+        """Failures and recoveries seen so far (the last 10,000): ("restart" | "rollback" | "dead_letter",
+        info)."""
+        return list(self._events)
+
+    def results(self, start: int = 0) -> Iterator[tuple[int, Any]]:
+        """Committed outputs as ``(batch_id, output)`` in input order (read back from the sink)."""
+        return self.sink.read_all(start)
+
+
+class Pipeline(Generic[T]):
+    """A user class or function made resilient; ``run`` launches it as a job."""
+
+    def __init__(self, target: T, options: dict[str, Any]) -> None:
+        self.target = target
+        self.options = dict(options)
+        functools.update_wrapper(self, target, updated=())  # type: ignore[arg-type]
+        self.stateful = isinstance(target, type) and callable(getattr(target, "state_dict", None))
+        if self.stateful and not callable(getattr(target, "load_state_dict", None)):
+            raise ConfigError(
+                "pipeline", getattr(target, "__qualname__", target), "a class defining both state_dict and "
+                "load_state_dict (or neither)",
+            )
+
+    def with_options(self, **options: Any) -> "Pipeline[T]":
+        """A copy with more options (same names as the ``RESILIENT_*`` settings, lower case)."""
+        return Pipeline(self.target, {**self.options, **options})
+
+    def run(
+        self,
+        source: Any,
+        sink: Any,
+        *,
+        job_id: str,
+        init_args: tuple = (),
+        init_kwargs: dict | None = None,
+        sink_format: str = "jsonl",
+        batch_size: int | None = None,
+        settings: Settings | None = None,
+    ) -> JobHandle:
+        """Run (or resume) job `job_id`: every batch of `source` gets exactly one committed output in
+        `sink`. Starts a local Ray instance if none is connected.
+
+        Args:
+            source: a `resilient.io.Source`, a sequence (each element a batch), a range (row ids batched
+                by `batch_size`), a re-iterable or zero-argument callable, a file glob source or a Ray
+                Dataset.
+            sink: a `resilient.io.FileSink` or a URL (outputs written as `sink_format`).
+            job_id: names the job; re-running with the same id resumes it.
+        """
+        from resilient.io.sinks import FileSink
+        from resilient.io.sources import as_source
+        from resilient.storage.layout import validate_key
+
+        validate_key(job_id)
+        settings = settings or Settings.from_env()
+        runtime = {k: v for k, v in self.options.items()}
+        if runtime:
+            settings = settings.with_options(**runtime)
+        src = as_source(source, batch_size=batch_size)
+        if not isinstance(sink, FileSink):
+            sink = FileSink(sink, format=sink_format, storage_options=settings.storage_options_for(sink))
+        _ensure_ray()
+        spec = JobSpec(
+            job_id=job_id,
+            target=self.target,
+            init_args=tuple(init_args),
+            init_kwargs=dict(init_kwargs or {}),
+            stateful=self.stateful,
+            sink=sink,
+            settings=settings,
+            slots=settings.num_actors,
+        )
+        return JobHandle(Supervisor(spec, src))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.target(*args, **kwargs)  # type: ignore[operator]
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            include_dashboard=False,
+            _system_config={"timeout_ms_task_wait_for_death_info": 0},
+            log_to_driver=False,
+        )
+
+
+@overload
+def pipeline(target: T) -> Pipeline[T]: ...
+@overload
+def pipeline(*, num_actors: int = ..., **options: Any) -> Callable[[T], Pipeline[T]]: ...
+def pipeline(target: Any = None, **options: Any) -> Any:
+    """Make a class (stateful if it defines ``state_dict``/``load_state_dict``) or a function resilient.
+
+    Works bare (``@resilient.pipeline``) or with options (``@resilient.pipeline(num_actors=4,
+    checkpoint_every=100)``); options are the ``RESILIENT_*`` settings in lower case and win over the
+    environment.
+    """
+    if target is not None:
+        return Pipeline(target, options)
+    return lambda t: Pipeline(t, options)

@@ -1,0 +1,512 @@
+"""The supervisor: drives a job from its source through worker actors to committed outputs.
+
+Exactly-once protocol
+---------------------
+* Every input batch has a stable id (its position in the source). A batch is *done* when its output is
+  committed in the sink (a create-only commit marker, written only here, by the driver) or recorded as a
+  dead letter. At-least-once delivery + create-only commits = exactly one committed output per batch.
+* Worker incarnations are fenced by epochs: an answer from an incarnation that is not the slot's current
+  one is dropped, so a zombie's output is never committed (its staged object is garbage for `gc`).
+* Progress (the ledger's watermark and the few done ids above it) is persisted after the commits it
+  describes, never before. A re-run with the same job id reads it, scans commit markers from the
+  watermark up, and continues: nothing done is redone, nothing is held per completed batch.
+* Stateful pipelines route batch ``b`` to slot ``b % slots`` and apply each slot's batches in id order.
+  A slot checkpoint (state + cursor) is persisted only once every output it covers is committed. A
+  replacement restores the newest checkpoint and replays the slot's batches from its cursor: batches
+  already committed are applied again to rebuild the state but their outputs are not staged again.
+
+Failures
+--------
+* Actor death (crash, SIGKILL, node loss): a replacement with a new epoch takes the slot; its in-flight and
+  queued batches are redelivered (stateless: to any slot at once).
+* Exception in user code: retried with exponential backoff and jitter; a stateful slot is first rolled
+  back to its last checkpoint and replayed, so a half-applied batch never leaks into the state.
+* Hang: a batch running past `batch_timeout_seconds` gets its actor killed and replaced.
+* Poison: a batch failing `max_attempts` times (exceptions, crashes or hangs) becomes a dead letter
+  (batch id, error, traceback, attempts) and the job goes on, or the job fails (``on_poison="fail"``).
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from resilient.errors import NoCheckpointError, ResilientError
+from resilient.runtime.ledger import Ledger, slot_of
+from resilient.runtime.worker import DirtyWorkerError, JobSpec, Result, Worker, slot_key
+from resilient.storage import CheckpointStore
+
+__all__ = ["DeadLetter", "JobFailedError", "JobResult", "JobMismatchError", "Supervisor"]
+
+log = logging.getLogger("resilient.runtime")
+INF = 1 << 62
+
+
+class JobFailedError(ResilientError):
+    """The job stopped: a poison batch with ``on_poison="fail"``, or an unrecoverable error."""
+
+
+class JobMismatchError(ResilientError):
+    """A job id was reused with a different pipeline, configuration or source; refused, not resumed."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    batch_id: int
+    error: str
+    traceback: str
+    attempts: int
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    total: int
+    committed: int
+    dead_letters: list[DeadLetter]
+    restarts: int
+    retries: int
+    seconds: float
+    resumed_from: int
+
+
+@dataclass
+class _Slot:
+    index: int
+    actor: Any = None
+    epoch: int = 0
+    pid: int | None = None
+    node_id: str | None = None
+    cursor: int = 0
+    inflight: collections.deque = field(default_factory=collections.deque)  # (ref, batch_id)
+    queue: collections.deque = field(default_factory=collections.deque)  # (batch_id, batch, replay)
+    head_since: float = 0.0
+    running: bool = False
+    pending: Any = None  # the activation in flight while the slot starts
+
+
+class Supervisor:
+    """Runs one job to completion (or resumes it). Driver side; not thread-safe; one per job run."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        source: Any,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[str, dict], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.spec = spec
+        self.source = source
+        self.settings = spec.settings
+        self.store = CheckpointStore(spec.settings)
+        self.sink = spec.sink
+        self.clock = clock
+        self.on_event = on_event or (lambda kind, info: None)
+        self.rng = rng or random.Random()
+        self.total = len(source)
+        self.slots = [_Slot(i) for i in range(spec.slots)]
+        self.refs: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, batch id, epoch)
+        self.ready_queue: collections.deque = collections.deque()  # stateless: (batch_id, batch)
+        self.delayed: list[tuple[float, int, Any]] = []  # stateless retries: (ready_at, batch_id, batch)
+        self.outstanding: dict[int, set[int]] = {s.index: set() for s in self.slots}
+        self.commits: dict[Future, tuple[int, int]] = {}
+        self.committer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="resilient-commit")
+        self.dead: dict[int, DeadLetter] = {}
+        self.restarts = 0
+        self.retries = 0
+        self.read_pos = 0
+        self._reader = None
+        self._last_progress = 0.0
+        self._actor_cls = None
+        self.spares: list[Any] = []
+        self.starting: dict[Any, int] = {}  # activation ref -> slot
+
+    # ------------------------------------------------------------------ job record and resume
+
+    def _fingerprint(self) -> dict:
+        t = self.spec.target
+        return {
+            "pipeline": f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}",
+            "stateful": self.spec.stateful,
+            "slots": self.spec.slots if self.spec.stateful else None,
+            "sink": repr(self.sink),
+            "total": self.total,
+        }
+
+    def _open_job(self) -> None:
+        key = f"{self.spec.job_id}/job"
+        record = {"job": self._fingerprint(), "source": self.source.fingerprint()}
+        try:
+            existing = self.store.load(key).state
+        except NoCheckpointError:
+            self.store.save(key, record)
+            return
+        from resilient.io.sources import check_fingerprint
+
+        if existing["job"] != record["job"]:
+            diff = {k: (existing["job"].get(k), v) for k, v in record["job"].items() if existing["job"].get(k) != v}
+            raise JobMismatchError(
+                f"job {self.spec.job_id!r} exists with a different pipeline or configuration: {diff}; "
+                "use a new job id, or re-run the same pipeline to resume"
+            )
+        check_fingerprint(existing["source"], record["source"])
+
+    def _resume(self) -> Ledger:
+        window = max(64, 4 * self.spec.slots * self.settings.queue_depth)
+        try:
+            progress = self.store.load(f"{self.spec.job_id}/progress").state
+        except NoCheckpointError:
+            progress = {"watermark": 0, "dead": []}
+        for d in progress.get("dead", []):
+            self.dead[d["batch_id"]] = DeadLetter(**d)
+        watermark = int(progress["watermark"])
+        done = {b for b in self.sink.committed_from(watermark)}
+        done |= {b for b in self.dead if b >= watermark}
+        return Ledger(self.total, window, watermark=watermark, done_above=done)
+
+    def _save_progress(self, ledger: Ledger) -> None:
+        snap = ledger.snapshot()
+        snap["dead"] = [d.__dict__ for d in self.dead.values()]
+        self.store.save(f"{self.spec.job_id}/progress", snap)
+        self._last_progress = self.clock()
+
+    # ------------------------------------------------------------------ actors
+
+    def _new_actor(self) -> Any:
+        import ray
+
+        if self._actor_cls is None:
+            self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
+        return self._actor_cls.options(
+            num_cpus=self.settings.actor_cpus, num_gpus=self.settings.actor_gpus
+        ).remote(self.spec)
+
+    def _top_up_spares(self) -> None:
+        """Keep `standby` actors constructed ahead (model loaded), so a replacement is a hand-over."""
+        while len(self.spares) < self.settings.standby:
+            self.spares.append(self._new_actor())
+
+    def _start_slot(self, slot: _Slot) -> None:
+        """Give the slot a new incarnation: a new epoch (fencing the old one), a standby actor if one is
+        there, else a fresh one. Asynchronous: the slot runs once its activation (restore) answers."""
+        slot.epoch = self.store.claim_epoch(slot_key(self.spec.job_id, slot.index))
+        slot.actor = self.spares.pop(0) if self.spares else self._new_actor()
+        slot.running = False
+        slot.pid = slot.node_id = None
+        slot.pending = slot.actor.activate.remote(slot.index, slot.epoch)
+        self.starting[slot.pending] = slot.index
+        self._top_up_spares()
+
+    def _on_started(self, ref: Any, ledger: Ledger) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        slot = self.slots[self.starting.pop(ref)]
+        if slot.pending is not ref:
+            return
+        slot.pending = None
+        try:
+            info = ray.get(ref)
+        except RayActorError as e:
+            self._replace(slot, ledger, f"died while starting ({type(e).__name__})", None)
+            return
+        except RayTaskError as e:
+            raise JobFailedError(f"slot {slot.index} could not restore its state: {e}") from e
+        slot.pid, slot.node_id, slot.cursor = info["pid"], info["node_id"], info["cursor"]
+        slot.running = True
+        slot.head_since = self.clock()
+        if self.spec.stateful and self._reader is not None:
+            self._rebuild_slot_queue(slot, ledger)
+        self.on_event("started", {"slot": slot.index, "pid": slot.pid, "epoch": slot.epoch, "cursor": slot.cursor})
+
+    def _replace(self, slot: _Slot, ledger: Ledger, reason: str, culprit: int | None, error: str = "") -> None:
+        import ray
+
+        lost = [b for _, b in slot.inflight]
+        for ref, _ in slot.inflight:
+            self.refs.pop(ref, None)
+        slot.inflight.clear()
+        if slot.pending is not None:
+            self.starting.pop(slot.pending, None)
+            slot.pending = None
+        try:
+            ray.kill(slot.actor)
+        except Exception:  # noqa: BLE001 - it may be gone already
+            pass
+        old_pid, old_epoch = slot.pid, slot.epoch
+        if culprit is not None and not ledger.is_done(culprit):
+            self._count_failure(culprit, ledger, f"{reason}: {error}".strip(": "), "")
+        self._start_slot(slot)
+        self.restarts += 1
+        if not self.spec.stateful:
+            requeue = [(b, batch) for b, batch, _ in slot.queue]
+            slot.queue.clear()
+            pending = self._pending_ids()
+            for b in reversed(lost):
+                self.outstanding[slot.index].discard(b)
+                if not ledger.is_done(b) and b not in pending:
+                    requeue.insert(0, (b, self._batch(b)))
+            for item in reversed(requeue):
+                self.ready_queue.appendleft(item)
+        log.warning(
+            "slot %d: actor pid %s (epoch %d) %s; replacing it (epoch %d, %s); redelivering %s",
+            slot.index, old_pid, old_epoch, reason, slot.epoch,
+            "restoring its last checkpoint" if self.spec.stateful else "stateless", lost or "nothing",
+        )
+        self.on_event("restart", {"slot": slot.index, "reason": reason, "redelivered": lost})
+
+    # ------------------------------------------------------------------ reading and routing
+
+    def _batch(self, batch_id: int) -> Any:
+        """Re-read one batch (retries, redelivery): sources are replayable by offset."""
+        for b, batch in self.source.read(batch_id):
+            return batch
+        raise JobFailedError(f"source has no batch {batch_id}")
+
+    def _pending_ids(self) -> set[int]:
+        ids = {b for b, _ in self.ready_queue} | {b for _, b, _ in self.delayed}
+        for s in self.slots:
+            ids |= {b for b, _, _ in s.queue} | {b for _, b in s.inflight}
+        return ids
+
+    def _fill(self, ledger: Ledger) -> None:
+        while self.read_pos < self.total and ledger.may_read(self.read_pos) and self._room():
+            b, batch = next(self._reader)
+            if b != self.read_pos:
+                raise JobFailedError(f"source yielded batch {b} where {self.read_pos} was expected")
+            self.read_pos += 1
+            if self.spec.stateful:
+                slot = self.slots[slot_of(b, self.spec.slots)]
+                if b < slot.cursor or b in self.dead:
+                    continue
+                done = ledger.is_done(b)
+                slot.queue.append((b, batch, done))
+                if not done:
+                    self.outstanding[slot.index].add(b)
+            elif not ledger.is_done(b):
+                self.ready_queue.append((b, batch))
+
+    def _room(self) -> bool:
+        queued = len(self.ready_queue) + sum(len(s.queue) for s in self.slots)
+        return queued < 2 * self.spec.slots * self.settings.queue_depth
+
+    def _rebuild_slot_queue(self, slot: _Slot, ledger: Ledger) -> None:
+        """After a restore or rollback: every batch of the slot from its cursor up to the read position, in
+        order; committed ones as replays."""
+        slot.queue.clear()
+        if slot.cursor >= self.read_pos:
+            return
+        for b, batch in self.source.read(slot.cursor):
+            if b >= self.read_pos:
+                break
+            if slot_of(b, self.spec.slots) != slot.index or b in self.dead:
+                continue
+            slot.queue.append((b, batch, ledger.is_done(b)))
+
+    def _commit_floor(self, slot: _Slot) -> int:
+        pending = self.outstanding[slot.index]
+        return min(pending) if pending else INF
+
+    def _dispatch(self) -> None:
+        now = self.clock()
+        while self.delayed and self.delayed[0][0] <= now:
+            _, b, batch = heapq.heappop(self.delayed)
+            self.ready_queue.appendleft((b, batch))
+        depth = self.settings.queue_depth
+        for slot in self.slots:
+            while slot.running and len(slot.inflight) < depth:
+                if self.spec.stateful:
+                    if not slot.queue:
+                        break
+                    b, batch, replay = slot.queue.popleft()
+                else:
+                    if not self.ready_queue:
+                        break
+                    b, batch = self.ready_queue.popleft()
+                    replay = False
+                    self.outstanding[slot.index].add(b)
+                ref = slot.actor.process.remote(b, batch, replay, self._commit_floor(slot))
+                if not slot.inflight:
+                    slot.head_since = now
+                slot.inflight.append((ref, b))
+                self.refs[ref] = (slot.index, b, slot.epoch)
+
+    # ------------------------------------------------------------------ answers
+
+    def _count_failure(self, b: int, ledger: Ledger, error: str, tb: str) -> bool:
+        """Count a failed attempt; dead-letter the batch when it has had enough. True if it is now dead."""
+        attempts = ledger.failed_attempt(b)
+        self.retries += 1
+        if attempts < self.settings.max_attempts:
+            return False
+        letter = DeadLetter(b, error, tb, attempts)
+        if self.settings.on_poison == "fail":
+            raise JobFailedError(f"batch {b} failed {attempts} times (poison): {error}")
+        self.dead[b] = letter
+        for pending in self.outstanding.values():
+            pending.discard(b)
+        ledger.mark_done(b)
+        self._save_progress(ledger)
+        log.error("batch %d is a poison batch after %d attempts; dead-lettered: %s", b, attempts, error)
+        self.on_event("dead_letter", {"batch_id": b, "error": error, "attempts": attempts})
+        return True
+
+    def _backoff(self, attempts: int) -> float:
+        s = self.settings
+        base = min(s.retry_backoff_max_seconds, s.retry_backoff_seconds * 2 ** (attempts - 1))
+        return base + self.rng.uniform(0, s.retry_backoff_seconds)
+
+    def _handle(self, ref: Any, ledger: Ledger) -> None:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+        meta = self.refs.get(ref)
+        if meta is None:
+            return  # from a replaced incarnation or a rolled-back run: dropped
+        s, b, epoch = meta
+        slot = self.slots[s]
+        try:
+            result: Result = ray.get(ref)
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            # the actor runs its queue in order: the oldest batch in flight is the one it died on
+            culprit = slot.inflight[0][1] if slot.inflight else b
+            self._replace(slot, ledger, "died", culprit, f"{type(e).__name__}")
+            return
+        except RayTaskError as e:
+            self._forget(slot, ref)
+            cause = e.cause if hasattr(e, "cause") else e
+            if isinstance(cause, DirtyWorkerError):
+                return  # queued behind the failing batch; redelivered after the rollback
+            self._on_exception(slot, b, ledger, cause, str(e))
+            return
+        self._forget(slot, ref)
+        if epoch != slot.epoch or result.epoch != slot.epoch:
+            return  # a zombie's answer: never committed
+        if result.staged is None:  # a replayed batch: its output was committed before
+            return
+        fut = self.committer.submit(self.sink.commit, result.staged)
+        self.commits[fut] = (s, b)
+
+    def _forget(self, slot: _Slot, ref: Any) -> None:
+        """An answer arrived: the ref leaves the books, and the next batch in flight becomes the head."""
+        self.refs.pop(ref, None)
+        if slot.inflight and slot.inflight[0][0] == ref:
+            slot.inflight.popleft()
+            slot.head_since = self.clock()
+        else:
+            slot.inflight = collections.deque(x for x in slot.inflight if x[0] != ref)
+
+    def _on_exception(self, slot: _Slot, b: int, ledger: Ledger, cause: BaseException, text: str) -> None:
+        import ray
+
+        tb = "".join(traceback.format_exception(cause)) if isinstance(cause, BaseException) else text
+        error = f"{type(cause).__name__}: {cause}"
+        dead = self._count_failure(b, ledger, error, tb)
+        attempts = ledger.attempts.get(b, 0)
+        log.warning("batch %d raised %s (attempt %d)%s", b, error, attempts, "; dead-lettered" if dead else "")
+        if self.spec.stateful:
+            for r, _ in slot.inflight:
+                self.refs.pop(r, None)
+            slot.inflight.clear()
+            slot.cursor = ray.get(slot.actor.rollback.remote())
+            if not dead:
+                time.sleep(self._backoff(attempts))
+            self._rebuild_slot_queue(slot, ledger)
+            self.on_event("rollback", {"slot": slot.index, "batch_id": b, "cursor": slot.cursor})
+        elif not dead:
+            self.outstanding[slot.index].discard(b)
+            heapq.heappush(self.delayed, (self.clock() + self._backoff(attempts), b, self._batch(b)))
+        else:
+            self.outstanding[slot.index].discard(b)
+
+    def _collect_commits(self, ledger: Ledger, *, block: bool = False) -> None:
+        for fut in list(self.commits):
+            if not (block or fut.done()):
+                continue
+            s, b = self.commits.pop(fut)
+            fut.result()  # a failed commit is a storage failure: the job stops, progress stays behind it
+            self.outstanding[s].discard(b)
+            ledger.mark_done(b)
+            self.on_event("commit", {"batch_id": b})
+
+    def _check_hangs(self, ledger: Ledger) -> None:
+        now = self.clock()
+        for slot in self.slots:
+            if slot.running and slot.inflight and now - slot.head_since > self.settings.batch_timeout_seconds:
+                b = slot.inflight[0][1]
+                self._replace(slot, ledger, f"hung on batch {b} for > {self.settings.batch_timeout_seconds:g}s", b)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> JobResult:
+        import ray
+
+        t0 = time.perf_counter()
+        self._open_job()
+        ledger = self._resume()
+        resumed_from = ledger.watermark
+        try:
+            for slot in self.slots:
+                self._start_slot(slot)
+            while self.starting:  # first start: every slot's cursor decides where reading begins
+                ready, _ = ray.wait(list(self.starting), num_returns=1)
+                self._on_started(ready[0], ledger)
+            start = ledger.watermark
+            if self.spec.stateful:
+                start = min([start] + [s.cursor for s in self.slots])
+            self.read_pos = start
+            self._reader = iter(self.source.read(start))
+            while not ledger.finished:
+                self._fill(ledger)
+                self._dispatch()
+                refs = list(self.refs) + list(self.starting)
+                if refs:
+                    ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
+                    if ready:
+                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                    for ref in ready:
+                        if ref in self.starting:
+                            self._on_started(ref, ledger)
+                        else:
+                            self._handle(ref, ledger)
+                elif not self.commits:
+                    time.sleep(0.005)
+                self._collect_commits(ledger)
+                self._check_hangs(ledger)
+                if self.clock() - self._last_progress > 1.0:
+                    self._save_progress(ledger)
+            self._collect_commits(ledger, block=True)
+            if self.spec.stateful:
+                ray.get([s.actor.finish.remote(INF) for s in self.slots])
+            self._save_progress(ledger)
+            summary = {"total": self.total, "dead_letters": sorted(self.dead), "restarts": self.restarts}
+            self.sink.mark_complete(summary)
+        finally:
+            for actor in [slot.actor for slot in self.slots] + self.spares:
+                if actor is not None:
+                    try:
+                        ray.kill(actor)
+                    except Exception:  # noqa: BLE001
+                        pass
+            self.committer.shutdown(wait=True)
+            self.store.close()
+        return JobResult(
+            job_id=self.spec.job_id,
+            total=self.total,
+            committed=self.total - len(self.dead),
+            dead_letters=sorted(self.dead.values(), key=lambda d: d.batch_id),
+            restarts=self.restarts,
+            retries=self.retries,
+            seconds=time.perf_counter() - t0,
+            resumed_from=resumed_from,
+        )

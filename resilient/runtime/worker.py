@@ -1,0 +1,191 @@
+"""The worker actor: runs the user's pipeline on batches, stages outputs, checkpoints slot state.
+
+One worker incarnation serves one slot with one *epoch* (claimed by the supervisor before the actor is
+created). It never commits anything visible itself:
+
+* outputs are *staged* in the sink (durable, invisible) and described back to the supervisor, which
+  alone commits them — after checking the answer came from the slot's current epoch, so a zombie
+  incarnation can never make an output visible;
+* slot state (stateful pipelines) is snapshotted in memory every `checkpoint_every` batches or
+  `checkpoint_interval_seconds`, and the snapshot is persisted only once the supervisor reports every
+  output it covers as committed (``commit_floor``): a checkpoint is never ahead of committed outputs, so a
+  restore never skips a batch whose output was lost. Saves are fenced by the epoch in the store.
+
+After an exception in user code the state may be half-updated: the worker turns *dirty* and refuses
+further batches until `rollback()` reloads the last persisted checkpoint; the supervisor then replays
+the slot's batches from that checkpoint's cursor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from resilient.codec import SnapshotBuffers
+from resilient.config import Settings
+from resilient.errors import ResilientError
+from resilient.storage import CheckpointStore
+
+__all__ = ["DirtyWorkerError", "JobSpec", "Result", "Worker"]
+
+
+class DirtyWorkerError(ResilientError):
+    """The worker's state is suspect after an exception; it processes nothing until rolled back."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every worker of a job needs; plain data, pickled to the actors (URLs and options, no handles)."""
+
+    job_id: str
+    target: Any  # the user's class or function
+    init_args: tuple
+    init_kwargs: dict
+    stateful: bool
+    sink: Any  # a FileSink (pickles without live handles)
+    settings: Settings
+    slots: int
+
+
+@dataclass(frozen=True)
+class Result:
+    """A worker's answer for one batch."""
+
+    batch_id: int
+    slot: int
+    epoch: int
+    staged: Any  # StagedOutput, or None for a replayed batch
+    seconds: float
+    cursor: int
+
+
+def slot_key(job_id: str, slot: int) -> str:
+    return f"{job_id}/slot-{slot}"
+
+
+class Worker:
+    """Wrapped as a Ray actor by the supervisor (``ray.remote(Worker)``); usable in-process for tests."""
+
+    def __init__(self, spec: JobSpec, slot: int | None = None, epoch: int = 0) -> None:
+        self.spec = spec
+        self.slot = slot if slot is not None else -1  # a standby serves no slot until activated
+        self.epoch = epoch
+        self.store = CheckpointStore(spec.settings)
+        target = spec.target
+        if isinstance(target, type):
+            self.fn = target(*spec.init_args, **spec.init_kwargs)
+        else:
+            self.fn = target
+        self.cursor = 0
+        self.dirty = False
+        self._buffers = SnapshotBuffers()
+        self._snapshot: dict | None = None  # taken in memory, waiting for its outputs to be committed
+        self._saving = None
+        self._since = 0
+        self._last_snapshot_at = time.monotonic()
+        self.key = slot_key(spec.job_id, self.slot)
+
+    # -- liveness and identity
+    def ready(self) -> dict:
+        import ray
+
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "epoch": self.epoch}
+
+    def activate(self, slot: int, epoch: int) -> dict:
+        """Take over `slot` as incarnation `epoch` (a standby built ahead, or a fresh actor): restore the
+        slot's state and report where it stands."""
+        self.slot, self.epoch = slot, epoch
+        self.key = slot_key(self.spec.job_id, slot)
+        cursor = self.restore()
+        return {**self.ready(), "cursor": cursor}
+
+    # -- state
+    def restore(self) -> int:
+        """Load the slot's newest checkpoint (if any) into the user object; return its cursor."""
+        if not self.spec.stateful:
+            return 0
+        from resilient.errors import NoCheckpointError
+
+        try:
+            loaded = self.store.load(self.key)
+        except NoCheckpointError:
+            if self.dirty and isinstance(self.spec.target, type):  # no checkpoint yet: start afresh
+                self.fn = self.spec.target(*self.spec.init_args, **self.spec.init_kwargs)
+            self.dirty = False
+            self._snapshot = None
+            self.cursor = self.slot
+            return self.cursor
+        self.fn.load_state_dict(loaded.state["user"])
+        self.cursor = int(loaded.state["cursor"])
+        self.dirty = False
+        self._snapshot = None
+        return self.cursor
+
+    def rollback(self) -> int:
+        """Throw away in-memory state changes since the last persisted checkpoint; return its cursor."""
+        if self._saving is not None:
+            try:
+                self._saving.wait()
+            except Exception:  # noqa: BLE001 - a failed save just means an older checkpoint is restored
+                pass
+            self._saving = None
+        return self.restore()
+
+    def process(self, batch_id: int, batch: Any, replay: bool, commit_floor: int) -> Result:
+        """Apply the pipeline to one batch; stage its output unless `replay` (already committed)."""
+        if self.dirty:
+            raise DirtyWorkerError(f"slot {self.slot} epoch {self.epoch} needs rollback before batch {batch_id}")
+        t0 = time.perf_counter()
+        try:
+            out = self.fn(batch)
+        except BaseException:
+            if self.spec.stateful:
+                self.dirty = True
+            raise
+        staged = None
+        if not replay:
+            staged = self.spec.sink.stage(batch_id, out, epoch=self.epoch)
+        if self.spec.stateful:
+            self.cursor = batch_id + self.spec.slots
+            self._since += 1
+            self._maybe_checkpoint(commit_floor)
+        return Result(batch_id, self.slot, self.epoch, staged, time.perf_counter() - t0, self.cursor)
+
+    def persist(self, commit_floor: int) -> int | None:
+        """Persist a pending snapshot whose outputs are all committed; return its cursor (or None)."""
+        snap = self._snapshot
+        if snap is None or snap["cursor"] > commit_floor:
+            return None
+        if self._saving is not None:
+            self._saving.wait()  # back-pressure: one save in flight per slot; raises its error
+        self._saving = self.store.save_async(self.key, snap, epoch=self.epoch, copy=False)
+        self._snapshot = None
+        return int(snap["cursor"])
+
+    def finish(self, commit_floor: int) -> int:
+        """End of job: snapshot the final state and persist it; return the final cursor."""
+        if self.spec.stateful:
+            self._take_snapshot()
+            self.persist(commit_floor)
+            if self._saving is not None:
+                self._saving.wait()
+                self._saving = None
+        return self.cursor
+
+    def _maybe_checkpoint(self, commit_floor: int) -> None:
+        s = self.spec.settings
+        due = self._since >= s.checkpoint_every or (
+            time.monotonic() - self._last_snapshot_at >= s.checkpoint_interval_seconds
+        )
+        if due and self._snapshot is None:
+            self._take_snapshot()
+        self.persist(commit_floor)
+
+    def _take_snapshot(self) -> None:
+        if self._saving is not None and not self._saving.done():
+            self._saving.wait()  # the previous save still reads the buffers we are about to reuse
+        self._snapshot = self._buffers.take({"user": self.fn.state_dict(), "cursor": self.cursor})
+        self._since = 0
+        self._last_snapshot_at = time.monotonic()

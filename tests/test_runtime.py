@@ -1,0 +1,187 @@
+"""The runtime on a real local Ray: exactly-once outputs through crashes, exceptions, hangs and poison."""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import resilient
+from resilient.io.sources import RangeSource
+from resilient.runtime.supervisor import JobMismatchError
+from tests.pipelines import simple
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def settings_for(tmp_path, **kw):
+    base = dict(
+        storage=[str(tmp_path / "ckpt-a"), str(tmp_path / "ckpt-b")],
+        write_quorum=1,
+        num_actors=2,
+        actor_cpus=0.25,
+        retry_backoff_seconds=0.01,
+        retry_backoff_max_seconds=0.05,
+        max_attempts=3,
+    )
+    base.update(kw)
+    return resilient.Settings.from_env({}, **base)
+
+
+def outputs(handle) -> dict[int, dict]:
+    seen = collections.Counter()
+    out = {}
+    for b, rows in handle.results():
+        seen[b] += 1
+        out[b] = rows
+    assert all(n == 1 for n in seen.values())
+    return out
+
+
+def expected_running(n_rows: int, batch_size: int, slots: int) -> dict[int, dict]:
+    totals = [0] * slots
+    counts = [0] * slots
+    out = {}
+    for b, lo in enumerate(range(0, n_rows, batch_size)):
+        ids = list(range(lo, min(lo + batch_size, n_rows)))
+        s = b % slots
+        totals[s] += sum(ids)
+        counts[s] += 1
+        out[b] = {"id": ids, "running": [totals[s]] * len(ids), "n": [counts[s]] * len(ids)}
+    return out
+
+
+def square_rows(out: dict[int, dict]) -> dict[int, int]:
+    rows = collections.Counter()
+    values = {}
+    for cols in out.values():
+        for i, y in zip(cols["id"], cols["y"]):
+            rows[i] += 1
+            values[i] = y
+    assert all(n == 1 for n in rows.values())
+    return values
+
+
+def test_stateless_function_exactly_once(tmp_path):
+    job = resilient.pipeline(simple.square)
+    handle = job.run(RangeSource(1000, 10), str(tmp_path / "out"), job_id="plain", settings=settings_for(tmp_path))
+    result = handle.wait(120)
+    assert (result.total, result.committed, result.dead_letters) == (100, 100, [])
+    values = square_rows(outputs(handle))
+    assert values == simple.expected_square(range(1000))
+    assert handle.sink.is_complete() is not None
+
+
+def test_chaos_stateless_sigkill_every_few_hundred_ms(tmp_path):
+    n_batches = 2000
+    job = resilient.pipeline(simple.SlowSquare, num_actors=3, max_attempts=50, standby=3)
+    handle = job.run(
+        RangeSource(n_batches * 4, 4), str(tmp_path / "out"), job_id="chaos", settings=settings_for(tmp_path),
+        init_args=(0.004,),
+    )
+    kills = chaos(handle, period=0.4)
+    result = handle.wait(600)
+    assert kills[0] >= 5, kills
+    assert result.restarts >= 1 and result.dead_letters == []
+    values = square_rows(outputs(handle))
+    assert values == simple.expected_square(range(n_batches * 4))
+
+
+def chaos(handle, period: float) -> list[int]:
+    """SIGKILL a random worker actor process by PID every `period` seconds until the job ends."""
+    kills = [0]
+    rng = random.Random(5)
+
+    def loop():
+        while not handle.done():
+            time.sleep(period * rng.uniform(0.5, 1.5))
+            actors = handle.actors()
+            if actors and not handle.done():
+                try:
+                    os.kill(rng.choice(actors)["pid"], signal.SIGKILL)
+                    kills[0] += 1
+                except ProcessLookupError:
+                    pass
+
+    threading.Thread(target=loop, daemon=True).start()
+    return kills
+
+
+def test_chaos_stateful_final_state_and_outputs_match_failure_free(tmp_path):
+    n_batches, bs, slots = 2000, 2, 2
+    job = resilient.pipeline(simple.SlowSum, num_actors=slots, checkpoint_every=20, max_attempts=50)
+    settings = settings_for(tmp_path)
+    handle = job.run(RangeSource(n_batches * bs, bs), str(tmp_path / "out"), job_id="chaos-state",
+                     settings=settings, init_args=(0.002,))
+    kills = chaos(handle, period=0.4)
+    result = handle.wait(600)
+    assert kills[0] >= 3 and result.restarts >= 1
+    assert outputs(handle) == expected_running(n_batches * bs, bs, slots)
+    want = expected_running(n_batches * bs, bs, slots)
+    with resilient.CheckpointStore(settings) as store:
+        for s in range(slots):
+            last = max(b for b in want if b % slots == s)
+            final = store.load(f"chaos-state/slot-{s}").state
+            assert final["user"] == {"total": want[last]["running"][0], "batches": want[last]["n"][0]}
+
+
+def test_exceptions_retried_poison_dead_lettered(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    faults = {30: "raise-once", 130: "raise-always", 170: "crash-always", 250: "crash-once"}
+    job = resilient.pipeline(simple.FaultySquare)
+    handle = job.run(RangeSource(400, 10), str(tmp_path / "out"), job_id="faults",
+                     settings=settings_for(tmp_path), init_args=(faults, str(markers)))
+    result = handle.wait(300)
+    dead = {d.batch_id: d for d in result.dead_letters}
+    assert sorted(dead) == [13, 17]
+    assert "ValueError: poison batch starting 130" in dead[13].error and dead[13].attempts == 3
+    assert "ValueError" in dead[13].traceback
+    assert dead[17].attempts == 3
+    values = square_rows(outputs(handle))
+    assert values == simple.expected_square(i for i in range(400) if i // 10 not in (13, 17))
+    assert result.restarts >= 4  # three crashes of the poison batch, one of the crash-once batch
+
+
+def test_stateful_exception_rolls_back_half_applied_state(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    faults = {100: "raise-once-after-mutating", 310: "crash-once"}
+    job = resilient.pipeline(simple.FaultySum, checkpoint_every=5)
+    handle = job.run(RangeSource(600, 10), str(tmp_path / "out"), job_id="rollback",
+                     settings=settings_for(tmp_path), init_args=(faults, str(markers)))
+    result = handle.wait(300)
+    assert result.dead_letters == [] and result.retries >= 2
+    assert outputs(handle) == expected_running(600, 10, 2)
+
+
+def test_hang_detected_and_actor_replaced(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    job = resilient.pipeline(simple.FaultySquare, batch_timeout_seconds=3)
+    t0 = time.monotonic()
+    handle = job.run(RangeSource(200, 10), str(tmp_path / "out"), job_id="hang",
+                     settings=settings_for(tmp_path), init_args=({50: "hang-once"}, str(markers)))
+    result = handle.wait(120)
+    assert time.monotonic() - t0 < 60
+    assert result.restarts == 1 and result.dead_letters == []
+    assert any(kind == "restart" and "hung" in info["reason"] for kind, info in handle.events())
+    assert square_rows(outputs(handle)) == simple.expected_square(range(200))
+
+
+def test_same_job_id_different_pipeline_is_refused(tmp_path):
+    settings = settings_for(tmp_path)
+    resilient.pipeline(simple.square).run(RangeSource(50, 10), str(tmp_path / "out"), job_id="j1",
+                                          settings=settings).wait(120)
+    with pytest.raises(JobMismatchError):
+        resilient.pipeline(simple.SlowSquare).run(RangeSource(50, 10), str(tmp_path / "out"), job_id="j1",
+                                                  settings=settings).wait(120)
+    again = resilient.pipeline(simple.square).run(RangeSource(50, 10), str(tmp_path / "out"), job_id="j1",
+                                                  settings=settings).wait(120)
+    assert again.resumed_from == 5  # everything was done: nothing redone

@@ -1,0 +1,132 @@
+"""Driver death and re-run, zombie incarnations: real processes, real signals, one shared Ray."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import resilient
+from resilient.errors import FencedError
+from resilient.io.sinks import FileSink
+from resilient.io.sources import RangeSource
+from resilient.runtime.supervisor import INF, Supervisor
+from resilient.runtime.worker import JobSpec, Result, Worker
+from tests.pipelines import simple
+from tests.test_runtime import expected_running
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def run_driver(args: list[str], kill_after_commits: int | None):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.procs.driver", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if kill_after_commits is not None and line.startswith("committed"):
+                if int(line.split()[1]) >= kill_after_commits:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, lines
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_driver_killed_mid_run_and_rerun_resumes_exactly_once(tmp_path, ray_session, stateful):
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    sink = str(tmp_path / "out")
+    args = [address, "drv", sink, str(tmp_path / "ckpt")] + (["stateful"] if stateful else [])
+    rc, lines = run_driver(args, kill_after_commits=300)
+    assert rc == -signal.SIGKILL, lines
+    rc, lines = run_driver(args, kill_after_commits=None)
+    assert rc == 0, lines
+    done = json.loads(lines[-1].split(" ", 1)[1])
+    assert done["resumed_from"] >= 250  # the progress record was written behind the commits
+    seen = collections.Counter()
+    got = {}
+    for b, cols in FileSink(sink).read_all():
+        seen[b] += 1
+        got[b] = cols
+    assert sorted(seen) == list(range(1000)) and set(seen.values()) == {1}
+    if stateful:
+        assert got == expected_running(3000, 3, 2)
+    else:
+        for b, cols in got.items():
+            assert cols["id"] == [3 * b, 3 * b + 1, 3 * b + 2]
+            assert cols["y"] == [i * i for i in cols["id"]]
+
+
+def test_zombie_incarnation_can_commit_neither_output_nor_checkpoint(tmp_path):
+    import ray
+
+    settings = resilient.Settings.from_env({}, storage=[str(tmp_path / "a"), str(tmp_path / "b")], write_quorum=1,
+                                           checkpoint_every=1)
+    sink = FileSink(str(tmp_path / "out"))
+    spec = JobSpec("zombie", simple.RunningSum, (), {}, True, sink, settings, 1)
+    actor_cls = ray.remote(max_restarts=0)(Worker).options(num_cpus=0.25)
+    batches = list(RangeSource(40, 10).read(0))
+    with resilient.CheckpointStore(settings) as store:
+        e1 = store.claim_epoch("zombie/slot-0")
+        old = actor_cls.remote(spec, 0, e1)
+        pid = ray.get(old.ready.remote())["pid"]
+        assert ray.get(old.restore.remote()) == 0
+        ray.get(old.process.remote(*batches[0], False, INF))
+        os.kill(pid, signal.SIGSTOP)  # paused: the supervisor gives up on it and replaces it
+        e2 = store.claim_epoch("zombie/slot-0")
+        new = actor_cls.remote(spec, 0, e2)
+        ray.get(new.ready.remote())
+        assert ray.get(new.restore.remote()) == 0
+        os.kill(pid, signal.SIGCONT)  # the zombie wakes up and carries on
+        before = store.generations("zombie/slot-0")
+        ray.get(old.process.remote(*batches[1], False, INF))  # stages an output, tries to checkpoint
+        with pytest.raises(ray.exceptions.RayTaskError) as e:
+            ray.get(old.finish.remote(INF))  # surfaces its checkpoint saves' outcome
+        assert isinstance(e.value.cause, FencedError)
+        assert store.generations("zombie/slot-0") == before  # no checkpoint of the zombie landed
+        # its answers never reach a commit: the supervisor drops answers from any epoch but the slot's
+        sup = Supervisor(spec, RangeSource(40, 10))
+        sup.slots[0].epoch = e2
+        staged = sink.stage(1, {"id": [0], "running": [0], "n": [0]}, epoch=e1)
+        ref = ray.put(Result(1, 0, e1, staged, 0.0, 2))
+        sup.refs[ref] = (0, 1, e1)
+        sup._handle(ref, ledger=None)
+        assert sup.commits == {} and not sink.is_committed(1)
+        sup.store.close()
+        sup.committer.shutdown()
+        ray.kill(old)
+        ray.kill(new)
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_node_lost_mid_job_completes_exactly_once(tmp_path, stateful):
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.procs.node_loss", str(tmp_path)] + (["stateful"] if stateful else []),
+        cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["restarts"] >= 1 and report["committed"] == 600
+    assert report["ids"] == list(range(600))
+    outputs = {int(b): cols for b, cols in report["outputs"].items()}
+    if stateful:
+        assert outputs == expected_running(1200, 2, 2)
+    else:
+        assert all(cols["y"] == [i * i for i in cols["id"]] for cols in outputs.values())
