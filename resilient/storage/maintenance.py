@@ -5,8 +5,9 @@
 * `repair` rewrites missing or corrupt copies from a good one (or, in parity mode, from the others).
 * `apply_retention` keeps the newest ``keep`` committed generations of a key and deletes older ones.
 * `collect_garbage` also removes generation directories of failed writes (no manifest anywhere, older
-  than the newest commit), pieces of losing or failed writers inside committed generations, superseded
-  epoch claims, and temporaries older than a grace period. It only plans unless ``dry_run=False``.
+  than the newest commit), pieces of losing or failed writers inside committed generations, and
+  temporaries older than a grace period. It only plans unless ``dry_run=False``. Epoch claims are kept:
+  they are what voids a fenced writer's late commit.
 
 What to delete is decided by pure functions over listings (`plan_generation_gc`); deleting is at the
 edge.
@@ -165,16 +166,6 @@ def collect_garbage(
                     if not dry_run:
                         r.call(r.backend.delete, f"{rel}/{name}")
                     removed.append(f"{r.url}/{rel}/{name}")
-        erel = f"{k}/{layout.EPOCHS_DIR}"
-        claims = store._parallel(lambda r: r.call(r.backend.listdir, erel))
-        top = max((layout.parse_epoch_name(n) or 0 for ns in claims if isinstance(ns, list) for n in ns), default=0)
-        for r, names in zip(store.replicas, claims):
-            for name in names if isinstance(names, list) else []:
-                e = layout.parse_epoch_name(name)
-                if e is not None and e < top:
-                    if not dry_run:
-                        r.call(r.backend.delete, f"{erel}/{name}")
-                    removed.append(f"{r.url}/{erel}/{name}")
     now = store._clock()
     for r in store.replicas:
         for rel, mtime in r.backend.temporaries():

@@ -34,6 +34,7 @@ rewritten from the good copy (read-repair).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -230,8 +231,16 @@ class CheckpointStore:
             gens = [g for g in gens if g == generation]
         skipped: list[int] = []
         problems: list[str] = []
+        claims = _Claims(self, key)
         for g in gens:
             exam = examine_generation(self, key, g, listings, full=False)
+            if exam.manifest is not None and claims.voids(exam.manifest):
+                log.warning(
+                    "key %r generation %d was written by epoch %d after a newer epoch was claimed; ignored",
+                    key, g, exam.manifest.epoch,
+                )
+                problems.append(f"generation {g}: written by a fenced writer (epoch {exam.manifest.epoch})")
+                continue
             if exam.object_bytes is None:
                 if exam.manifest is not None:
                     skipped.append(g)
@@ -258,10 +267,15 @@ class CheckpointStore:
     def generations(self, key: str) -> list[int]:
         """Generations of `key` with at least one valid manifest, oldest first (data not read)."""
         layout.validate_key(key)
+        return self._committed_generations(key, apply_claims=True)
+
+    def _committed_generations(self, key: str, *, apply_claims: bool) -> list[int]:
         listings = self._list_generations(key)
+        claims = _Claims(self, key) if apply_claims else None
         out = []
         for g in sorted({g for gs in listings for g in gs}):
-            if choose_manifest(self._read_manifests(key, g, listings).values()) is not None:
+            m = choose_manifest(self._read_manifests(key, g, listings).values())
+            if m is not None and not (claims and claims.voids(m)):
                 out.append(g)
         return out
 
@@ -300,9 +314,12 @@ class CheckpointStore:
         """
         layout.validate_key(key)
         epoch = self.current_epoch(key) + 1
+        committed = max(self._committed_generations(key, apply_claims=False), default=0)
         for _ in range(100):
             rel = f"{key}/{layout.EPOCHS_DIR}/{layout.epoch_name(epoch)}"
-            body = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}".encode()
+            body = json.dumps(
+                {"committed": committed, "writer": f"{socket.gethostname()}:{os.getpid()}", "nonce": uuid.uuid4().hex}
+            ).encode()
 
             def create(r: GuardedReplica) -> None:
                 try:
@@ -466,6 +483,11 @@ class CheckpointStore:
             info={"writer": f"{socket.gethostname()}:{os.getpid()}"},
         )
         rel = f"{gdir}/{layout.MANIFEST}"
+        claimed = self.current_epoch(key)  # fenced while uploading? (async saves upload for a while)
+        if epoch < claimed:
+            raise FencedError(
+                f"epoch {epoch} of key {key!r} was fenced by epoch {claimed} during the save", generation=generation
+            )
 
         def commit(j: int) -> None:
             r = self.replicas[j]
@@ -515,6 +537,43 @@ class CheckpointStore:
             maintenance.apply_retention(self, key)
         except Exception as e:  # noqa: BLE001 - retention is best effort; the save is committed
             log.warning("retention for key %r failed: %s: %s", key, type(e).__name__, e)
+
+
+class _Claims:
+    """Epoch claims of one key, read lazily: decides whether a manifest was written by a fenced writer.
+
+    A claim records the newest committed generation when it was made. A manifest whose epoch is older
+    than some claim and whose generation is newer than what that claim saw committed was written after
+    the claim, by a writer the claim fenced: it is void, whatever it contains.
+    """
+
+    def __init__(self, store: "CheckpointStore", key: str) -> None:
+        self.store, self.key = store, key
+        self._epochs: list[int] | None = None
+        self._floors: dict[int, int | None] = {}
+
+    def voids(self, m: Manifest) -> bool:
+        if self._epochs is None:
+            names = self.store._parallel(lambda r: r.call(r.backend.listdir, f"{self.key}/{layout.EPOCHS_DIR}"))
+            found = {layout.parse_epoch_name(n) for ns in names if isinstance(ns, list) for n in ns}
+            self._epochs = sorted(e for e in found if e is not None)
+        later = [e for e in self._epochs if e > m.epoch]
+        if not later:
+            return False
+        floor = self._floor(later[0])
+        return floor is not None and m.generation > floor
+
+    def _floor(self, epoch: int) -> int | None:
+        if epoch not in self._floors:
+            rel = f"{self.key}/{layout.EPOCHS_DIR}/{layout.epoch_name(epoch)}"
+            self._floors[epoch] = None
+            for body in self.store._parallel(lambda r: r.call(r.backend.read, rel, path=rel)):
+                try:
+                    self._floors[epoch] = int(json.loads(bytes(body))["committed"])
+                    break
+                except (TypeError, ValueError, KeyError):
+                    continue  # unreadable here (missing, older format): try another replica
+        return self._floors[epoch]
 
 
 def _outcome(f: Future) -> Any:
