@@ -284,6 +284,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     np.random.seed(args.seed)
+    import ray.data  # configures its loggers on import: quiet them after
+
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     defaults = resilient.Settings.from_env({}, storage=[tempfile.gettempdir()])
     ms = per_batch_ms(args)

@@ -16,6 +16,7 @@ Example:
 
 __version__ = "0.1.0"  # first: submodules record it in what they write
 
+from resilient import io  # noqa: F401 - `resilient.io.RangeSource` etc. without a second import
 from resilient.api import JobHandle, Pipeline, pipeline
 from resilient.config import RedundancyWarning, Settings
 from resilient.errors import (

@@ -87,3 +87,12 @@ class _Dead:
 def test_settings_pickle_for_shipping_to_actors(tmp_path):
     s = Settings.from_env({"RESILIENT_STORAGE": f"{tmp_path}/a,{tmp_path}/b", "RESILIENT_KEEP": "4"})
     assert pickle.loads(pickle.dumps(s)) == s
+
+
+def test_score_pipeline_example_survives_a_killed_worker(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "score_pipeline.py"), "--rows", "20000", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "every row scored exactly once: True" in done.stdout

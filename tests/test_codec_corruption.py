@@ -22,7 +22,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilient.codec import decode, encode, verify
+from resilient.codec import FORMAT_VERSION, decode, encode, verify
 from resilient.errors import CodecError, CorruptionError, UnsafeCheckpointError
 
 MAGIC = b"\x89RESCK\r\n"
@@ -33,18 +33,24 @@ def blob(state: Any, **options: Any) -> bytes:
 
 
 def make_object(tree: Any, segments: list[tuple[bytes, str, int]], *, version: int = 1) -> bytes:
-    """An object from (stored bytes, encoding, raw length) segments and a tree, per the documented layout."""
+    """An object from (stored bytes, encoding, raw length) segments and a tree, per the documented layout:
+    version 1 blocks follow each other, version 2 blocks start at multiples of 64 after zero gaps."""
     out = bytearray(struct.pack("<8sHHI", MAGIC, version, 0, 0))
     table = []
     for stored, encoding, raw in segments:
+        if version >= 2:
+            out += bytes(-len(out) % 64)
         table.append([len(out), len(stored), raw, encoding, f"{xxhash.xxh3_64_intdigest(stored):016x}"])
         out += stored
-    return close(bytes(out), {"version": version, "writer": "hand", "tree": tree, "blocks": table}, version)
+    return close(bytes(out), {"version": version, "writer": "hand", "tree": tree, "blocks": table})
 
 
-def close(body: bytes, doc: Any, version: int = 1) -> bytes:
-    """Append an index and a valid footer to ``body`` (the index may say anything)."""
+def close(body: bytes, doc: Any, version: int | None = None) -> bytes:
+    """Append an index and a valid footer to ``body`` (the index may say anything); the footer's version is
+    the header's unless given."""
     index = json.dumps(doc).encode()
+    if version is None:
+        version = struct.unpack_from("<8sHHI", body)[1]
     return body + index + struct.pack("<QQHHI8s", len(index), xxhash.xxh3_64_intdigest(index), version, 0, 0, MAGIC)
 
 
@@ -130,21 +136,59 @@ def test_torch_save_output_is_not_a_checkpoint_object() -> None:
 
 
 def test_newer_version_says_which_and_what_is_supported() -> None:
-    data = make_object({"t": "none"}, [], version=2)
-    with pytest.raises(CorruptionError, match=r"format version 2.*up to 1") as info:
+    data = make_object({"t": "none"}, [], version=FORMAT_VERSION + 1)
+    with pytest.raises(CorruptionError, match=rf"format version {FORMAT_VERSION + 1}.*up to {FORMAT_VERSION}") as info:
         decode(data, where="replica-a/gen-3")
     assert info.value.where == "replica-a/gen-3"
 
 
-def test_hand_built_object_matches_the_documented_layout() -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_hand_built_object_matches_the_documented_layout(version: int) -> None:
     payload = np.arange(6, dtype=np.float32).tobytes()
     tree = {"t": "dict", "k": [{"t": "str", "v": "w"}, {"t": "str", "v": "n"}],
             "v": [{"t": "tensor", "dtype": "float32", "shape": [2, 3], "device": "cpu", "b": [0, 2]},
                   {"t": "float", "v": (1.5).hex()}]}
     frame = zstandard.ZstdCompressor().compress(payload[12:])
-    data = make_object(tree, [(payload[:12], "raw", 12), (frame, "zstd", 12)])
+    data = make_object(tree, [(payload[:12], "raw", 12), (frame, "zstd", 12)], version=version)
     out = decode(data)
     assert torch.equal(out["w"], torch.arange(6.0).reshape(2, 3)) and out["n"] == 1.5
+    assert verify(data).format_version == version
+
+
+def test_writer_output_matches_the_documented_layout() -> None:
+    data = blob({"a": torch.arange(5, dtype=torch.int8), "b": torch.ones(1000), "c": b"xyz"}, compression="off")
+    assert struct.unpack_from("<8sHHI", data) == (MAGIC, FORMAT_VERSION, 0, 0)
+    body, doc = split(data)
+    assert doc["version"] == struct.unpack_from("<H", data, len(data) - 16)[0] == FORMAT_VERSION
+    end = 16
+    for offset, stored, raw, encoding, _ in doc["blocks"]:
+        assert offset == -(-end // 64) * 64 and body[end:offset] == bytes(offset - end)
+        end = offset + stored
+    assert end == len(body)
+
+
+def test_nonzero_gap_bytes_are_corruption() -> None:
+    tree = {"t": "list", "v": [{"t": "bytes", "n": 3, "b": [0, 1]}, {"t": "bytes", "n": 2, "b": [1, 1]}]}
+    data = make_object(tree, [(b"abc", "raw", 3), (b"de", "raw", 2)], version=2)
+    assert decode(data) == [b"abc", b"de"]
+    for position in (16, 63, 67, 127):  # the gaps before block 0 (16..63) and block 1 (67..127)
+        damaged = bytearray(data)
+        damaged[position] = 1
+        for check in (decode, verify):
+            with pytest.raises(CorruptionError, match="gap bytes before it are not zero"):
+                check(bytes(damaged))
+
+
+def test_version_1_objects_have_no_gaps() -> None:
+    tree = {"t": "list", "v": [{"t": "bytes", "n": 3, "b": [0, 1]}, {"t": "bytes", "n": 2, "b": [1, 1]}]}
+    v1 = make_object(tree, [(b"abc", "raw", 3), (b"de", "raw", 2)], version=1)
+    assert decode(v1) == [b"abc", b"de"]
+    body, doc = split(make_object(tree, [(b"abc", "raw", 3), (b"de", "raw", 2)], version=2))
+    doc["version"] = 1
+    v1_with_gaps = bytearray(close(body, doc, version=1))
+    v1_with_gaps[8:10] = struct.pack("<H", 1)
+    with pytest.raises(CorruptionError, match="block 0: at offset 64 .*expected 16"):
+        decode(bytes(v1_with_gaps))
 
 
 # --- pickle segments ----------------------------------------------------------------------------------
@@ -234,7 +278,8 @@ _MUTATIONS = {
     "dict lengths": _set(["tree", "k"], []),
     "duplicate keys": _set(["tree", "k", 1], {"t": "str", "v": "z"}),
     "list key": _set(["tree", "k", 0], {"t": "list", "v": []}),
-    "version mismatch": _set(["version"], 2),
+    "version mismatch": _set(["version"], 1),
+    "misaligned block": lambda doc: doc["blocks"][1].__setitem__(0, doc["blocks"][1][0] + 8),
     "missing blocks": _set(["blocks"], {}),
     "extra block": lambda doc: doc["blocks"].append(list(doc["blocks"][-1])),
     "deep": _set(["tree"], json.loads('{"t": "list", "v": [' * 150 + "]}" * 150)),
@@ -255,7 +300,9 @@ def test_malicious_indexes_with_valid_checksums_are_refused(small: bytes, name: 
 def test_json_nested_past_the_parser_limit_is_corruption(small: bytes) -> None:
     body, _ = split(small)
     index = b"[" * 100_000 + b"]" * 100_000
-    data = body + index + struct.pack("<QQHHI8s", len(index), xxhash.xxh3_64_intdigest(index), 1, 0, 0, MAGIC)
+    data = body + index + struct.pack(
+        "<QQHHI8s", len(index), xxhash.xxh3_64_intdigest(index), FORMAT_VERSION, 0, 0, MAGIC
+    )
     with pytest.raises(CorruptionError):
         decode(data)
 

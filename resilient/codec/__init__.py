@@ -4,7 +4,9 @@ A state is nested dicts, OrderedDicts, lists and tuples of tensors (any dtype bu
 NumPy arrays and scalars, ints, floats, bools, None, strs, bytes and bytearrays. `encode` streams the object
 as chunks (compressing per leaf when it pays, in parallel blocks); `decode` validates the whole index before
 reading any block and checks every block's xxh3_64 before using it; `verify` runs the checks without
-building anything. The byte layout is documented in `resilient.codec.format`.
+building anything. Given an `ObjectBuffer` (or a buffer passed with ``owned=True``), `decode` builds the
+tensors of raw blocks on that memory instead of copying them. The byte layout is documented in
+`resilient.codec.format`.
 
 Example:
     >>> import torch
@@ -18,6 +20,7 @@ Example:
     1
 """
 
+from resilient.codec.buffer import ObjectBuffer
 from resilient.codec.core import MapLocation, decode, encode
 from resilient.codec.format import FORMAT_VERSION
 from resilient.codec.info import DtypeStats, ObjectInfo, verify
@@ -29,6 +32,7 @@ __all__ = [
     "DtypeStats",
     "FORMAT_VERSION",
     "MapLocation",
+    "ObjectBuffer",
     "ObjectInfo",
     "SnapshotBuffers",
     "decode",

@@ -59,6 +59,7 @@ BATCH_BYTES = 1 << 20
 """Blocks smaller than this are handed to worker threads in batches of about this many bytes."""
 
 _PLANE_FLUSH_BELOW = 256 << 10
+_UNSHUFFLE_RUN = 128 << 10  # elements rebuilt per step of two-byte unshuffling (256 KiB: stays in cache)
 
 CHOOSE = "choose"
 """A plan that lets the worker try every candidate on the whole (small) block and keep the best."""
@@ -111,8 +112,20 @@ def shuffle(data: np.ndarray, itemsize: int, out: np.ndarray) -> np.ndarray:
 
 
 def unshuffle(data: np.ndarray, itemsize: int, out: np.ndarray) -> None:
-    """Invert `shuffle`: write the regrouped ``data`` back into element order in ``out``."""
+    """Invert `shuffle`: write the regrouped ``data`` back into element order in ``out``.
+
+    Two-byte elements (bf16, fp16: the usual compressed floats) are rebuilt as ``low | high << 8`` in
+    cache-sized runs, about twice as fast as two strided byte copies; wider ones are copied plane by plane.
+    """
     count = data.size // itemsize
+    if itemsize == 2:
+        wide, low, high = out.view(np.uint16), data[:count], data[count:]
+        for start in range(0, count, _UNSHUFFLE_RUN):
+            stop = min(start + _UNSHUFFLE_RUN, count)
+            part = wide[start:stop]
+            np.left_shift(high[start:stop], 8, out=part, dtype=np.uint16)
+            np.bitwise_or(part, low[start:stop], out=part)
+        return
     for j in range(itemsize):
         out[j::itemsize] = data[j * count : (j + 1) * count]
 
@@ -236,16 +249,18 @@ def _decompress_into(stored: memoryview, out: np.ndarray, where: str, index: int
 
 
 def decode_block(
-    stored: memoryview, block: Block, out: np.ndarray | None, itemsize: int, where: str, index: int
+    stored: memoryview, block: Block, out: np.ndarray | None, itemsize: int, where: str, index: int,
+    check: bool = True,
 ) -> None:
     """Check one block's checksum, then decode it into ``out`` (exactly ``block.raw`` bytes).
 
     ``out`` is None for a raw block that is used where it is stored: only its checksum is checked.
+    ``check=False`` skips the checksum (the caller verified these bytes another way).
 
     Raises:
         CorruptionError: checksum mismatch, or a zstd frame that does not hold exactly ``block.raw`` bytes.
     """
-    if xxhash.xxh3_64_intdigest(stored) != block.checksum:
+    if check and xxhash.xxh3_64_intdigest(stored) != block.checksum:
         raise CorruptionError(where, f"block {index} (offset {block.offset}, {block.stored} bytes): checksum mismatch")
     if out is None:
         return

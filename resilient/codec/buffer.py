@@ -13,7 +13,10 @@ tensors keep the memory alive, and it is unmapped when the last of them is gone.
 whole object's memory mapped (like ``torch.load(mmap=True)``).
 
 `ObjectBuffer.read` also hashes the object (xxh3_64) while it reads, on a helper thread, so the whole-object
-check against the manifest costs no time of its own: `xxh3` holds the digest of the bytes as read.
+check against the digest its writer recorded (`ObjectBuffer.matches`) costs no time of its own. That digest
+covers every byte of the object, so the decode that takes a buffer that matched skips its per-block
+checksums: each byte is hashed once per load. Later decodes of the same buffer check every block again
+(the values of the first one may have changed the memory since).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class ObjectBuffer(mmap.mmap):
 
     Attributes:
         xxh3: the xxh3_64 of the bytes as `read` read them (None for `allocate`).
+        verified: `matches` found ``xxh3`` equal to the digest recorded for the whole object.
 
     Example:
         >>> import torch
@@ -60,12 +64,14 @@ class ObjectBuffer(mmap.mmap):
     """
 
     xxh3: int | None
+    verified: bool
 
     @classmethod
     def allocate(cls, size: int) -> ObjectBuffer:
         """Fresh zeroed memory of ``size`` bytes (at least 1); pages are only touched when written."""
         buffer = _map(cls, size)
         buffer.xxh3 = None
+        buffer.verified = False
         buffer._takers = itertools.count()
         return buffer
 
@@ -86,6 +92,15 @@ class ObjectBuffer(mmap.mmap):
             return buffer[:got]
         buffer.xxh3 = hasher.intdigest()
         return buffer
+
+    def matches(self, xxh3: int) -> bool:
+        """Whether the bytes as read hash to ``xxh3``, the digest recorded for the whole object by its writer.
+
+        A match is remembered in `verified`: the decode that takes this buffer then relies on it instead of
+        checking each block's checksum. Only compare with a digest from outside the object (a manifest).
+        """
+        self.verified = self.xxh3 is not None and self.xxh3 == xxh3
+        return self.verified
 
     def take(self) -> bool:
         """True for the first caller only: that caller may keep using the memory (`decode` calls this)."""

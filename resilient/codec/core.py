@@ -225,8 +225,10 @@ def decode(
     """Rebuild the state stored in ``data``.
 
     The footer, index and whole tree are validated before any block is read; each block's checksum is
-    checked before it is decompressed or used; pickle segments are refused before any of them is read
-    unless ``allow_pickle`` is true; nothing is returned before every block has passed.
+    checked before it is decompressed or used (except on an `ObjectBuffer` this decode takes that
+    `ObjectBuffer.matches` the whole object's recorded digest: that digest already covers every byte);
+    pickle segments are refused before any of them is read unless ``allow_pickle`` is true; nothing is
+    returned before every block has passed.
 
     Values are built in fresh memory, except when ``data`` is handed over: then a tensor or array whose
     blocks are all stored raw, next to each other and aligned for its element type is built on ``data``'s
@@ -270,7 +272,7 @@ def decode(
         )
     resolve = _resolver(map_location, where)
     devices = [resolve(s.device, s.path) if s.kind == "tensor" else None for s in slots]
-    memory = _handed_over(data, view, owned)
+    memory, check = _handed_over(data, view, owned)
     values: list[Any] = []
 
     def tasks() -> Iterator[tuple[Any, ...]]:
@@ -280,12 +282,14 @@ def decode(
             if value is None:
                 value, flat = _allocate(slot, where)
             values.append(value)
+            if flat is None and not check:
+                continue  # in place, and covered by the whole-object digest: nothing to do
             position = 0
             for i in range(slot.first, slot.first + slot.count):
                 block = frame.blocks[i]
                 stored = view[block.offset : block.offset + block.stored]
                 out = None if flat is None else flat[position : position + block.raw]
-                yield stored, block, out, slot.itemsize, where, i
+                yield stored, block, out, slot.itemsize, where, i, check
                 position += block.raw
 
     for _ in ordered_map(decode_block, tasks(), threads, size_of=lambda task: task[1].raw):
@@ -303,15 +307,17 @@ def decode(
     return build(compiled, values)
 
 
-def _handed_over(data: Any, view: memoryview, owned: bool) -> np.ndarray | None:
-    """The object's memory as flat uint8, when values may be built on it; None when they must be copied.
+def _handed_over(data: Any, view: memoryview, owned: bool) -> tuple[np.ndarray | None, bool]:
+    """(memory, check): the object's memory as flat uint8 when values may be built on it (None when they
+    must be copied), and whether block checksums must be checked.
 
     The array holds a buffer export of ``data`` for as long as any value built on it lives, so ``data``
     cannot be resized, closed or unmapped under them.
     """
-    if view.readonly or not (owned or (isinstance(data, ObjectBuffer) and data.take())):
-        return None
-    return np.frombuffer(view, dtype=np.uint8)
+    taken = isinstance(data, ObjectBuffer) and data.take()  # always asked: a buffer is taken only once
+    if view.readonly or not (taken or owned):
+        return None, True
+    return np.frombuffer(view, dtype=np.uint8), not (taken and data.verified)
 
 
 def _in_place(slot: Slot, blocks: list[Block], memory: np.ndarray) -> Any:

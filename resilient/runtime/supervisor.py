@@ -129,6 +129,8 @@ class Supervisor:
         self._last_progress = 0.0
         self._actor_cls = None
         self.spares: list[Any] = []
+        self.finishing: dict[Any, int] = {}  # final-state save ref -> slot
+        self.finished_slots: set[int] = set()
         self.starting: dict[Any, int] = {}  # activation ref -> slot
 
     # ------------------------------------------------------------------ job record and resume
@@ -239,6 +241,8 @@ class Supervisor:
         if slot.pending is not None:
             self.starting.pop(slot.pending, None)
             slot.pending = None
+        for ref in [r for r, i in self.finishing.items() if i == slot.index]:
+            del self.finishing[ref]
         try:
             ray.kill(slot.actor)
         except Exception:  # noqa: BLE001 - it may be gone already
@@ -439,6 +443,31 @@ class Supervisor:
             ledger.mark_done(b)
             self.on_event("commit", {"batch_id": b})
 
+    def _maybe_finish(self, ledger: Ledger) -> None:
+        """Once every batch is done: each idle slot persists its final state (stateful), once."""
+        if not ledger.finished or self.commits:
+            return
+        busy = set(self.finishing.values()) | self.finished_slots
+        for slot in self.slots:
+            if slot.index in busy:
+                continue
+            if not self.spec.stateful:
+                self.finished_slots.add(slot.index)
+            elif slot.running and not slot.queue and not slot.inflight:
+                self.finishing[slot.actor.finish.remote(INF)] = slot.index
+
+    def _on_finished(self, ref: Any, ledger: Ledger) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        slot = self.slots[self.finishing.pop(ref)]
+        try:
+            ray.get(ref)
+        except RayActorError as e:  # died while saving its final state: a replacement restores and replays
+            self._replace(slot, ledger, f"died while finishing ({type(e).__name__})", None)
+            return
+        self.finished_slots.add(slot.index)
+
     def _check_hangs(self, ledger: Ledger) -> None:
         now = self.clock()
         for slot in self.slots:
@@ -466,10 +495,11 @@ class Supervisor:
                 start = min([start] + [s.cursor for s in self.slots])
             self.read_pos = start
             self._reader = iter(self.source.read(start))
-            while not ledger.finished:
+            while not ledger.finished or len(self.finished_slots) < len(self.slots):
                 self._fill(ledger)
                 self._dispatch()
-                refs = list(self.refs) + list(self.starting)
+                self._maybe_finish(ledger)
+                refs = list(self.refs) + list(self.starting) + list(self.finishing)
                 if refs:
                     ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
                     if ready:
@@ -477,6 +507,8 @@ class Supervisor:
                     for ref in ready:
                         if ref in self.starting:
                             self._on_started(ref, ledger)
+                        elif ref in self.finishing:
+                            self._on_finished(ref, ledger)
                         else:
                             self._handle(ref, ledger)
                 elif not self.commits:
@@ -486,8 +518,6 @@ class Supervisor:
                 if self.clock() - self._last_progress > 1.0:
                     self._save_progress(ledger)
             self._collect_commits(ledger, block=True)
-            if self.spec.stateful:
-                ray.get([s.actor.finish.remote(INF) for s in self.slots])
             self._save_progress(ledger)
             summary = {"total": self.total, "dead_letters": sorted(self.dead), "restarts": self.restarts}
             self.sink.mark_complete(summary)

@@ -9,10 +9,11 @@ manifest last, as in a save.
 Objects are read into a `resilient.codec.ObjectBuffer` where the backend can (local and fsspec replicas):
 a local read hashes the object while reading it, so the whole-object check against the manifest (length and
 xxh3_64) costs no time after the read, and a load then hands the buffer to `resilient.codec.decode`, which
-builds raw tensors on it without a copy. Each byte is still checked twice on a load: here as part of the
-whole object (this check binds the object to its manifest and picks a good copy, so a corrupt copy is
-skipped rather than failing the load) and by decode block by block (decode trusts nothing it is given).
-The second check runs on the decode threads, overlapped with decompression.
+builds raw tensors on it without a copy. The whole-object check is the one kept: it binds the object to
+its manifest and lets a load skip a corrupt copy for a good one instead of failing. A buffer that passed it
+is marked (`ObjectBuffer.matches`), and decode skips its own per-block checksums on it, so each byte is
+hashed once per load and still checked before anything is built from it. Objects that come back as plain
+bytes (parity reassembly, other backends) are checked by decode block by block as before.
 """
 
 from __future__ import annotations
@@ -117,12 +118,11 @@ def _read_object(backend: Any, rel: str) -> bytes | bytearray | ObjectBuffer:
 def _check(data: bytes | bytearray | ObjectBuffer, length: int, digest: str) -> str | None:
     if len(data) != length:
         return f"length {len(data)}, manifest says {length}"
-    actual = data.xxh3 if isinstance(data, ObjectBuffer) else None  # hashed while it was read
-    if actual is None:
-        actual = xxhash.xxh3_64_intdigest(data)
-    if f"{actual:016x}" != digest:
-        return "checksum mismatch"
-    return None
+    if isinstance(data, ObjectBuffer) and data.xxh3 is not None:  # hashed while it was read
+        ok = data.matches(int(digest, 16))
+    else:
+        ok = xxhash.xxh3_64_hexdigest(data) == digest
+    return None if ok else "checksum mismatch"
 
 
 def _recover_replicated(store: "CheckpointStore", ex: Examination, full: bool) -> None:
