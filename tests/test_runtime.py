@@ -94,16 +94,22 @@ def test_chaos_stateless_sigkill_every_few_hundred_ms(tmp_path):
     assert values == simple.expected_square(range(n_batches * 4))
 
 
-def chaos(handle, period: float, slots: int) -> list[int]:
+def chaos(handle, period: float, slots: int, min_progress: int = 0) -> list[int]:
     """SIGKILL a random worker actor process by PID every `period` seconds (0.5x-1.5x) until the job
     ends. A kill waits until every slot is serving again, so kills never pile onto a recovery (on two
-    cores a fresh actor takes seconds to build: the kill rate adapts to what the machine can recover)."""
+    cores a fresh actor takes seconds to build: the kill rate adapts to what the machine can recover),
+    and, with `min_progress`, until that many more batches were committed since the last kill (spreading
+    the kills through the whole job)."""
     kills = [0]
     rng = random.Random(5)
 
     def loop():
+        last = 0
         while not handle.done():
             time.sleep(period * rng.uniform(0.5, 1.5))
+            while handle.progress()["committed"] < last + min_progress and not handle.done():
+                time.sleep(0.02)
+            last = handle.progress()["committed"]
             actors = handle.actors()
             while len(actors) < slots and not handle.done():
                 time.sleep(0.05)
@@ -126,7 +132,7 @@ def test_chaos_stateful_final_state_and_outputs_match_failure_free(tmp_path):
     settings = settings_for(tmp_path)
     handle = job.run(RangeSource(n_batches * bs, bs), str(tmp_path / "out"), job_id="chaos-state",
                      settings=settings, init_args=(0.002,))
-    kills = chaos(handle, period=0.4, slots=slots)
+    kills = chaos(handle, period=0.4, slots=slots, min_progress=40)
     result = handle.wait(600)
     assert kills[0] >= 3 and result.restarts >= 1
     assert outputs(handle) == expected_running(n_batches * bs, bs, slots)
@@ -154,6 +160,17 @@ def test_exceptions_retried_poison_dead_lettered(tmp_path):
     values = square_rows(outputs(handle))
     assert values == simple.expected_square(i for i in range(400) if i // 10 not in (13, 17))
     assert result.restarts >= 4  # three crashes of the poison batch, one of the crash-once batch
+
+
+def test_poison_batch_fails_the_job_when_configured(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    job = resilient.pipeline(simple.FaultySquare, on_poison="fail", max_attempts=2)
+    handle = job.run(RangeSource(200, 10), str(tmp_path / "out"), job_id="fail-fast",
+                     settings=settings_for(tmp_path), init_args=({40: "raise-always"}, str(markers)))
+    with pytest.raises(resilient.JobFailedError, match="batch 4 failed 2 times"):
+        handle.wait(120)
+    assert handle.sink.is_complete() is None
 
 
 def test_stateful_exception_rolls_back_half_applied_state(tmp_path):

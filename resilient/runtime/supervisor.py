@@ -34,12 +34,14 @@ import logging
 import random
 import time
 import traceback
+import types
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from resilient.errors import NoCheckpointError, ResilientError
+from resilient.retry import RetryPolicy
 from resilient.runtime.ledger import Ledger, slot_of
 from resilient.runtime.worker import DirtyWorkerError, JobSpec, Result, Worker, slot_key
 from resilient.storage import CheckpointStore
@@ -366,9 +368,11 @@ class Supervisor:
         return True
 
     def _backoff(self, attempts: int) -> float:
-        s = self.settings
-        base = min(s.retry_backoff_max_seconds, s.retry_backoff_seconds * 2 ** (attempts - 1))
-        return base + self.rng.uniform(0, s.retry_backoff_seconds)
+        """Delay before retrying a batch after its `attempts`-th failure: the tenacity policy's
+        exponential backoff with jitter (a stateless retry is scheduled, not slept for; a stateful slot
+        waits this long before its rollback replay)."""
+        wait = RetryPolicy.from_settings(self.settings).retrying().wait
+        return float(wait(types.SimpleNamespace(attempt_number=attempts, outcome=None, seconds_since_start=0.0)))
 
     def _handle(self, ref: Any, ledger: Ledger) -> None:
         import ray
