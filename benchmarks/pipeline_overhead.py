@@ -24,8 +24,9 @@ Systems, all in one process on one ``ray.init(num_cpus=2)``, run one after anoth
   ray_data       ``ray.data.range -> map_batches(actor pool of N, num_cpus=0.5) -> write_parquet``, with
                  Ray Data's own checkpointing on (``DataContext.checkpoint_config = CheckpointConfig(
                  id_column="id", checkpoint_path=..., delete_checkpoint_on_success=False)``: checkpoint
-                 files are kept, like resilient's commit markers). Blocks are sized to whole batches, so
-                 each ``map_batches`` call gets ``batch_rows`` rows.
+                 files are kept, like resilient's commit markers). Blocks hold whole batches (8 per block
+                 when ``--batches`` divides by 8), so each ``map_batches`` call gets ``batch_rows`` rows; Ray
+                 Data writes one output file and one checkpoint file per block, not per batch, and no fsync.
 
 Two figures per run:
 
@@ -269,7 +270,7 @@ def main() -> None:
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--features", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=float, default=2)
     p.add_argument("--dir", default=None, help="parent of the temporary work directory")

@@ -395,7 +395,7 @@ def main() -> None:
     p.add_argument("--kill-after", type=int, default=100, help="committed batches before the kill")
     p.add_argument("--checkpoint-every", type=int, default=10, help="slot checkpoint every N batches")
     p.add_argument("--features", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=float, default=2)
     p.add_argument("--failover-timeout", type=float, default=120.0)
