@@ -270,7 +270,8 @@ def test_replicas_read_into_object_buffers_only_when_asked(tmp_path: Path) -> No
         remote = FsspecReplica(fs, "/bucket", "memory://bucket")
     assert remote.read("o") == payload
     owned = remote.read("o", owned=True)
-    assert type(owned) is ObjectBuffer and owned[:] == payload and owned.xxh3 is None
+    assert type(owned) is ObjectBuffer and owned[:] == payload
+    assert owned.xxh3 == xxhash.xxh3_64_intdigest(payload)
     assert torch.equal(decode(owned)["w"], torch.arange(100.0))
 
 
@@ -281,11 +282,21 @@ def _objects(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p.name != "MANIFEST" and p.stat().st_size > 10_000]
 
 
-def test_loads_are_in_place_writable_and_independent(tmp_path: Path) -> None:
+def test_loads_are_in_place_writable_and_independent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: list[tuple[int, bool]] = []
+    take = ObjectBuffer.take
+
+    def spy(self: ObjectBuffer) -> bool:
+        taken.append((len(self), self.verified))
+        return take(self)
+
+    monkeypatch.setattr(ObjectBuffer, "take", spy)
     state = mixed_state()
     with CheckpointStore(storage=[str(tmp_path / "a")], write_quorum=1) as store:
         store.save("k", state)
         first, second = store.load("k").state, store.load("k").state
+    (size,) = {path.stat().st_size for path in _objects(tmp_path / "a")}
+    assert taken == [(size, True), (size, True)]  # read into a buffer, checked whole, handed to decode
     assert_same(first, state)
     first["f32"].mul_(0)
     first["zeros"].add_(1)

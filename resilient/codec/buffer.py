@@ -93,6 +93,14 @@ class ObjectBuffer(mmap.mmap):
         buffer.xxh3 = hasher.intdigest()
         return buffer
 
+    @classmethod
+    def copy_of(cls, data: bytes | bytearray | memoryview) -> ObjectBuffer:
+        """A buffer holding a copy of ``data`` (at least 1 byte), its `xxh3` set."""
+        buffer = cls.allocate(len(data))
+        buffer[:] = data
+        buffer.xxh3 = xxhash.xxh3_64_intdigest(data)
+        return buffer
+
     def matches(self, xxh3: int) -> bool:
         """Whether the bytes as read hash to ``xxh3``, the digest recorded for the whole object by its writer.
 

@@ -230,11 +230,12 @@ def decode(
     pickle segments are refused before any of them is read unless ``allow_pickle`` is true; nothing is
     returned before every block has passed.
 
-    Values are built in fresh memory, except when ``data`` is handed over: then a tensor or array whose
-    blocks are all stored raw, next to each other and aligned for its element type is built on ``data``'s
-    own memory, with no copy (the values keep that memory alive; torch storages built this way cannot be
-    resized). ``data`` is handed over when it is an `ObjectBuffer` that no decode has taken before, or when
-    ``owned`` is true and it is writable.
+    Values are built in fresh memory (huge pages for tensors and arrays of 2 MiB or more), except when
+    ``data`` is handed over: then a tensor or array whose blocks are all stored raw, next to each other and
+    aligned for its element type is built on ``data``'s own memory, with no copy (the values keep that
+    memory alive). ``data`` is handed over when it is an `ObjectBuffer` that no decode has taken before,
+    or when ``owned`` is true and it is writable. Tensors on the object's memory or on huge pages have
+    storages that cannot grow (``resize_`` past their size raises; ``clone()`` first).
 
     Args:
         data: the whole stored object (bytes, bytearray, memoryview, `ObjectBuffer` or any contiguous

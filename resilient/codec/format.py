@@ -21,8 +21,8 @@ Blocks fill the space between header and index in index order. In version 2 each
 multiple of `ALIGN` (64) at or after the end of the one before it (of the header, for block 0), and the gap
 bytes are zero, so a reader that holds the object at an aligned address can use raw blocks in place, as
 tensors, with no copy (every element type is at most 64 bytes). Version 1 (still read) has no gaps: each
-block starts where the one before it ends. Each block is one of these encodings of a slice of one leaf's bytes (a tensor's contiguous little-endian elements, a bytes value,
-or a pickle payload):
+block starts where the one before it ends. Each block is one of these encodings of a slice of one leaf's
+bytes (a tensor's contiguous little-endian elements, a bytes value, or a pickle payload):
 
     raw            the bytes as they are (stored length == raw length)
     zstd           one zstd frame that declares its content size
@@ -54,9 +54,11 @@ ranges are consecutive, so every block belongs to exactly one leaf::
 
 Readers check, in order, before touching any block: size, header magic, version (a newer one is refused
 naming both versions), footer magic and fields, index length and checksum, JSON, the block table (types,
-tiling, lengths, encodings, zero gaps), and the whole tree (node types, dtypes from the allow-lists, shapes consistent
-with raw lengths, block ranges). Only then are blocks read, each checked against its xxh3_64 before it is
-decompressed into exactly its declared raw length. Any failure is a ``CorruptionError``.
+tiling, lengths, encodings), the gaps (all zero), and the whole tree (node types, dtypes from the
+allow-lists, shapes consistent with raw lengths, block ranges). Only then are blocks read, each checked
+against its xxh3_64 before it is used or decompressed into exactly its declared raw length (or, all at
+once, by an xxh3_64 of the whole object recorded outside it, as a checkpoint manifest does). Any failure
+is a ``CorruptionError``.
 """
 
 from __future__ import annotations

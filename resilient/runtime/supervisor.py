@@ -209,7 +209,6 @@ class Supervisor:
         slot.pid = slot.node_id = None
         slot.pending = slot.actor.activate.remote(slot.index, slot.epoch)
         self.starting[slot.pending] = slot.index
-        self._top_up_spares()
 
     def _on_started(self, ref: Any, ledger: Ledger) -> None:
         import ray
@@ -231,6 +230,7 @@ class Supervisor:
         slot.head_since = self.clock()
         if self.spec.stateful and self._reader is not None:
             self._rebuild_slot_queue(slot, ledger)
+        self._top_up_spares()  # after the hand-over, so building a spare does not slow the replacement
         self.on_event("started", {"slot": slot.index, "pid": slot.pid, "epoch": slot.epoch, "cursor": slot.cursor})
 
     def _replace(self, slot: _Slot, ledger: Ledger, reason: str, culprit: int | None, error: str = "") -> None:

@@ -259,14 +259,10 @@ class FsspecReplica:
             return op(path, *args, **kwargs)
 
     def read(self, rel: str, *, owned: bool = False) -> bytes | ObjectBuffer:
-        """The object's bytes; with ``owned``, copied into an `ObjectBuffer` the caller may hand over to
-        `resilient.codec.decode` (which then needs no copy of its own)."""
+        """The object's bytes; with ``owned``, copied into an `ObjectBuffer` (hashed, see its ``xxh3``) that
+        the caller may hand over to `resilient.codec.decode` (which then needs no copy of its own)."""
         data = self.fs.cat_file(self._abs(rel))
-        if not owned or not data:
-            return data
-        buffer = ObjectBuffer.allocate(len(data))
-        buffer[:] = data
-        return buffer
+        return ObjectBuffer.copy_of(data) if owned and data else data
 
     def listdir(self, rel: str) -> list[str]:
         path = self._abs(rel)

@@ -25,8 +25,8 @@ Read protocol (``load(key)``)
 ----------------------------
 Generations are tried newest first. For each, every replica's manifest is read and validated; the
 manifest with the highest epoch (then the most copies) names the checkpoint. Its object is read from a
-replica that holds it and checked (length, xxh3_64 of the whole object, then each block inside the
-codec) before anything is deserialized; a bad or missing copy moves on to the next replica (replicate)
+replica that holds it and checked (length and xxh3_64 of the whole object, hashed while it is read;
+the codec re-checks every block of anything not covered that way) before anything is deserialized; a bad or missing copy moves on to the next replica (replicate)
 or is rebuilt from the other shards (parity). If nothing at that generation verifies, the next older one
 is tried. After a successful load, replicas found missing, stale or corrupt for that generation are
 rewritten from the good copy (read-repair).
