@@ -69,23 +69,12 @@ class Examination:
 def examine_generation(
     store: "CheckpointStore", key: str, g: int, listings: list[set[int]], *, full: bool
 ) -> Examination:
-    gdir = layout.gen_dir(key, g)
-    rel_m = f"{gdir}/{layout.MANIFEST}"
     ex = Examination(key, g, [r.url for r in store.replicas])
     ex.listed = {j for j, gs in enumerate(listings) if g in gs}
     for j in range(len(store.replicas)):
         if j not in ex.listed:
             ex.manifest_errors[j] = "missing (generation absent)"
-
-    def read_manifest(r):  # noqa: ANN001
-        data = r.call(r.backend.read, rel_m, path=rel_m, generation=g)
-        m = Manifest.from_bytes(data, where=f"{r.url}/{rel_m}")
-        if m.key != key or m.generation != g:
-            raise CorruptionError(f"{r.url}/{rel_m}", f"manifest is for {m.key!r} generation {m.generation}")
-        return m
-
-    listed = sorted(ex.listed)
-    for j, res in zip(listed, store._parallel(read_manifest, [store.replicas[j] for j in listed])):
+    for j, res in store._manifest_outcomes(key, g, listings).items():
         if isinstance(res, UnsafeCheckpointError):
             raise res
         if isinstance(res, Manifest):

@@ -411,6 +411,13 @@ class CheckpointStore:
         return max((g for gs in self._list_generations(key) for g in gs), default=0)
 
     def _read_manifests(self, key: str, g: int, listings: list[set[int]]) -> dict[int, Manifest]:
+        """The valid manifests of generation `g`, by replica index."""
+        outcomes = self._manifest_outcomes(key, g, listings)
+        return {j: m for j, m in outcomes.items() if isinstance(m, Manifest)}
+
+    def _manifest_outcomes(self, key: str, g: int, listings: list[set[int]]) -> dict[int, Manifest | Exception]:
+        """Read and validate generation `g`'s manifest on every replica that lists it: the manifest, or
+        the error that replica gave (missing, corrupt, meant for another key or generation)."""
         rel = f"{layout.gen_dir(key, g)}/{layout.MANIFEST}"
 
         def read(r: GuardedReplica) -> Manifest:
@@ -419,11 +426,8 @@ class CheckpointStore:
                 raise CorruptionError(f"{r.url}/{rel}", f"manifest is for {m.key!r} generation {m.generation}")
             return m
 
-        holders = [r for r, gs in zip(self.replicas, listings) if g in gs]
-        results = self._parallel(read, holders)
-        return {
-            self.replicas.index(r): m for r, m in zip(holders, results) if isinstance(m, Manifest)
-        }
+        holders = [j for j, gs in enumerate(listings) if g in gs]
+        return dict(zip(holders, self._parallel(read, [self.replicas[j] for j in holders])))
 
     def _write(self, key: str, state: Any, epoch: int, generation: int) -> Commit:
         s = self.settings
