@@ -62,6 +62,9 @@ class JobMismatchError(ResilientError):
 
 @dataclass(frozen=True)
 class DeadLetter:
+    """A poison batch: its id, every attempt's error ("attempt 1: ...; attempt 2: ..."), the last user
+    traceback, and how many attempts it had."""
+
     batch_id: int
     error: str
     traceback: str
@@ -124,6 +127,7 @@ class Supervisor:
         self.commits: dict[Future, tuple[int, int]] = {}
         self.committer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="resilient-commit")
         self.dead: dict[int, DeadLetter] = {}
+        self.failures: dict[int, list[tuple[str, str]]] = {}  # batch -> (error, traceback) per failed attempt
         self.restarts = 0
         self.retries = 0
         self.read_pos = 0
@@ -353,8 +357,15 @@ class Supervisor:
         """Count a failed attempt; dead-letter the batch when it has had enough. True if it is now dead."""
         attempts = ledger.failed_attempt(b)
         self.retries += 1
+        history = self.failures.setdefault(b, [])
+        history.append((error, tb))
         if attempts < self.settings.max_attempts:
             return False
+        # every attempt's error: when an actor dies, the batch at the head of its queue is charged, though
+        # it may have raised (or finished) just before a batch queued behind it crashed the process
+        del self.failures[b]
+        error = "; ".join(f"attempt {i}: {e}" for i, (e, _) in enumerate(history, 1))
+        tb = next((t for _, t in reversed(history) if t), "")
         letter = DeadLetter(b, error, tb, attempts)
         if self.settings.on_poison == "fail":
             raise JobFailedError(f"batch {b} failed {attempts} times (poison): {error}")
@@ -444,6 +455,7 @@ class Supervisor:
             s, b = self.commits.pop(fut)
             fut.result()  # a failed commit is a storage failure: the job stops, progress stays behind it
             self.outstanding[s].discard(b)
+            self.failures.pop(b, None)
             ledger.mark_done(b)
             self.on_event("commit", {"batch_id": b})
 
