@@ -138,6 +138,10 @@ class Supervisor:
         self.finishing: dict[Any, int] = {}  # final-state save ref -> slot
         self.finished_slots: set[int] = set()
         self.starting: dict[Any, int] = {}  # activation ref -> slot
+        self._started_at = time.time()
+        self._resumed_done = 0
+        self._state = "running"
+        self._error: str | None = None
 
     # ------------------------------------------------------------------ job record and resume
 
@@ -183,8 +187,32 @@ class Supervisor:
         return Ledger(self.total, window, watermark=watermark, done_above=done)
 
     def _save_progress(self, ledger: Ledger) -> None:
+        """The job's progress record (``<job_id>/progress`` in the checkpoint store): what a re-run resumes
+        from (watermark, done_above, dead) and what ``resilient status`` shows while the job runs and after.
+
+        Fields: ``watermark`` (every batch below is done), ``done_above`` (done ids at or above it),
+        ``total``, ``dead`` (dead letters as dicts: batch_id, error, traceback, attempts), ``committed``
+        (batches with a committed output, all runs), ``rate_per_s`` (commits per second in this run),
+        ``restarts``, ``retries`` (this run), ``actors`` (slot, pid, node_id, epoch of each running slot),
+        ``started_at`` / ``updated_at`` (Unix time of this run's start and of this record), ``state``
+        ("running", "complete" or "failed") and ``error`` (why it failed, or None).
+        """
         snap = ledger.snapshot()
         snap["dead"] = [d.__dict__ for d in self.dead.values()]
+        now = time.time()
+        done = ledger.watermark + len(ledger.done_above)
+        snap.update(
+            committed=done - len(self.dead),
+            rate_per_s=round((done - self._resumed_done) / max(1e-9, now - self._started_at), 3),
+            restarts=self.restarts,
+            retries=self.retries,
+            actors=[{"slot": s.index, "pid": s.pid, "node_id": s.node_id, "epoch": s.epoch}
+                    for s in self.slots if s.pid is not None],
+            started_at=self._started_at,
+            updated_at=now,
+            state=self._state,
+            error=self._error,
+        )
         self.store.save(f"{self.spec.job_id}/progress", snap)
         self._last_progress = self.clock()
 
@@ -497,9 +525,10 @@ class Supervisor:
         import ray
 
         t0 = time.perf_counter()
-        self._open_job()
+        self._open_job()  # a mismatched job raises here, before anything of it is written
         ledger = self._resume()
         resumed_from = ledger.watermark
+        self._resumed_done = ledger.watermark + len(ledger.done_above)
         try:
             for slot in self.slots:
                 self._start_slot(slot)
@@ -534,9 +563,17 @@ class Supervisor:
                 if self.clock() - self._last_progress > 1.0:
                     self._save_progress(ledger)
             self._collect_commits(ledger, block=True)
+            self._state = "complete"
             self._save_progress(ledger)
             summary = {"total": self.total, "dead_letters": sorted(self.dead), "restarts": self.restarts}
             self.sink.mark_complete(summary)
+        except BaseException as e:
+            self._state, self._error = "failed", f"{type(e).__name__}: {e}"
+            try:
+                self._save_progress(ledger)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
         finally:
             for actor in [slot.actor for slot in self.slots] + self.spares:
                 if actor is not None:
