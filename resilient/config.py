@@ -426,6 +426,9 @@ FIELDS: tuple[Field, ...] = (
           "attempts per batch (exceptions, crashes, hangs) before it is a poison batch", "5"),
     Field("on_poison", "RESILIENT_ON_POISON", _Choice("dead-letter", "fail"), "dead-letter",
           "what a poison batch does: recorded as a dead letter (job goes on), or fails the job", "fail"),
+    Field("commit_group_size", "RESILIENT_COMMIT_GROUP_SIZE", _Integer(1, 100_000), 256,
+          "most batch outputs the driver commits together (one part file, one sync); 1 writes one file per "
+          "batch", "64"),
 )
 
 _BY_ATTR = {f.attr: f for f in FIELDS}
@@ -480,6 +483,7 @@ class Settings:
     batch_timeout_seconds: float
     max_attempts: int
     on_poison: str
+    commit_group_size: int
     #: attribute -> "keyword" | "environment" | "default"; not part of equality.
     sources: Mapping[str, str] = dataclasses.field(default_factory=_FrozenDict, compare=False)
 
