@@ -162,6 +162,33 @@ def test_exceptions_retried_poison_dead_lettered(tmp_path):
     assert result.restarts >= 4  # three crashes of the poison batch, one of the crash-once batch
 
 
+def test_dead_letters_retried_on_request_by_the_next_run(tmp_path):
+    """A dead letter whose cause was fixed is processed again by the next run of the job, once per request;
+    nothing else is redone."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    faults = {20: "raise-until-fixed", 330: "raise-until-fixed"}
+    job = resilient.pipeline(simple.FaultySquare)
+    settings = settings_for(tmp_path, max_attempts=2)
+
+    def run():
+        return job.run(RangeSource(400, 10), str(tmp_path / "out"), job_id="retry", settings=settings,
+                       init_args=(faults, str(markers)))
+
+    first = run().wait(300)
+    assert sorted(d.batch_id for d in first.dead_letters) == [2, 33]
+    (markers / "fixed-20").touch()  # batch 2's cause is fixed; batch 33 still fails
+    with resilient.CheckpointStore(settings) as store:
+        store.save("retry/retry", {"batch_ids": [2, 33]})
+    handle = run()
+    second = handle.wait(300)
+    assert [d.batch_id for d in second.dead_letters] == [33]
+    values = square_rows(outputs(handle))
+    assert values == simple.expected_square(i for i in range(400) if i // 10 != 33)
+    third = run().wait(300)  # the request was taken: batch 33 stays a dead letter, nothing is redone
+    assert [d.batch_id for d in third.dead_letters] == [33] and third.retries == 0
+
+
 def test_poison_batch_fails_the_job_when_configured(tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()

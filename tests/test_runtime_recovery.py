@@ -98,7 +98,7 @@ def test_zombie_incarnation_can_commit_neither_output_nor_checkpoint(tmp_path):
         before = store.generations("zombie/slot-0")
         fenced = []
         for call in (lambda: old.process.remote(*batches[1], False, INF), lambda: old.finish.remote(INF)):
-            try:  # stages an output and tries to checkpoint; then flushes its checkpoint
+            try:  # encodes an output and tries to checkpoint; then flushes its checkpoint
                 ray.get(call())
             except ray.exceptions.RayTaskError as e:
                 fenced.append(e.cause)
@@ -107,11 +107,11 @@ def test_zombie_incarnation_can_commit_neither_output_nor_checkpoint(tmp_path):
         # its answers never reach a commit: the supervisor drops answers from any epoch but the slot's
         sup = Supervisor(spec, RangeSource(40, 10))
         sup.slots[0].epoch = e2
-        staged = sink.stage(1, {"id": [0], "running": [0], "n": [0]}, epoch=e1)
-        ref = ray.put(Result(1, 0, e1, staged, 0.0, 2))
+        encoded = sink.encode(1, {"id": [0], "running": [0], "n": [0]}, epoch=e1)
+        ref = ray.put(Result(1, 0, e1, encoded, 0.0, 2))
         sup.refs[ref] = (0, 1, e1)
         sup._handle(ref, ledger=None)
-        assert sup.commits == {} and not sink.is_committed(1)
+        assert sup.group == [] and sup.commits == {} and not sink.is_committed(1)
         sup.store.close()
         sup.committer.shutdown()
         ray.kill(old)

@@ -1,36 +1,46 @@
-"""Idempotent output: workers stage each batch's output, the driver alone commits it, at most once.
+"""Idempotent output: each batch's output becomes visible once committed, and at most once.
 
-The commit protocol, in order:
+Two ways to commit, one layout (``<shard>`` is ``batch_id // shard_width``, zero-padded to 6 digits):
 
-1. **Stage** (worker). The output is serialized and written durably and atomically under a fresh,
-   never-reused name ``data/<shard>/<batch:012d>-e<epoch>-<8 random hex>.<ext>``: a local file is
-   written to a temporary in its directory, fsynced and renamed; an object store upload is visible
-   whole or not at all. A staged object is invisible: nothing reads it until a marker names it. The
-   worker returns a small `StagedOutput` (name, length, xxh3, epoch, rows) to the driver.
-2. **Commit** (driver). A create-only marker ``commit/<shard>/<batch:012d>`` holding the staged
-   object's name, length, xxh3, epoch and rows: ``link()`` on local files, ``If-None-Match: *`` on
-   S3. The first marker wins; a batch is never committed twice, and a marker is never overwritten.
-   The driver fences stale workers (epochs) before it commits, so only the current incarnation's output
-   becomes visible.
-3. **Read**: only through markers; the object's length and xxh3 are checked against the marker.
-4. **Complete**: a create-only ``_SUCCESS`` marker with the job's summary, written after every commit.
-5. **Collect**: staged objects no marker names (outputs of retried or fenced attempts) are `orphans`;
-   delete them only once the job is complete (an object staged but not yet committed is an orphan too).
-   After that, ``data/`` holds exactly the committed outputs, one object per batch.
+**Grouped (the runtime's path).** Workers encode outputs (`encode`) and send the bytes to the driver, which
+commits them in groups (`commit_group`), in this order:
 
-``<shard>`` is ``batch_id // shard_width`` (10000), zero-padded to 6 digits: resume lists marker shards
-from the watermark's upward (`committed_from`), holding one shard's listing at a time. ``_sink.json``,
-created with the first commit, records the format and shard width, and a sink opened on the same URL
-with other values is refused.
+1. **Part**: the group's encoded outputs concatenated into one object
+   ``data/<shard>/<first:012d>-g<count>-<8 hex>.<ext>`` (temporary + fsync + rename + directory fsync
+   locally; one upload on object stores). Each slice is a complete object of the format (a jsonl part is
+   itself valid jsonl; a parquet part is a sequence of complete Parquet files).
+2. **Index**: ``groups/<shard>/<first:012d>-<8 hex>.json`` naming the part and, per batch, its offset,
+   length, xxh3, epoch and rows; written the same durable way.
+3. **Markers**: per batch, a create-only pointer ``commit/<shard>/<batch:012d>`` whose content is the
+   index's id (``<first:012d>-<8 hex>``): a symbolic link locally (one atomic metadata operation; the
+   commit directories are fsynced once per group), an ``If-None-Match: *`` upload on S3. The first
+   marker wins: a batch is never committed twice and a marker is never overwritten. A batch is
+   committed once its marker is durable; the driver reports it done only then.
+   A crash before a marker leaves the part and index unreferenced: invisible, collected as orphans.
+
+So a group of any size costs two fsynced objects plus one fsync per commit directory, instead of two
+fsynced objects per batch.
+
+**Per batch.** A worker may also stage one output durably itself (`stage`, under a fresh, never-reused name
+``data/<shard>/<batch:012d>-e<epoch>-<8 hex>.<ext>``) and the driver commit it (`commit`) with a
+create-only marker file holding the staged object's name, length, xxh3, epoch and rows.
+
+**Read**: only through markers; each output's length and xxh3 are checked against its record before it is
+decoded. **Complete**: a create-only ``_SUCCESS`` marker with the job's summary, written after every
+commit. **Collect**: staged objects, parts and indexes no marker refers to (outputs of retried or fenced
+attempts, groups interrupted before their markers) are `orphans`; delete them only once the job is
+complete. ``_sink.json``, created with the first commit, records the format and shard width, and a sink
+opened on the same URL with other values is refused. Resume lists marker shards from the watermark's
+upward (`committed_from`), holding one shard's listing at a time.
 
 Example:
     >>> import tempfile
     >>> sink = FileSink(tempfile.mkdtemp(), format="jsonl")
-    >>> staged = sink.stage(7, {"y": [1, 2]}, epoch=0)      # on a worker
-    >>> sink.commit(staged), sink.commit(staged)            # on the driver
-    (True, False)
-    >>> sink.read(7), list(sink.committed_from(0))
-    ({'y': [1, 2]}, [7])
+    >>> encoded = [sink.encode(b, {"y": [b]}, epoch=0) for b in (7, 8)]   # on workers
+    >>> sink.commit_group(encoded), sink.commit_group(encoded[:1])         # on the driver
+    ([True, True], [False])
+    >>> sink.read(8), list(sink.committed_from(0))
+    ({'y': [8]}, [7, 8])
 """
 
 from __future__ import annotations
@@ -60,14 +70,19 @@ from resilient.retry import RetryPolicy, classify
 from resilient.storage.layout import TMP_PREFIX
 from resilient.storage.replica import open_backend
 
-__all__ = ["DEFAULT_RETRY", "SHARD_WIDTH", "FileSink", "NotCommittedError", "StagedOutput"]
+__all__ = ["DEFAULT_RETRY", "SHARD_WIDTH", "EncodedOutput", "FileSink", "NotCommittedError", "StagedOutput"]
 
 T = TypeVar("T")
 SHARD_WIDTH = 10_000
 DEFAULT_RETRY = RetryPolicy(attempts=4, max_seconds=30.0, backoff_seconds=0.1, backoff_max_seconds=2.0)
-DATA, COMMIT, SUCCESS, LAYOUT = "data", "commit", "_SUCCESS", "_sink.json"
+DATA, COMMIT, GROUPS, SUCCESS, LAYOUT = "data", "commit", "groups", "_SUCCESS", "_sink.json"
 _MAX_BATCH = 10**12 - 1
-_DATA_NAME = re.compile(r"data/(\d{6,})/(\d{12})-e(\d+)-[0-9a-f]{8}\.(" + "|".join(EXTENSIONS.values()) + ")")
+_EXT = "(" + "|".join(EXTENSIONS.values()) + ")"
+_DATA_NAME = re.compile(r"data/(\d{6,})/(\d{12})-e(\d+)-[0-9a-f]{8}\." + _EXT)
+_PART_NAME = re.compile(r"data/(\d{6,})/(\d{12})-g(\d+)-([0-9a-f]{8})\." + _EXT)
+_GROUP_ID = re.compile(r"(\d{12})-([0-9a-f]{8})")
+_INDEX_NAME = re.compile(r"groups/(\d{6,})/(\d{12}-[0-9a-f]{8})\.json")
+_CACHED_INDEXES = 16
 _MARKER = re.compile(r"\d{12}")
 _FORMAT_OF = {ext: fmt for fmt, ext in EXTENSIONS.items()}
 
@@ -81,6 +96,17 @@ class StagedOutput:
     length: int
     xxh3: str
     epoch: int
+    rows: int | None
+
+
+@dataclass(frozen=True)
+class EncodedOutput:
+    """One batch's output encoded by a worker (`FileSink.encode`), sent to the driver for `commit_group`."""
+
+    batch_id: int
+    epoch: int
+    data: bytes
+    xxh3: str
     rows: int | None
 
 
@@ -134,11 +160,13 @@ class FileSink:
         self._backend: Any = None
         self._layout_checked = False  # a layout record, if any, matches ours
         self._layout_recorded = False  # ours is recorded (needed before the first commit)
+        self._indexes: dict[str, dict[str, Any]] = {}  # group id -> index, the last few read
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_backend"] = None
         state["_layout_checked"] = state["_layout_recorded"] = False
+        state["_indexes"] = {}
         return state
 
     def __repr__(self) -> str:
@@ -190,14 +218,20 @@ class FileSink:
         self._layout_checked = self._layout_recorded = True
 
     def _record(self, batch_id: int) -> dict[str, Any] | None:
-        """The commit marker of ``batch_id``, validated; None when there is none."""
+        """The commit record of ``batch_id`` (name, offset, length, xxh3, epoch, rows), validated; None when
+        the batch has no marker."""
         rel = self._marker(batch_id)
         try:
-            raw = self._call(self._store().read, rel, path=rel)
+            pointer = self._call(self._store().read_pointer, rel, path=rel)
         except FileNotFoundError:
             return None
+        if _GROUP_ID.fullmatch(pointer):
+            rec = self._group_index(pointer).get(str(batch_id))
+            if rec is None:
+                raise CorruptionError(f"{self._display}/{rel}", f"group {pointer} does not hold this batch")
+            return rec
         try:
-            rec = json.loads(raw)
+            rec = json.loads(pointer)
             m = _DATA_NAME.fullmatch(rec["name"])
             ok = m is not None and int(m[2]) == batch_id and isinstance(rec["length"], int) and isinstance(
                 rec["xxh3"], str)
@@ -205,9 +239,54 @@ class FileSink:
             ok = False
         if not ok:
             raise CorruptionError(f"{self._display}/{rel}", "not a valid commit marker for this batch")
-        return rec
+        return {**rec, "offset": None}
+
+    def _index_path(self, gid: str) -> str:
+        return f"{GROUPS}/{self._shard(int(gid[:12]))}/{gid}.json"
+
+    def _group_index(self, gid: str) -> dict[str, dict[str, Any]]:
+        """A group's records by batch id (as str), validated; the last few are cached."""
+        cached = self._indexes.get(gid)
+        if cached is not None:
+            return cached
+        rel = self._index_path(gid)
+        try:
+            raw = self._call(self._store().read, rel, path=rel)
+        except FileNotFoundError:
+            raise CorruptionError(f"{self._display}/{rel}", "a commit marker names this group index, "
+                                  "which is missing") from None
+        try:
+            index = json.loads(raw)
+            part = index["part"]
+            m = _PART_NAME.fullmatch(part)
+            ok = m is not None and f"{m[2]}-{m[4]}" == gid
+            recs = {}
+            for r in index["batches"]:
+                ok = ok and all(isinstance(r[k], int) for k in ("batch_id", "offset", "length", "epoch"))
+                recs[str(r["batch_id"])] = {**r, "name": part}
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise CorruptionError(f"{self._display}/{rel}", "not a valid group index")
+        if len(self._indexes) >= _CACHED_INDEXES:
+            self._indexes.pop(next(iter(self._indexes)))
+        self._indexes[gid] = recs
+        return recs
 
     # -- worker side -----------------------------------------------------------------------------------
+
+    def encode(self, batch_id: int, output: Any, *, epoch: int) -> EncodedOutput:
+        """Serialize ``output`` for `commit_group` (nothing is written).
+
+        Raises:
+            CodecError: the output does not fit the format (UnsupportedTypeError for a value's type).
+        """
+        batch_id = _check_int("batch_id", batch_id, _MAX_BATCH)
+        epoch = _check_int("epoch", epoch, 10**18)
+        make, rows = encode_output(self.format, output, f"{self._display} batch {batch_id}")
+        chunks = list(make())
+        data = chunks[0] if len(chunks) == 1 and isinstance(chunks[0], bytes) else b"".join(chunks)
+        return EncodedOutput(batch_id, epoch, data, xxhash.xxh3_64_hexdigest(data), rows)
 
     def stage(self, batch_id: int, output: Any, *, epoch: int) -> StagedOutput:
         """Serialize ``output`` and write it durably under a fresh name; nothing reads it until committed.
@@ -267,6 +346,63 @@ class FileSink:
                 return rec is not None and rec["name"] == staged.name
             return False
 
+    def commit_group(self, outputs: list[EncodedOutput]) -> list[bool]:
+        """Commit encoded outputs together: one part object, one group index, one marker per batch (the
+        protocol is in the module docstring).
+
+        Returns:
+            Per output, True if this call committed it, False if the batch was committed already (by an
+            earlier call or another writer; that marker is left as it is).
+
+        Raises:
+            ConfigError: an output is listed twice, or its checksum does not match its bytes.
+            StorageError: a write failed (after retries); outputs whose markers were not all written may
+                be committed or not: a later call (or `is_committed`) tells.
+        """
+        if not outputs:
+            return []
+        ids = [o.batch_id for o in outputs]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("outputs", sorted(ids), "each batch at most once per group")
+        for o in outputs:
+            _check_int("batch_id", o.batch_id, _MAX_BATCH)
+            if xxhash.xxh3_64_hexdigest(o.data) != o.xxh3:
+                raise ConfigError("outputs", o.batch_id, "outputs made by FileSink.encode (checksum differs)")
+        self._layout(create=True)
+        first = min(ids)
+        tag = secrets.token_hex(4)
+        gid = f"{first:012d}-{tag}"
+        part = f"{DATA}/{self._shard(first)}/{first:012d}-g{len(outputs)}-{tag}.{EXTENSIONS[self.format]}"
+        records, offset = [], 0
+        for o in outputs:
+            records.append({"batch_id": o.batch_id, "offset": offset, "length": len(o.data), "xxh3": o.xxh3,
+                            "epoch": o.epoch, "rows": o.rows})
+            offset += len(o.data)
+        self._call(self._store().write_object, part, [o.data for o in outputs], path=part)
+        index = json.dumps({"part": part, "batches": records}, sort_keys=True).encode()
+        rel_index = self._index_path(gid)
+        self._call(self._store().write_object, rel_index, [index], path=rel_index)
+        markers = [self._marker(b) for b in ids]
+        created = [self._point(rel, gid) for rel in markers]
+        self._call(self._store().sync_dirs, markers, path=f"{COMMIT}/")
+        return created
+
+    def _point(self, rel: str, gid: str) -> bool:
+        attempts = 0
+
+        def create() -> None:
+            nonlocal attempts
+            attempts += 1
+            self._store().create_pointer(rel, gid)
+
+        try:
+            self._call(create, path=rel)
+            return True
+        except FileExistsError:
+            if attempts > 1:  # an earlier attempt of this call failed: it may have landed
+                return self._call(self._store().read_pointer, rel, path=rel) == gid
+            return False
+
     def is_committed(self, batch_id: int) -> bool:
         batch_id = _check_int("batch_id", batch_id, _MAX_BATCH)
         self._layout(create=False)
@@ -304,9 +440,12 @@ class FileSink:
         if rec is None:
             raise NotCommittedError(batch_id, self._display)
         name = rec["name"]
-        where = f"{self._display}/{name}"
+        where = f"{self._display}/{name}" + ("" if rec["offset"] is None else f" (batch {batch_id})")
         try:
-            data = self._call(self._store().read, name, path=name)
+            if rec["offset"] is None:
+                data = self._call(self._store().read, name, path=name)
+            else:
+                data = self._call(self._store().read_range, name, rec["offset"], rec["length"], path=name)
         except FileNotFoundError:
             raise PermanentStorageError("committed output missing", url=self._display, path=name) from None
         if len(data) != rec["length"]:
@@ -320,9 +459,10 @@ class FileSink:
         for b in self.committed_from(start):
             yield b, self.read(b)
 
-    def mark_complete(self, summary: dict[str, Any]) -> None:
+    def mark_complete(self, summary: dict[str, Any], *, replace: bool = False) -> None:
         """Create the ``_SUCCESS`` marker holding ``summary`` (JSON); repeating it with the same summary is
-        fine, with another raises FencedError."""
+        fine, with another raises FencedError unless ``replace`` (a run that retried dead letters changes
+        the job's summary)."""
         try:
             body = json.dumps(summary, sort_keys=True).encode()
         except (TypeError, ValueError) as e:
@@ -330,7 +470,9 @@ class FileSink:
         try:
             self._call(self._store().create_exclusive, SUCCESS, body, path=SUCCESS)
         except FileExistsError:
-            if self.is_complete() != json.loads(body):
+            if replace:
+                self._call(self._store().overwrite, SUCCESS, body, path=SUCCESS)
+            elif self.is_complete() != json.loads(body):
                 raise FencedError("already marked complete with another summary", url=self._display,
                                   path=SUCCESS) from None
 
@@ -344,20 +486,25 @@ class FileSink:
     # -- garbage collection ----------------------------------------------------------------------------
 
     def orphans(self) -> list[str]:
-        """Staged objects that no commit marker names (and leftover temporaries of interrupted local writes).
+        """Objects no commit marker refers to: staged outputs, parts and group indexes of interrupted or
+        superseded commits, and leftover temporaries of interrupted local writes.
 
-        Call it only when no batch is between stage and commit (after the job completed): a staged
-        output awaiting its commit is an orphan too. Reads a marker only for a committed batch staged
-        more than once.
+        Call it only when no batch is between stage (or encode) and commit, i.e. after the job completed:
+        an output awaiting its commit is an orphan too. Reads a marker only for a committed batch staged
+        more than once, and the markers of each group until one names it.
         """
         out: list[str] = []
+        parts: dict[str, str] = {}  # group id -> part name
         for shard in self._shards(DATA, 0):
             d = f"{DATA}/{shard:06d}"
             staged: dict[int, list[str]] = {}
             for n in self._call(self._store().listdir, d, path=d):
                 m = _DATA_NAME.fullmatch(f"{d}/{n}")
+                p = _PART_NAME.fullmatch(f"{d}/{n}")
                 if m is not None:
                     staged.setdefault(int(m[2]), []).append(f"{d}/{n}")
+                elif p is not None:
+                    parts[f"{p[2]}-{p[4]}"] = f"{d}/{n}"
                 elif n.startswith(TMP_PREFIX):
                     out.append(f"{d}/{n}")
             c = f"{COMMIT}/{shard:06d}"
@@ -365,23 +512,56 @@ class FileSink:
             for b, names in sorted(staged.items()):
                 if b not in committed:
                     out.extend(names)
-                elif len(names) > 1:
+                else:
                     live = self._record(b)
                     out.extend(n for n in names if live is None or n != live["name"])
+        live_groups = set()
+        for shard in self._shards(GROUPS, 0):
+            d = f"{GROUPS}/{shard:06d}"
+            for n in self._call(self._store().listdir, d, path=d):
+                m = _INDEX_NAME.fullmatch(f"{d}/{n}")
+                if m is not None and self._group_live(m[2]):
+                    live_groups.add(m[2])
+                elif m is not None or n.startswith(TMP_PREFIX):
+                    out.append(f"{d}/{n}")
+        out.extend(name for gid, name in sorted(parts.items()) if gid not in live_groups)
         return out
 
+    def _group_live(self, gid: str) -> bool:
+        """True if a commit marker names group ``gid`` (its part and index hold committed outputs)."""
+        for b in self._group_index(gid):
+            rel = self._marker(int(b))
+            try:
+                if self._call(self._store().read_pointer, rel, path=rel) == gid:
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
+
     def delete(self, names: list[str]) -> None:
-        """Delete staged objects by name (as `orphans` gives them); refuses anything else, and any object
-        a commit marker names."""
+        """Delete objects by name, as `orphans` gives them; refuses anything else, and any object a commit
+        marker refers to."""
         for name in names:
             m = _DATA_NAME.fullmatch(name)
-            tmp = re.fullmatch(r"data/\d{6,}/" + re.escape(TMP_PREFIX) + r"[^/]+", name)
-            if m is None and tmp is None:
-                raise ConfigError("names", redact_url(name), "staged object names under data/ (see orphans())")
+            part = _PART_NAME.fullmatch(name)
+            index = _INDEX_NAME.fullmatch(name)
+            tmp = re.fullmatch(r"(data|groups)/\d{6,}/" + re.escape(TMP_PREFIX) + r"[^/]+", name)
+            if m is None and part is None and index is None and tmp is None:
+                raise ConfigError("names", redact_url(name),
+                                  "object names under data/ or groups/ (see orphans())")
             if m is not None:
                 rec = self._record(int(m[2]))
                 if rec is not None and rec["name"] == name:
                     raise ConfigError("names", name, "objects no commit marker names",
                                       detail=f"it is the committed output of batch {int(m[2])}")
+            gid = f"{part[2]}-{part[4]}" if part is not None else index[2] if index is not None else None
+            if gid is not None:
+                try:
+                    live = self._group_live(gid)
+                except CorruptionError:  # no (valid) index: nothing can refer to the part
+                    live = False
+                if live:
+                    raise ConfigError("names", name, "objects no commit marker names",
+                                      detail=f"group {gid} holds committed outputs")
         for name in names:
             self._call(self._store().delete, name, path=name)

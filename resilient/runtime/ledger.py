@@ -7,6 +7,9 @@ reading stops `window` ids past the watermark (back-pressure behind a slow or fa
 what makes resume offset-based: a restarted driver needs the watermark and the few done ids above it,
 never the set of everything done.
 
+`redo` holds the few ids below the watermark that must be done again (dead letters a user asked to retry):
+they are not done until committed, and the job is not finished while any is left.
+
 No I/O and no clock here: the supervisor feeds events in and acts on the answers.
 """
 
@@ -35,6 +38,7 @@ class Ledger:
     watermark: int = 0
     done_above: set[int] = field(default_factory=set)
     attempts: dict[int, int] = field(default_factory=dict)
+    redo: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -43,10 +47,10 @@ class Ledger:
 
     @property
     def finished(self) -> bool:
-        return self.watermark >= self.total
+        return self.watermark >= self.total and not self.redo
 
     def is_done(self, batch_id: int) -> bool:
-        return batch_id < self.watermark or batch_id in self.done_above
+        return (batch_id < self.watermark and batch_id not in self.redo) or batch_id in self.done_above
 
     def may_read(self, batch_id: int) -> bool:
         """Back-pressure: read `batch_id` only while it is within `window` of the watermark."""
@@ -58,6 +62,10 @@ class Ledger:
             raise ValueError(f"batch id {batch_id} is outside 0..{self.total - 1}")
         if self.is_done(batch_id):
             return False
+        if batch_id in self.redo:
+            self.redo.discard(batch_id)
+            self.attempts.pop(batch_id, None)
+            return True
         self.done_above.add(batch_id)
         self.attempts.pop(batch_id, None)
         self._advance()
@@ -76,7 +84,8 @@ class Ledger:
 
     def snapshot(self) -> dict:
         """What to persist so a restarted driver resumes here."""
-        return {"watermark": self.watermark, "done_above": sorted(self.done_above), "total": self.total}
+        return {"watermark": self.watermark, "done_above": sorted(self.done_above), "total": self.total,
+                "redo": sorted(self.redo)}
 
 
 @dataclass

@@ -5,8 +5,13 @@ Exactly-once protocol
 * Every input batch has a stable id (its position in the source). A batch is *done* when its output is
   committed in the sink (a create-only commit marker, written only here, by the driver) or recorded as a
   dead letter. At-least-once delivery + create-only commits = exactly one committed output per batch.
+* Workers send their encoded outputs back; the driver commits them in groups (`FileSink.commit_group`:
+  one part object, one index, a marker per batch). A group is written whenever the committer is idle,
+  so it holds what arrived while the previous one was being written (at most `commit_group_size`): under
+  load groups grow and the per-batch cost of durable writes shrinks; when idle a batch commits at once.
+  Batches count as done only when their group's markers are durable.
 * Worker incarnations are fenced by epochs: an answer from an incarnation that is not the slot's current
-  one is dropped, so a zombie's output is never committed (its staged object is garbage for `gc`).
+  one is dropped, so a zombie's output is never committed.
 * Progress (the ledger's watermark and the few done ids above it) is persisted after the commits it
   describes, never before. A re-run with the same job id reads it, scans commit markers from the
   watermark up, and continues: nothing done is redone, nothing is held per completed batch.
@@ -36,6 +41,7 @@ import time
 import traceback
 import types
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,8 +130,11 @@ class Supervisor:
         self.ready_queue: collections.deque = collections.deque()  # stateless: (batch_id, batch)
         self.delayed: list[tuple[float, int, Any]] = []  # stateless retries: (ready_at, batch_id, batch)
         self.outstanding: dict[int, set[int]] = {s.index: set() for s in self.slots}
-        self.commits: dict[Future, tuple[int, int]] = {}
-        self.committer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="resilient-commit")
+        self.commits: dict[Future, list[tuple[int, Any]]] = {}  # group commit -> [(slot, EncodedOutput)]
+        self.group: list[tuple[int, Any]] = []  # answers waiting for the next group commit
+        self.committing: set[int] = set()  # batch ids in `group` or in a group commit in flight
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-commit")
+        self._health: dict[str, tuple[bool, int]] = {}  # replica url -> (degraded, failures) last reported
         self.dead: dict[int, DeadLetter] = {}
         self.failures: dict[int, list[tuple[str, str]]] = {}  # batch -> (error, traceback) per failed attempt
         self.restarts = 0
@@ -141,6 +150,8 @@ class Supervisor:
         self._started_at = time.time()
         self._resumed_done = 0
         self._state = "running"
+        self._retry_seen = -1  # generation of the last retry request acted on
+        self._retried = False  # this run retries dead letters: the job's completion summary changes
         self._error: str | None = None
 
     # ------------------------------------------------------------------ job record and resume
@@ -182,9 +193,35 @@ class Supervisor:
         for d in progress.get("dead", []):
             self.dead[d["batch_id"]] = DeadLetter(**d)
         watermark = int(progress["watermark"])
+        redo = set(progress.get("redo", []))
+        self._retry_seen = int(progress.get("retry_generation", -1))
+        for b in self._retry_requested():
+            if self.spec.stateful:
+                log.error("job %s: dead letters cannot be retried in a stateful pipeline (its slots' state "
+                          "is past them); request for %s ignored", self.spec.job_id, b)
+                break
+            if self.dead.pop(b, None) is not None:
+                self._retried = True
+                if b < watermark:
+                    redo.add(b)
         done = {b for b in self.sink.committed_from(watermark)}
         done |= {b for b in self.dead if b >= watermark}
-        return Ledger(self.total, window, watermark=watermark, done_above=done)
+        redo = {b for b in redo if not self.sink.is_committed(b)}  # a few ids: one marker read each
+        return Ledger(self.total, window, watermark=watermark, done_above=done, redo=redo)
+
+    def _retry_requested(self) -> list[int]:
+        """Dead letters a user asked to retry (``resilient dead-letters JOB --retry``: the ``<job>/retry``
+        record), once per request."""
+        try:
+            request = self.store.load(f"{self.spec.job_id}/retry")
+        except NoCheckpointError:
+            return []
+        if request.generation <= self._retry_seen:
+            return []
+        self._retry_seen = request.generation
+        ids = sorted(int(b) for b in request.state.get("batch_ids", []))
+        log.warning("job %s: retrying dead letters %s on request", self.spec.job_id, ids)
+        return ids
 
     def _save_progress(self, ledger: Ledger) -> None:
         """The job's progress record (``<job_id>/progress`` in the checkpoint store): what a re-run resumes
@@ -195,10 +232,13 @@ class Supervisor:
         (batches with a committed output, all runs), ``rate_per_s`` (commits per second in this run),
         ``restarts``, ``retries`` (this run), ``actors`` (slot, pid, node_id, epoch of each running slot),
         ``started_at`` / ``updated_at`` (Unix time of this run's start and of this record), ``state``
-        ("running", "complete" or "failed") and ``error`` (why it failed, or None).
+        ("running", "complete" or "failed"), ``error`` (why it failed, or None), ``redo`` (retried dead
+        letters below the watermark, not committed yet) and ``retry_generation`` (the last retry request
+        acted on).
         """
         snap = ledger.snapshot()
         snap["dead"] = [d.__dict__ for d in self.dead.values()]
+        snap["retry_generation"] = self._retry_seen
         now = time.time()
         done = ledger.watermark + len(ledger.done_above)
         snap.update(
@@ -263,7 +303,17 @@ class Supervisor:
         if self.spec.stateful and self._reader is not None:
             self._rebuild_slot_queue(slot, ledger)
         self._top_up_spares()  # after the hand-over, so building a spare does not slow the replacement
-        self.on_event("started", {"slot": slot.index, "pid": slot.pid, "epoch": slot.epoch, "cursor": slot.cursor})
+        generation = info.get("generation")
+        if self.spec.stateful and (self.restarts or generation is not None):
+            log.warning(
+                "slot %d: epoch %d running on pid %s, %s; replaying its batches from %d",
+                slot.index, slot.epoch, slot.pid,
+                f"resumed from checkpoint generation {generation}" if generation is not None
+                else "no checkpoint yet (state rebuilt from the start)", slot.cursor,
+            )
+        self._checkpoint_events(slot.index, info.get("checkpoints", ()))
+        self.on_event("started", {"slot": slot.index, "pid": slot.pid, "epoch": slot.epoch, "cursor": slot.cursor,
+                                  "generation": generation})
 
     def _replace(self, slot: _Slot, ledger: Ledger, reason: str, culprit: int | None, error: str = "") -> None:
         import ray
@@ -312,7 +362,7 @@ class Supervisor:
         raise JobFailedError(f"source has no batch {batch_id}")
 
     def _pending_ids(self) -> set[int]:
-        ids = {b for b, _ in self.ready_queue} | {b for _, b, _ in self.delayed}
+        ids = {b for b, _ in self.ready_queue} | {b for _, b, _ in self.delayed} | self.committing
         for s in self.slots:
             ids |= {b for b, _, _ in s.queue} | {b for _, b in s.inflight}
         return ids
@@ -349,7 +399,7 @@ class Supervisor:
                 break
             if slot_of(b, self.spec.slots) != slot.index or b in self.dead:
                 continue
-            slot.queue.append((b, batch, ledger.is_done(b)))
+            slot.queue.append((b, batch, ledger.is_done(b) or b in self.committing))
 
     def _commit_floor(self, slot: _Slot) -> int:
         pending = self.outstanding[slot.index]
@@ -388,6 +438,7 @@ class Supervisor:
         history = self.failures.setdefault(b, [])
         history.append((error, tb))
         if attempts < self.settings.max_attempts:
+            self.on_event("retry", {"batch_id": b, "attempts": attempts, "error": error})
             return False
         # every attempt's error: when an actor dies, the batch at the head of its queue is charged, though
         # it may have raised (or finished) just before a batch queued behind it crashed the process
@@ -439,10 +490,25 @@ class Supervisor:
         self._forget(slot, ref)
         if epoch != slot.epoch or result.epoch != slot.epoch:
             return  # a zombie's answer: never committed
-        if result.staged is None:  # a replayed batch: its output was committed before
+        self._checkpoint_events(s, result.checkpoints)
+        if result.output is None or b in self.committing:  # a replay, or an output already on its way
             return
-        fut = self.committer.submit(self.sink.commit, result.staged)
-        self.commits[fut] = (s, b)
+        self.committing.add(b)
+        self.group.append((s, result.output))
+
+    def _checkpoint_events(self, slot: int, outcomes: Any) -> None:
+        for c in outcomes:
+            self.on_event("checkpoint", {"slot": slot, **c})
+
+    def _flush(self, *, force: bool = False) -> None:
+        """Start the next group commit when the committer is idle (or the group is full, or `force`)."""
+        if not self.group:
+            return
+        if self.commits and not force and len(self.group) < self.settings.commit_group_size:
+            return
+        group, self.group = self.group[: self.settings.commit_group_size], self.group[self.settings.commit_group_size:]
+        fut = self.committer.submit(self.sink.commit_group, [o for _, o in group])
+        self.commits[fut] = group
 
     def _forget(self, slot: _Slot, ref: Any) -> None:
         """An answer arrived: the ref leaves the books, and the next batch in flight becomes the head."""
@@ -458,8 +524,8 @@ class Supervisor:
 
         tb = "".join(traceback.format_exception(cause)) if isinstance(cause, BaseException) else text
         error = f"{type(cause).__name__}: {cause}"
+        attempts = ledger.attempts.get(b, 0) + 1
         dead = self._count_failure(b, ledger, error, tb)
-        attempts = ledger.attempts.get(b, 0)
         log.warning("batch %d raised %s (attempt %d)%s", b, error, attempts, "; dead-lettered" if dead else "")
         if self.spec.stateful:
             for r, _ in slot.inflight:
@@ -480,16 +546,18 @@ class Supervisor:
         for fut in list(self.commits):
             if not (block or fut.done()):
                 continue
-            s, b = self.commits.pop(fut)
+            group = self.commits.pop(fut)
             fut.result()  # a failed commit is a storage failure: the job stops, progress stays behind it
-            self.outstanding[s].discard(b)
-            self.failures.pop(b, None)
-            ledger.mark_done(b)
-            self.on_event("commit", {"batch_id": b})
+            for s, out in group:  # committed now, or by an earlier run whose marker we had not seen
+                self.committing.discard(out.batch_id)
+                self.outstanding[s].discard(out.batch_id)
+                self.failures.pop(out.batch_id, None)
+                ledger.mark_done(out.batch_id)
+            self.on_event("commit", {"batch_ids": [o.batch_id for _, o in group], "outputs": [o for _, o in group]})
 
     def _maybe_finish(self, ledger: Ledger) -> None:
         """Once every batch is done: each idle slot persists its final state (stateful), once."""
-        if not ledger.finished or self.commits:
+        if not ledger.finished or self.commits or self.group:
             return
         busy = set(self.finishing.values()) | self.finished_slots
         for slot in self.slots:
@@ -506,10 +574,11 @@ class Supervisor:
 
         slot = self.slots[self.finishing.pop(ref)]
         try:
-            ray.get(ref)
+            done = ray.get(ref)
         except RayActorError as e:  # died while saving its final state: a replacement restores and replays
             self._replace(slot, ledger, f"died while finishing ({type(e).__name__})", None)
             return
+        self._checkpoint_events(slot.index, done["checkpoints"])
         self.finished_slots.add(slot.index)
 
     def _check_hangs(self, ledger: Ledger) -> None:
@@ -540,6 +609,10 @@ class Supervisor:
                 start = min([start] + [s.cursor for s in self.slots])
             self.read_pos = start
             self._reader = iter(self.source.read(start))
+            for b in sorted(ledger.redo):  # retried dead letters, below the watermark (stateless only)
+                self.ready_queue.append((b, self._batch(b)))
+            if ledger.redo:
+                self._save_progress(ledger)  # the request is taken: its batches are not dead any more
             while not ledger.finished or len(self.finished_slots) < len(self.slots):
                 self._fill(ledger)
                 self._dispatch()
@@ -556,17 +629,21 @@ class Supervisor:
                             self._on_finished(ref, ledger)
                         else:
                             self._handle(ref, ledger)
-                elif not self.commits:
+                elif self.commits:
+                    futures.wait(list(self.commits), timeout=0.05, return_when=futures.FIRST_COMPLETED)
+                else:
                     time.sleep(0.005)
                 self._collect_commits(ledger)
+                self._flush()
                 self._check_hangs(ledger)
                 if self.clock() - self._last_progress > 1.0:
                     self._save_progress(ledger)
+            self._flush(force=True)
             self._collect_commits(ledger, block=True)
             self._state = "complete"
             self._save_progress(ledger)
             summary = {"total": self.total, "dead_letters": sorted(self.dead), "restarts": self.restarts}
-            self.sink.mark_complete(summary)
+            self.sink.mark_complete(summary, replace=self._retried)
         except BaseException as e:
             self._state, self._error = "failed", f"{type(e).__name__}: {e}"
             try:

@@ -3,9 +3,9 @@
 One worker incarnation serves one slot with one *epoch* (claimed by the supervisor before the actor is
 created). It never commits anything visible itself:
 
-* outputs are *staged* in the sink (durable, invisible) and described back to the supervisor, which
-  alone commits them — after checking the answer came from the slot's current epoch, so a zombie
-  incarnation can never make an output visible;
+* outputs are *encoded* for the sink and sent back to the supervisor, which alone commits them, in
+  groups — after checking the answer came from the slot's current epoch, so a zombie incarnation can
+  never make an output visible;
 * slot state (stateful pipelines) is snapshotted in memory every `checkpoint_every` batches or
   `checkpoint_interval_seconds`, and the snapshot is persisted only once the supervisor reports every
   output it covers as committed (``commit_floor``): a checkpoint is never ahead of committed outputs, so a
@@ -56,9 +56,10 @@ class Result:
     batch_id: int
     slot: int
     epoch: int
-    staged: Any  # StagedOutput, or None for a replayed batch
+    output: Any  # EncodedOutput, or None for a replayed batch
     seconds: float
     cursor: int
+    checkpoints: tuple = ()  # {"op", "seconds", "bytes", "generation"} of checkpoint saves finished since
 
 
 def slot_key(job_id: str, slot: int) -> str:
@@ -86,6 +87,10 @@ class Worker:
         self._since = 0
         self._last_snapshot_at = time.monotonic()
         self.key = slot_key(spec.job_id, self.slot)
+        self._loaded_generation: int | None = None
+        self._loaded_bytes: int | None = None
+        self._reported: Any = None  # the last save whose outcome is in _outcomes
+        self._outcomes: list[dict] = []  # finished saves, not yet reported to the supervisor
 
     # -- liveness and identity
     def ready(self) -> dict:
@@ -98,8 +103,12 @@ class Worker:
         slot's state and report where it stands."""
         self.slot, self.epoch = slot, epoch
         self.key = slot_key(self.spec.job_id, slot)
+        t0 = time.perf_counter()
         cursor = self.restore()
-        return {**self.ready(), "cursor": cursor}
+        load = {"op": "load", "seconds": time.perf_counter() - t0, "bytes": self._loaded_bytes,
+                "generation": self._loaded_generation}
+        return {**self.ready(), "cursor": cursor, "generation": self._loaded_generation,
+                "checkpoints": (load,) if self._loaded_generation is not None else ()}
 
     # -- state
     def restore(self) -> int:
@@ -115,8 +124,10 @@ class Worker:
                 self.fn = self.spec.target(*self.spec.init_args, **self.spec.init_kwargs)
             self.dirty = False
             self._snapshot = None
+            self._loaded_generation = self._loaded_bytes = None
             self.cursor = self.slot
             return self.cursor
+        self._loaded_generation, self._loaded_bytes = loaded.generation, getattr(loaded, "length", None)
         self.fn.load_state_dict(loaded.state["user"])
         self.cursor = int(loaded.state["cursor"])
         self.dirty = False
@@ -144,14 +155,15 @@ class Worker:
             if self.spec.stateful:
                 self.dirty = True
             raise
-        staged = None
+        encoded = None
         if not replay:
-            staged = self.spec.sink.stage(batch_id, out, epoch=self.epoch)
+            encoded = self.spec.sink.encode(batch_id, out, epoch=self.epoch)
         if self.spec.stateful:
             self.cursor = batch_id + self.spec.slots
             self._since += 1
             self._maybe_checkpoint(commit_floor)
-        return Result(batch_id, self.slot, self.epoch, staged, time.perf_counter() - t0, self.cursor)
+        return Result(batch_id, self.slot, self.epoch, encoded, time.perf_counter() - t0, self.cursor,
+                      self._finished_saves())
 
     def persist(self, commit_floor: int) -> int | None:
         """Persist a pending snapshot whose outputs are all committed; return its cursor (or None)."""
@@ -159,20 +171,37 @@ class Worker:
         if snap is None or snap["cursor"] > commit_floor:
             return None
         if self._saving is not None:
-            self._saving.wait()  # back-pressure: one save in flight per slot; raises its error
+            self._wait_save()  # back-pressure: one save in flight per slot; raises its error
         self._saving = self.store.save_async(self.key, snap, epoch=self.epoch, copy=False)
         self._snapshot = None
         return int(snap["cursor"])
 
-    def finish(self, commit_floor: int) -> int:
-        """End of job: snapshot the final state and persist it; return the final cursor."""
+    def finish(self, commit_floor: int) -> dict:
+        """End of job: snapshot the final state and persist it; return the final cursor and the outcomes
+        of the saves finished since the last answer."""
         if self.spec.stateful:
             self._take_snapshot()
             self.persist(commit_floor)
             if self._saving is not None:
-                self._saving.wait()
+                self._wait_save()
                 self._saving = None
-        return self.cursor
+        return {"cursor": self.cursor, "checkpoints": self._finished_saves()}
+
+    def _wait_save(self) -> None:
+        """Wait for the save in flight (raising its error) and note its outcome for the job's metrics."""
+        saving = self._saving
+        commit = saving.wait()
+        if saving is not self._reported:
+            self._reported = saving
+            self._outcomes.append({"op": "save", "seconds": commit.seconds, "bytes": commit.length,
+                                   "generation": commit.generation})
+
+    def _finished_saves(self) -> tuple:
+        """Outcomes of the checkpoint saves finished since the last call."""
+        if self._saving is not None and self._saving.done():
+            self._wait_save()
+        out, self._outcomes = tuple(self._outcomes), []
+        return out
 
     def _maybe_checkpoint(self, commit_floor: int) -> None:
         s = self.spec.settings
@@ -185,7 +214,7 @@ class Worker:
 
     def _take_snapshot(self) -> None:
         if self._saving is not None and not self._saving.done():
-            self._saving.wait()  # the previous save still reads the buffers we are about to reuse
+            self._wait_save()  # the previous save still reads the buffers we are about to reuse
         self._snapshot = self._buffers.take({"user": self.fn.state_dict(), "cursor": self.cursor})
         self._since = 0
         self._last_snapshot_at = time.monotonic()

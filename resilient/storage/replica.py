@@ -127,6 +127,38 @@ class LocalReplica:
     def overwrite(self, rel: str, data: bytes) -> None:
         self.write_object(rel, [data])
 
+    def create_pointer(self, rel: str, target: str) -> None:
+        """Create-only name ``rel`` holding the short string ``target``, as a symbolic link: one atomic
+        metadata operation (no data block to flush), FileExistsError if the name is taken. Not durable
+        until `sync_dirs` covers its directory."""
+        path = self._abs(rel)
+        try:
+            os.symlink(target, path)
+        except FileNotFoundError:
+            self._makedirs(os.path.dirname(path))
+            os.symlink(target, path)
+
+    def sync_dirs(self, rels: Iterable[str]) -> None:
+        """Make the entries created in these directories durable: one fsync per distinct directory."""
+        for d in sorted({os.path.dirname(self._abs(r)) for r in rels}):
+            _fsync_dir(d)
+
+    def read_pointer(self, rel: str) -> str:
+        """What `create_pointer` stored; a regular file's text for names written by `create_exclusive`."""
+        path = self._abs(rel)
+        try:
+            return os.readlink(path)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: a regular file, not a pointer
+                raise
+        with open(path, "rb") as f:
+            return f.read().decode()
+
+    def read_range(self, rel: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``offset`` (fewer if it is shorter)."""
+        with open(self._abs(rel), "rb", buffering=0) as f:
+            return os.pread(f.fileno(), length, offset)
+
     def read(self, rel: str, *, owned: bool = False) -> bytes | bytearray | ObjectBuffer:
         """The object's bytes; with ``owned``, in an `ObjectBuffer` (hashed while read, see its ``xxh3``)
         that the caller may hand over to `resilient.codec.decode`."""
@@ -248,6 +280,19 @@ class FsspecReplica:
 
     def overwrite(self, rel: str, data: bytes) -> None:
         self._with_parents(self.fs.pipe_file, self._abs(rel), data)
+
+    def create_pointer(self, rel: str, target: str) -> None:
+        """Create-only small object ``rel`` holding ``target`` (a conditional create, as `create_exclusive`)."""
+        self.create_exclusive(rel, target.encode())
+
+    def sync_dirs(self, rels: Iterable[str]) -> None:
+        """Object stores make each object durable when its upload returns: nothing to do."""
+
+    def read_pointer(self, rel: str) -> str:
+        return bytes(self.fs.cat_file(self._abs(rel))).decode()
+
+    def read_range(self, rel: str, offset: int, length: int) -> bytes:
+        return bytes(self.fs.cat_file(self._abs(rel), start=offset, end=offset + length))
 
     def _with_parents(self, op: Callable[..., T], path: str, *args: Any, **kwargs: Any) -> T:
         """Run a write; where the backend has real directories and the parent is missing, create it

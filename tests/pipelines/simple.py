@@ -53,6 +53,8 @@ def fault(first: int, faults: dict, markers: str) -> str | None:
     mode = faults.get(first)
     if mode == "raise-always":
         raise ValueError(f"poison batch starting {first}")
+    if mode == "raise-until-fixed" and not os.path.exists(os.path.join(markers, f"fixed-{first}")):
+        raise ValueError(f"bad input in batch starting {first}")
     if mode == "crash-always":
         os._exit(17)
     if mode == "crash-once" and first_time(markers, first):
