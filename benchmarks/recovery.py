@@ -286,9 +286,7 @@ def resume_parts(job_dir: str, total: int, args: argparse.Namespace):
 
 
 def build_resume_dir(job_dir: str, total: int, args: argparse.Namespace) -> dict:
-    from dataclasses import asdict
-
-    from resilient.io import SHARD_WIDTH, StagedOutput
+    from resilient.io import SHARD_WIDTH
     from resilient.runtime.ledger import Ledger
     from resilient.runtime.supervisor import Supervisor
 
@@ -299,19 +297,17 @@ def build_resume_dir(job_dir: str, total: int, args: argparse.Namespace) -> dict
     try:
         sup._open_job()  # the job record, as the first run writes it
         sink = spec.sink
-        last = total - 1  # one real output through the sink's own stage + commit (also writes _sink.json)
-        sink.commit(sink.stage(last, {"id": np.arange(3, dtype=np.int64)}, epoch=1))
+        last = total - 1  # one real output through the sink's own group commit (also writes _sink.json)
+        sink.commit_group([sink.encode(last, {"id": np.arange(3, dtype=np.int64)}, epoch=1)])
         first = 0 if args.resume_all_markers else (watermark // SHARD_WIDTH) * SHARD_WIDTH
         commit_dir = os.path.join(sink.url, "commit")
         for shard in range(total // SHARD_WIDTH + 1):
             os.makedirs(os.path.join(commit_dir, f"{shard:06d}"), exist_ok=True)
         written = 0
         for b in range(first, last):
-            staged = StagedOutput(b, f"data/{b // SHARD_WIDTH:06d}/{b:012d}-e1-00000000.parquet", 1234,
-                                  "0123456789abcdef", 1, args.batch_rows)
             path = os.path.join(commit_dir, f"{b // SHARD_WIDTH:06d}", f"{b:012d}")
-            with open(path, "wb") as f:  # plain writes: the runtime fsyncs and links, which only costs time
-                f.write(json.dumps(asdict(staged), sort_keys=True).encode())
+            # markers as the runtime writes them (pointers to a group; resume lists them, never reads them)
+            os.symlink(f"{b - b % 256:012d}-00000000", path)
             written += 1
         # the last progress record the runtime saved before it died: the watermark lags the markers
         sup._save_progress(Ledger(total, max(64, 4 * spec.slots * spec.settings.queue_depth), watermark=watermark))

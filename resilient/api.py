@@ -47,7 +47,7 @@ class JobHandle:
 
     def _on_event(self, kind: str, info: dict) -> None:
         if kind == "commit":
-            self._committed += 1  # counted, not kept: a handle's memory does not grow with the job
+            self._committed += len(info["batch_ids"])  # counted, not kept: memory does not grow with the job
         else:
             self._events.append((kind, info))
 

@@ -84,7 +84,7 @@ def test_chaos_stateless_sigkill_every_few_hundred_ms(tmp_path):
     job = resilient.pipeline(simple.SlowSquare, num_actors=3, max_attempts=50, standby=3)
     handle = job.run(
         RangeSource(n_batches * 4, 4), str(tmp_path / "out"), job_id="chaos", settings=settings_for(tmp_path),
-        init_args=(0.004,),
+        init_args=(0.01,),
     )
     kills = chaos(handle, period=0.4, slots=3)
     result = handle.wait(600)

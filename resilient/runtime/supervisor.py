@@ -522,7 +522,9 @@ class Supervisor:
     def _on_exception(self, slot: _Slot, b: int, ledger: Ledger, cause: BaseException, text: str) -> None:
         import ray
 
-        tb = "".join(traceback.format_exception(cause)) if isinstance(cause, BaseException) else text
+        # the remote traceback is in the text of Ray's wrapper (the cause Ray rebuilds here has none)
+        own = "".join(traceback.format_exception(cause)) if isinstance(cause, BaseException) else ""
+        tb = text if "Traceback" in text else own
         error = f"{type(cause).__name__}: {cause}"
         attempts = ledger.attempts.get(b, 0) + 1
         dead = self._count_failure(b, ledger, error, tb)
