@@ -21,6 +21,8 @@ from typing import Any, Generic, TypeVar, overload
 
 from resilient.config import Settings
 from resilient.errors import ConfigError
+from resilient.metrics import JobMetrics
+from resilient.progress import ProgressReporter
 from resilient.runtime.supervisor import JobResult, Supervisor
 from resilient.runtime.worker import JobSpec
 
@@ -30,9 +32,14 @@ T = TypeVar("T")
 
 
 class JobHandle:
-    """A running (or finished) job: wait on it, watch it, read its committed outputs in input order."""
+    """A running (or finished) job: wait on it, watch it, read its committed outputs in input order.
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    Every event of the job is also recorded as a Ray metric (`resilient.metrics.JobMetrics`), and a
+    progress line is drawn on standard error while the job runs (`resilient.progress.ProgressReporter`):
+    by default only on a terminal outside CI; ``progress=True``/``False`` forces it on or off.
+    """
+
+    def __init__(self, supervisor: Supervisor, *, progress: bool | None = None) -> None:
         self._supervisor = supervisor
         self.job_id = supervisor.spec.job_id
         self.sink = supervisor.sink
@@ -41,18 +48,25 @@ class JobHandle:
         self._events: collections.deque = collections.deque(maxlen=10_000)
         self._committed = 0
         self._started = time.monotonic()
+        self._metrics = JobMetrics(self.job_id)
+        self._reporter = ProgressReporter(self.progress, enabled=progress)
         supervisor.on_event = self._on_event
         self._thread = threading.Thread(target=self._run, name=f"resilient-job-{self.job_id}", daemon=True)
         self._thread.start()
+        self._reporter.start()
 
     def _on_event(self, kind: str, info: dict) -> None:
+        self._metrics.on_event(kind, info)
         if kind == "commit":
-            self._committed += len(info["batch_ids"])  # counted, not kept: memory does not grow with the job
-        else:
+            # counted, not kept: a handle's memory does not grow with the job; a group commit counts each
+            ids = info.get("batch_ids")
+            self._committed += len(ids) if ids is not None else 1
+        elif kind != "checkpoint":  # routine: kept out so failures stay in the window
             self._events.append((kind, info))
 
     def progress(self) -> dict:
-        """Committed batches (this run), total, rate, restarts, retries and dead letters so far."""
+        """Committed batches (this run), total, rate, restarts, retries and dead letters so far, and
+        ``resumed``: the batches already done when this run started."""
         sup = self._supervisor
         elapsed = max(1e-9, time.monotonic() - self._started)
         return {
@@ -63,6 +77,7 @@ class JobHandle:
             "restarts": sup.restarts,
             "retries": sup.retries,
             "dead_letters": len(sup.dead),
+            "resumed": getattr(sup, "_resumed_done", 0),
             "done": self.done(),
         }
 
@@ -71,6 +86,9 @@ class JobHandle:
             self._result = self._supervisor.run()
         except BaseException as e:  # noqa: BLE001 - surfaced by wait()
             self._error = e
+        finally:
+            err = self._error
+            self._reporter.stop(note=f"failed: {type(err).__name__}" if err is not None else "done")
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -94,8 +112,9 @@ class JobHandle:
         ]
 
     def events(self) -> list[tuple[str, dict]]:
-        """Failures and recoveries seen so far (the last 10,000): ("restart" | "rollback" | "dead_letter",
-        info)."""
+        """Failures and recoveries seen so far (the last 10,000), as ``(kind, info)``: "started",
+        "restart", "rollback", "retry", "dead_letter", "replica" (commits are counted in `progress`; commits and checkpoints
+        are recorded as metrics)."""
         return list(self._events)
 
     def results(self, start: int = 0) -> Iterator[tuple[int, Any]]:
@@ -132,6 +151,7 @@ class Pipeline(Generic[T]):
         sink_format: str = "jsonl",
         batch_size: int | None = None,
         settings: Settings | None = None,
+        progress: bool | None = None,
     ) -> JobHandle:
         """Run (or resume) job `job_id`: every batch of `source` gets exactly one committed output in
         `sink`. Starts a local Ray instance if none is connected.
@@ -142,6 +162,8 @@ class Pipeline(Generic[T]):
                 Dataset.
             sink: a `resilient.io.FileSink` or a URL (outputs written as `sink_format`).
             job_id: names the job; re-running with the same id resumes it.
+            progress: draw a progress line on standard error while the job runs: True, False, or None
+                (only on a terminal, and not where ``CI`` is set).
         """
         from resilient.io.sinks import FileSink
         from resilient.io.sources import as_source
@@ -166,7 +188,7 @@ class Pipeline(Generic[T]):
             settings=settings,
             slots=settings.num_actors,
         )
-        return JobHandle(Supervisor(spec, src))
+        return JobHandle(Supervisor(spec, src), progress=progress)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.target(*args, **kwargs)  # type: ignore[operator]

@@ -17,6 +17,27 @@ and `reference_table` (the README table) all read that table. A value that is no
 `resilient.errors.ConfigError` naming the variable (or keyword), the value and what is accepted; there
 is no silent fallback to a default. Credentials (URL user info, secret-looking storage options) are
 masked in ``repr``, in errors and in `Settings.describe`.
+
+Secrets never travel in a pickle
+--------------------------------
+A secret value is a secret field's value (``signing_key``), a storage URL with user info or a secret
+query parameter, or a storage option under a secret-looking name (``key``, ``secret``, ``token``...).
+Pickling a `Settings` (for instance inside the job spec shipped to Ray actors) replaces every secret
+value with a reference, and unpickling resolves the reference again (`seal_secrets`, `unseal_secrets`):
+
+* a value that came from this process's environment (``os.environ``, e.g. ``RESILIENT_SIGNING_KEY`` or a
+  ``"secret"`` inside ``RESILIENT_STORAGE_OPTIONS``) travels as the variable's name and is read again
+  from the receiving process's environment. Actors of a local ``ray.init`` inherit the driver's
+  environment; under ``ray job submit`` pass the variables with ``runtime_env={"env_vars": {...}}``.
+  A variable missing there raises `ConfigError` naming it; a signing key that differs (by key id) too.
+* a value given in code (a keyword, or an environment mapping passed to `Settings.from_env`) travels as
+  a random token known only to the process that created it: copies within that process (``copy``,
+  ``pickle`` round trips, forked children) get the value back, any other process refuses to unpickle
+  it with a `ConfigError` that says to provide the secret through the environment instead. Secrets are
+  never written into a pickle, so they never reach Ray's object store, task specs or spill files.
+
+Credentials the cloud SDKs read themselves (``AWS_*`` variables, ``~/.aws``, instance roles) are not
+part of `Settings` at all: every process resolves them through its SDK's usual chain.
 """
 
 from __future__ import annotations
@@ -24,11 +45,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import hashlib
 import math
 import os
 import re
+import secrets
+import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +65,10 @@ __all__ = [
     "Settings",
     "redact_url",
     "reference_table",
+    "seal_secrets",
+    "signing_key_ids",
+    "sink_resolver",
+    "unseal_secrets",
 ]
 
 ENV_PREFIX = "RESILIENT_"
@@ -350,7 +378,60 @@ class _StorageOptions(_Parser):
                 raw = json.loads(raw)
             except json.JSONDecodeError:
                 return MASK  # unparsable text may hold credentials anywhere
-        return _redact_options(raw)
+        if not isinstance(raw, Mapping):
+            return MASK  # not the expected shape: no telling which parts are credentials
+        return {
+            k: _redact_options(v) if isinstance(v, Mapping) else MASK
+            for k, v in raw.items()
+        }
+
+class _SigningKeys(_Parser):
+    kind = "secret text"
+    accepted = (
+        "one key of at least 16 characters, or several separated by commas (the first signs, every one "
+        "verifies: key rotation); no spaces around them"
+    )
+    MIN = 16
+
+    def parse(self, raw: Any) -> str | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, str):
+            raise _Refused("not text")
+        keys = raw.split(",")
+        if any(len(k) < self.MIN for k in keys):
+            raise _Refused(f"every key needs at least {self.MIN} characters")
+        if any(k != k.strip() for k in keys):
+            raise _Refused("a key starts or ends with white space")
+        if len(set(keys)) != len(keys):
+            raise _Refused("a key is listed twice")
+        return raw
+
+    def format(self, value: Any) -> str:
+        return "" if value is None else MASK
+
+    def show(self, raw: Any) -> Any:
+        return MASK
+
+
+def signing_key_ids(value: str | None) -> tuple[str, ...]:
+    """The public ids of the keys in a ``signing_key`` setting, in order (the first one signs).
+
+    An id is the first 8 bytes (16 hex digits) of ``sha256(b"resilient-signing-key-id\\0" + key)``: it
+    names a key in manifests and errors (so a rotated key is recognized) and reveals nothing usable
+    about it.
+
+    Example:
+        >>> signing_key_ids(None)
+        ()
+        >>> [len(i) for i in signing_key_ids("0123456789abcdef,fedcba9876543210")]
+        [16, 16]
+    """
+    if not value:
+        return ()
+    return tuple(
+        hashlib.sha256(b"resilient-signing-key-id\0" + k.encode()).hexdigest()[:16] for k in value.split(",")
+    )
 
 
 @dataclass(frozen=True)
@@ -407,6 +488,10 @@ FIELDS: tuple[Field, ...] = (
           "consecutive failed operations before a replica is reported degraded", "5"),
     Field("allow_pickle", "RESILIENT_ALLOW_PICKLE", _Flag(), False,
           "store values the codec does not know with pickle (and load them back)", "true"),
+    Field("signing_key", "RESILIENT_SIGNING_KEY", _SigningKeys(), None,
+          "HMAC-SHA256 key(s) signing checkpoint manifests; every load then refuses unsigned or altered "
+          "ones. `new,old` while rotating", "$(openssl rand -hex 32)", secret=True,
+          default_text="none: manifests unsigned"),
     Field("num_actors", "RESILIENT_NUM_ACTORS", _Integer(1, 4096), 2,
           "worker actors (slots) running the pipeline", "8"),
     Field("actor_cpus", "RESILIENT_ACTOR_CPUS", _Number(), 0.25, "CPUs Ray reserves per worker actor", "1"),
@@ -473,6 +558,7 @@ class Settings:
     retry_backoff_max_seconds: float
     degraded_after: int
     allow_pickle: bool
+    signing_key: str | None
     num_actors: int
     actor_cpus: float
     actor_gpus: float
@@ -605,17 +691,7 @@ class Settings:
             >>> s.storage_options_for("s3://b/run")["client_kwargs"]
             {'region_name': 'eu-west-1', 'endpoint_url': 'http://127.0.0.1:5000'}
         """
-        m = _SCHEME.match(url)
-        protocol = m["protocol"].lower() if m else "file"
-        plain = _USERINFO.sub(lambda g: g["scheme"], url)
-        options = _thaw(self.storage_options.get(protocol, {}))
-        prefixes = [
-            p for p in self.storage_options
-            if "://" in p and (plain == p.rstrip("/") or plain.startswith(p.rstrip("/") + "/"))
-        ]
-        if prefixes:
-            options = _merge(options, _thaw(self.storage_options[max(prefixes, key=len)]))
-        return options
+        return _options_for(self.storage_options, url)
 
     def redacted(self) -> dict[str, Any]:
         """Every setting by attribute, with credentials masked (safe to log).
@@ -628,7 +704,7 @@ class Settings:
         for field in FIELDS:
             value = getattr(self, field.attr)
             if field.secret:
-                value = MASK
+                value = MASK if value is not None else None
             elif field.attr == "storage":
                 value = tuple(redact_url(u) for u in value)
             elif field.attr == "storage_options":
@@ -647,12 +723,260 @@ class Settings:
             ('RESILIENT_STORAGE', 'memory://a', 'environment')
         """
         return [
-            (f.env, MASK if f.secret else f.parser.format(getattr(self, f.attr)), self.sources[f.attr])
+            (f.env, _shown_secret(getattr(self, f.attr)) if f.secret else f.parser.format(getattr(self, f.attr)),
+             self.sources[f.attr])
             for f in FIELDS
         ]
 
     def __repr__(self) -> str:
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.redacted().items()) + ")"
+
+    def in_code_secrets(self) -> list[str]:
+        """Settings holding a secret value that was given in code rather than taken from this process's
+        environment: another process (a Ray actor) refuses to unpickle them (see the module docstring).
+        A runtime can call this before shipping the settings, to fail early.
+
+        Example:
+            >>> s = Settings.from_env({"RESILIENT_STORAGE": "memory://a"}, signing_key="k" * 16)
+            >>> s.in_code_secrets()
+            ["keyword 'signing_key'"]
+        """
+        out = []
+        for field in FIELDS:
+            _, refs = seal_secrets(getattr(self, field.attr), _field_resolver(self, field), whole=field.secret)
+            if any(ref[0] == "local" for _, ref in refs):
+                out.append(_label(field, self.sources[field.attr]))
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle without secret values: each travels as a reference (see the module docstring)."""
+        state: dict[str, Any] = {}
+        sealed: dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]] = {}
+        for field in FIELDS:
+            value, refs = seal_secrets(getattr(self, field.attr), _field_resolver(self, field), whole=field.secret)
+            state[field.attr] = value
+            if refs:
+                sealed[field.attr] = refs
+        return (_rebuild_settings, (state, dict(self.sources), sealed))
+
+
+def _shown_secret(value: Any) -> str:
+    return "" if value is None else MASK
+
+
+def _options_for(storage_options: Mapping[str, Any], url: str) -> dict[str, Any]:
+    """`Settings.storage_options_for` over any (frozen or plain) storage options mapping."""
+    m = _SCHEME.match(url)
+    protocol = m["protocol"].lower() if m else "file"
+    plain = _USERINFO.sub(lambda g: g["scheme"], url)
+    options = _thaw(storage_options.get(protocol, {}))
+    prefixes = [
+        p for p in storage_options
+        if "://" in p and (plain == p.rstrip("/") or plain.startswith(p.rstrip("/") + "/"))
+    ]
+    if prefixes:
+        options = _merge(options, _thaw(storage_options[max(prefixes, key=len)]))
+    return options
+
+
+# --- secrets in pickles: references instead of values ---------------------------------------------
+
+_MISSING = object()
+_LOCAL_LOCK = threading.Lock()
+_LOCAL_TOKENS: dict[str, str] = {}  # canonical text of a secret value -> its token in this process
+_LOCAL_VALUES: dict[str, Any] = {}  # token -> secret value
+
+
+class _Resolver:
+    """Where a secret value can be found again in another process: one environment variable, parsed,
+    and the secret taken at the same place in the result (``lookup``)."""
+
+    def __init__(self, variable: str, parse: Callable[[str], Any], label: str, *, trusted: bool) -> None:
+        self.variable = variable
+        self.parse = parse
+        self.label = label
+        self.trusted = trusted  # the value may have come from os.environ (not from code)
+
+    def current(self, environ: Mapping[str, str]) -> Any:
+        if self.variable not in environ:
+            return _MISSING
+        try:
+            return self.parse(environ[self.variable])
+        except (ConfigError, _Refused):
+            return _MISSING
+
+
+def _field_resolver(settings: Settings, field: Field) -> _Resolver:
+    def parse(text: str) -> Any:
+        return field.parser.parse(text)
+
+    return _Resolver(field.env, parse, _label(field, settings.sources[field.attr]),
+                     trusted=settings.sources[field.attr] == "environment")
+
+
+def sink_resolver(url: str, *, part: str = "options") -> _Resolver:
+    """Where the secrets of an output location come from (used by `resilient.io.FileSink` pickling):
+    with ``part="options"``, ``RESILIENT_STORAGE_OPTIONS`` resolved for `url`; with ``part="url"``,
+    nowhere (a URL is always given in code)."""
+
+    def parse(text: str) -> Any:
+        return _options_for(_StorageOptions().parse(text), url)
+
+    if part == "url":
+        return _Resolver("RESILIENT_STORAGE_OPTIONS", parse, f"output URL {redact_url(url)}", trusted=False)
+    return _Resolver("RESILIENT_STORAGE_OPTIONS", parse, f"storage options of {redact_url(url)}", trusted=True)
+
+
+def _secret_leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """(path, value) of every secret inside a value: entries under secret-looking names, and strings
+    holding credentials (URL user info, secret query parameters)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if isinstance(k, str) and _SECRET_NAME.search(k):
+                yield path + (k,), v
+            else:
+                yield from _secret_leaves(v, path + (k,))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _secret_leaves(v, path + (i,))
+    elif isinstance(value, str) and redact_url(value) != value:
+        yield path, value
+
+
+def _at(value: Any, path: tuple[Any, ...]) -> Any:
+    for step in path:
+        try:
+            value = value[step]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return value
+
+
+def _put(value: Any, path: tuple[Any, ...], leaf: Any) -> Any:
+    if not path:
+        return leaf
+    container = value
+    for step in path[:-1]:
+        container = container[step]
+    container[path[-1]] = leaf
+    return value
+
+
+def _local_token(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, default=repr)
+    with _LOCAL_LOCK:
+        token = _LOCAL_TOKENS.get(canonical)
+        if token is None:
+            token = _LOCAL_TOKENS[canonical] = secrets.token_hex(16)
+            _LOCAL_VALUES[token] = value
+        return token
+
+
+def seal_secrets(
+    value: Any, resolver: _Resolver, *, whole: bool = False, environ: Mapping[str, str] | None = None
+) -> tuple[Any, list[tuple[tuple[Any, ...], tuple[Any, ...]]]]:
+    """A copy of `value` with every secret in it replaced by ``"***"``, and the references that bring the
+    secrets back (`unseal_secrets`): ``("env", variable, check)`` when the process environment holds the
+    same secret at the same place (per `resolver`), else ``("local", token)``.
+
+    Args:
+        value: a setting's value (plain or frozen containers).
+        resolver: the environment variable the value may have come from.
+        whole: the whole value is secret (a secret field), not only the parts that look secret.
+        environ: the environment to compare with; ``os.environ`` when None.
+
+    Example:
+        >>> plain, refs = seal_secrets({"key": "AKIA", "region": "x"}, sink_resolver("s3://b"), environ={})
+        >>> plain, [r[0] for _, r in refs]
+        ({'key': '***', 'region': 'x'}, ['local'])
+    """
+    environ = os.environ if environ is None else environ
+    if whole:
+        leaves = [((), value)] if value is not None else []
+    else:
+        leaves = list(_secret_leaves(value))
+    if not leaves:
+        return _thaw(value), []
+    current = resolver.current(environ) if resolver.trusted else _MISSING
+    plain = _thaw(value)
+    refs = []
+    for path, leaf in leaves:
+        leaf = _thaw(leaf)
+        there = _at(current, path) if current is not _MISSING else _MISSING
+        if there is not _MISSING and _thaw(there) == leaf:
+            check = ",".join(signing_key_ids(leaf)) if whole and isinstance(leaf, str) else ""
+            refs.append((path, ("env", resolver.variable, check)))
+        else:
+            refs.append((path, ("local", _local_token(leaf))))
+        plain = _put(plain, path, MASK)
+    return plain, refs
+
+
+def unseal_secrets(
+    plain: Any,
+    refs: list[tuple[tuple[Any, ...], tuple[Any, ...]]],
+    resolver: _Resolver,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Any:
+    """`plain` with every secret that `seal_secrets` took out put back, read from this process's
+    environment or its own in-process tokens.
+
+    Raises:
+        ConfigError: a secret is not available here: its variable is not set (or holds no value at that
+            place), a signing key differs from the sender's, or a value given in code reached another
+            process.
+    """
+    environ = os.environ if environ is None else environ
+    current: Any = None
+    for path, ref in refs:
+        if ref[0] == "env":
+            _, variable, check = ref
+            if current is None:
+                current = resolver.current(environ)
+            leaf = _at(current, path) if current is not _MISSING else _MISSING
+            if leaf is _MISSING:
+                raise ConfigError(
+                    variable, MASK, f"the variable set in this process too (pid {os.getpid()})",
+                    detail="settings and sinks travel between processes without their secrets, which each "
+                    "process reads from its own environment; for Ray workers started elsewhere pass it with "
+                    'runtime_env={"env_vars": {...}}',
+                )
+            leaf = _thaw(leaf)
+            if check and ",".join(signing_key_ids(leaf)) != check:
+                raise ConfigError(
+                    variable, MASK, f"the same keys as the process that sent the settings (key ids {check})",
+                    detail=f"this process has key ids {','.join(signing_key_ids(leaf))}",
+                )
+        else:
+            with _LOCAL_LOCK:
+                leaf = _LOCAL_VALUES.get(ref[1], _MISSING)
+            if leaf is _MISSING:
+                raise ConfigError(
+                    resolver.label, MASK,
+                    f"a secret taken from the environment ({resolver.variable}, or the storage SDK's own "
+                    "credential chain such as AWS_* variables) when settings or sinks go to another process",
+                    detail=f"a secret given in code never leaves its process in a pickle; this process "
+                    f"(pid {os.getpid()}) did not create it",
+                )
+        plain = _put(plain, path, leaf)
+    return plain
+
+
+def _rebuild_settings(
+    state: dict[str, Any], sources: dict[str, str], sealed: dict[str, list[Any]]
+) -> Settings:
+    stub = _SourcesOnly(sources)
+    values = dict(state)
+    for attr, refs in sealed.items():
+        field = _BY_ATTR[attr]
+        values[attr] = unseal_secrets(values[attr], refs, _field_resolver(stub, field))  # type: ignore[arg-type]
+    return Settings(**values, sources=_FrozenDict(sources))
+
+
+class _SourcesOnly:
+    def __init__(self, sources: Mapping[str, str]) -> None:
+        self.sources = sources
 
 
 def _check_names(environ: Mapping[str, str], overrides: Mapping[str, Any]) -> None:

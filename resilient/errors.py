@@ -7,6 +7,7 @@ The hierarchy::
     ├── CodecError                           state that cannot be encoded or decoded
     │   ├── UnsupportedTypeError (TypeError) a value the codec does not store without explicit pickle opt-in
     │   ├── CorruptionError                  bytes that fail magic, version, length or checksum checks
+    │   │   └── SignatureError               a manifest's signature is missing, unknown or wrong
     │   └── UnsafeCheckpointError            refused before deserialization: pickle payload, path escape
     └── StorageError                         a storage operation failed (carries url, path, generation)
         ├── TransientStorageError            worth retrying: timeouts, 5xx, connection resets
@@ -30,6 +31,7 @@ __all__ = [
     "PermanentStorageError",
     "QuorumError",
     "ResilientError",
+    "SignatureError",
     "StorageError",
     "TransientStorageError",
     "UnsafeCheckpointError",
@@ -38,7 +40,21 @@ __all__ = [
 
 
 class ResilientError(Exception):
-    """Root of every error raised by `resilient`."""
+    """Root of every error raised by `resilient`.
+
+    Every subclass pickles with its message and attributes (errors cross process boundaries: a Ray
+    actor's error reaches the driver), whatever its constructor's signature.
+    """
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild_error, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_error(cls: type, args: tuple, state: dict) -> ResilientError:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class ConfigError(ResilientError, ValueError):
@@ -94,6 +110,45 @@ class CorruptionError(CodecError):
         self.where = where
         self.reason = reason
         super().__init__(f"{where}: {reason}")
+
+
+class SignatureError(CorruptionError):
+    """A manifest failed its signature check (a signing key is configured); nothing it names was read.
+
+    Loads treat it like any corrupt manifest: the generation is skipped and an older one that verifies
+    is loaded.
+
+    Attributes:
+        where: the manifest's URL (credentials removed).
+        reason: what was wrong: not signed, signed by a key that is not configured, or altered.
+        key: the checkpoint key, if known.
+        generation: the checkpoint generation, if known.
+        key_id: the id of the key the manifest claims to be signed with ("" when unsigned).
+        configured: the ids of the configured keys.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        reason: str,
+        *,
+        key: str | None = None,
+        generation: int | None = None,
+        key_id: str = "",
+        configured: tuple[str, ...] = (),
+    ) -> None:
+        self.key = key
+        self.generation = generation
+        self.key_id = key_id
+        self.configured = tuple(configured)
+        context = []
+        if key is not None:
+            context.append(f"key {key!r}")
+        if generation is not None:
+            context.append(f"generation {generation}")
+        if configured:
+            context.append(f"configured key ids {','.join(configured)}")
+        super().__init__(where, f"{reason} ({'; '.join(context)})" if context else reason)
 
 
 class UnsafeCheckpointError(CodecError):

@@ -163,11 +163,31 @@ class FileSink:
         self._indexes: dict[str, dict[str, Any]] = {}  # group id -> index, the last few read
 
     def __getstate__(self) -> dict[str, Any]:
+        """The sink without open filesystems and without secret values: credentials in ``url`` or
+        ``storage_options`` travel as references (`resilient.config.seal_secrets`): the variable
+        (``RESILIENT_STORAGE_OPTIONS``) when this process's environment holds the same value, which the
+        receiving process reads from its own environment; else a token only this process can resolve."""
+        from resilient.config import seal_secrets, sink_resolver
+
         state = self.__dict__.copy()
         state["_backend"] = None
         state["_layout_checked"] = state["_layout_recorded"] = False
         state["_indexes"] = {}
+        state["url"], url_refs = seal_secrets(self.url, sink_resolver(self.url, part="url"))
+        state["storage_options"], option_refs = seal_secrets(self.storage_options, sink_resolver(self.url))
+        state["_sealed"] = (url_refs, option_refs)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from resilient.config import sink_resolver, unseal_secrets
+
+        state = dict(state)
+        url_refs, option_refs = state.pop("_sealed", ((), ()))
+        self.__dict__.update(state)
+        if url_refs:
+            self.url = unseal_secrets(self.url, list(url_refs), sink_resolver(self._display, part="url"))
+        if option_refs:
+            self.storage_options = unseal_secrets(self.storage_options, list(option_refs), sink_resolver(self.url))
 
     def __repr__(self) -> str:
         return f"FileSink({self._display!r}, format={self.format!r})"

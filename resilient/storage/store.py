@@ -30,10 +30,20 @@ the codec re-checks every block of anything not covered that way) before anythin
 or is rebuilt from the other shards (parity). If nothing at that generation verifies, the next older one
 is tried. After a successful load, replicas found missing, stale or corrupt for that generation are
 rewritten from the good copy (read-repair).
+
+Signing (``signing_key`` / ``RESILIENT_SIGNING_KEY``, see `manifest`)
+---------------------------------------------------------------------
+With a key, a save also hashes the encoded object with SHA-256 while it streams out, and every manifest
+it creates carries that digest and an HMAC-SHA256 signature. Every manifest read (loads, `generations`,
+`verify`, `repair`, `gc`) checks the signature before the manifest is parsed; one that fails counts as
+a corrupt manifest (`SignatureError`), so a load skips its generation and falls back to an older one.
+A load also checks the object's SHA-256 against the signed manifest before anything is decompressed or
+decoded; a mismatch skips the generation the same way, and nothing is repaired from that object.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,7 +64,7 @@ from resilient.retry import RetryPolicy
 from resilient.storage import layout, maintenance
 from resilient.storage.examine import examine_generation, repair_generation
 from resilient.storage.fanout import Piece, Tape, produce
-from resilient.storage.manifest import Manifest, ShardInfo, choose_manifest
+from resilient.storage.manifest import Keyring, Manifest, ShardInfo, choose_manifest
 from resilient.storage.parity import Striper, placement
 from resilient.storage.maintenance import VerifyReport
 from resilient.storage.replica import GuardedReplica, ReplicaHealth, open_backend
@@ -137,6 +147,7 @@ class CheckpointStore:
         ]
         self.quorum = settings.quorum
         self.mode = settings.redundancy
+        self._keyring = Keyring.from_setting(settings.signing_key)
         n = len(self.replicas)
         self._io = ThreadPoolExecutor(max_workers=max(4, 2 * n), thread_name_prefix="resilient-io")
         self._bg = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resilient-save")
@@ -248,6 +259,12 @@ class CheckpointStore:
                 continue
             m = exam.manifest
             where = f"{key} generation {g}"
+            bad = self._unbound(exam.object_bytes, m)
+            if bad:
+                log.error("key %r generation %d: %s; skipped", key, g, bad)
+                skipped.append(g)
+                problems.append(f"generation {g}: {bad}")
+                continue
             state = codec.decode(
                 exam.object_bytes, map_location=map_location, allow_pickle=self.settings.allow_pickle, where=where
             )
@@ -259,6 +276,17 @@ class CheckpointStore:
             return Loaded(state, key, g, m.epoch, m.checkpoint_id, tuple(skipped), tuple(repaired))
         detail = "; ".join(problems[:20]) or "no generation found on any replica"
         raise NoCheckpointError(f"no committed checkpoint of key {key!r} verifies ({detail})")
+
+    def _unbound(self, obj: Any, m: Manifest) -> str | None:
+        """Why a verified object is not the one its signed manifest binds (None when it is, or when no
+        key is configured)."""
+        if self._keyring is None:
+            return None
+        if not m.sha256:  # unreachable: a verified signed manifest always binds one
+            return "signed manifest binds no sha256"
+        if hashlib.sha256(obj).hexdigest() != m.sha256:
+            return "object's sha256 differs from the signed manifest's (a substituted object)"
+        return None
 
     def latest(self, key: str) -> int | None:
         """The newest generation of `key` with a valid manifest (its data is not read), or None."""
@@ -375,7 +403,8 @@ class CheckpointStore:
 
     def __repr__(self) -> str:
         urls = ", ".join(r.url for r in self.replicas)
-        return f"CheckpointStore([{urls}], mode={self.mode!r}, quorum={self.quorum})"
+        signed = f", signed by key id {self._keyring.ids[0]}" if self._keyring is not None else ""
+        return f"CheckpointStore([{urls}], mode={self.mode!r}, quorum={self.quorum}{signed})"
 
     # ------------------------------------------------------------------ internals
 
@@ -421,7 +450,10 @@ class CheckpointStore:
         rel = f"{layout.gen_dir(key, g)}/{layout.MANIFEST}"
 
         def read(r: GuardedReplica) -> Manifest:
-            m = Manifest.from_bytes(r.call(r.backend.read, rel, path=rel, generation=g), where=f"{r.url}/{rel}")
+            m = Manifest.from_bytes(
+                r.call(r.backend.read, rel, path=rel, generation=g),
+                where=f"{r.url}/{rel}", keyring=self._keyring, key=key, generation=g,
+            )
             if m.key != key or m.generation != g:
                 raise CorruptionError(f"{r.url}/{rel}", f"manifest is for {m.key!r} generation {m.generation}")
             return m
@@ -457,6 +489,9 @@ class CheckpointStore:
             allow_pickle=s.allow_pickle,
             threads=s.io_threads,
         )
+        digest = hashlib.sha256() if self._keyring is not None else None
+        if digest is not None:
+            chunks = _hashing(chunks, digest)
         try:
             length, whole = produce(chunks, pieces, striper=striper)
         finally:
@@ -485,6 +520,8 @@ class CheckpointStore:
             block=PARITY_BLOCK if striper else 0,
             created_at=self._clock(),
             info={"writer": f"{socket.gethostname()}:{os.getpid()}"},
+            sha256=digest.hexdigest() if digest is not None else "",
+            signer=self._keyring,
         )
         rel = f"{gdir}/{layout.MANIFEST}"
         claimed = self.current_epoch(key)  # fenced while uploading? (async saves upload for a while)
@@ -499,7 +536,10 @@ class CheckpointStore:
                 r.call(r.backend.create_exclusive, rel, manifest.holding(held[j]).to_bytes(), path=rel, generation=generation)
             except FileExistsError:
                 # a retried create whose first attempt landed finds its own manifest: that is an ack
-                theirs = Manifest.from_bytes(r.call(r.backend.read, rel, path=rel), where=f"{r.url}/{rel}")
+                theirs = Manifest.from_bytes(
+                    r.call(r.backend.read, rel, path=rel), where=f"{r.url}/{rel}", keyring=self._keyring,
+                    key=key, generation=generation,
+                )
                 if theirs.checkpoint_id != cid:
                     raise
 
@@ -578,6 +618,13 @@ class _Claims:
                 except (TypeError, ValueError, KeyError):
                     continue  # unreadable here (missing, older format): try another replica
         return self._floors[epoch]
+
+
+def _hashing(chunks: Iterable[Any], digest: Any) -> Iterable[Any]:
+    """The chunks unchanged, each one fed to `digest` on its way out."""
+    for c in chunks:
+        digest.update(c)
+        yield c
 
 
 def _outcome(f: Future) -> Any:
