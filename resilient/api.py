@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import queue
 import functools
 import threading
 import time
@@ -39,7 +40,7 @@ class JobHandle:
     by default only on a terminal outside CI; ``progress=True``/``False`` forces it on or off.
     """
 
-    def __init__(self, supervisor: Supervisor, *, progress: bool | None = None) -> None:
+    def __init__(self, supervisor: Supervisor, *, progress: bool | None = None, stream: int = 0) -> None:
         self._supervisor = supervisor
         self.job_id = supervisor.spec.job_id
         self.sink = supervisor.sink
@@ -49,6 +50,7 @@ class JobHandle:
         self._committed = 0
         self._started = time.monotonic()
         self._metrics = JobMetrics(self.job_id)
+        self._stream: queue.Queue | None = queue.Queue(maxsize=stream) if stream else None
         self._reporter = ProgressReporter(self.progress, enabled=progress)
         supervisor.on_event = self._on_event
         self._thread = threading.Thread(target=self._run, name=f"resilient-job-{self.job_id}", daemon=True)
@@ -61,6 +63,8 @@ class JobHandle:
             # counted, not kept: a handle's memory does not grow with the job; a group commit counts each
             ids = info.get("batch_ids")
             self._committed += len(ids) if ids is not None else 1
+            if self._stream is not None and info.get("outputs"):
+                self._stream.put(info["outputs"])  # blocks the job while the consumer is behind
         elif kind != "checkpoint":  # routine: kept out so failures stay in the window
             self._events.append((kind, info))
 
@@ -77,7 +81,7 @@ class JobHandle:
             "restarts": sup.restarts,
             "retries": sup.retries,
             "dead_letters": len(sup.dead),
-            "resumed": getattr(sup, "_resumed_done", 0),
+            "resumed": sup.resumed_done,
             "done": self.done(),
         }
 
@@ -87,6 +91,8 @@ class JobHandle:
         except BaseException as e:  # noqa: BLE001 - surfaced by wait()
             self._error = e
         finally:
+            if self._stream is not None:
+                self._stream.put(None)
             err = self._error
             self._reporter.stop(note=f"failed: {type(err).__name__}" if err is not None else "done")
 
@@ -121,6 +127,24 @@ class JobHandle:
         """Committed outputs as ``(batch_id, output)`` in input order (read back from the sink)."""
         return self.sink.read_all(start)
 
+    def stream(self) -> Iterator[tuple[int, Any]]:
+        """Outputs as ``(batch_id, output)`` as they are committed by this run (commit order, not input
+        order), straight from the workers' answers: nothing is read back from the sink. Needs
+        ``run(..., stream=N)``; the job waits whenever N groups of outputs are not consumed yet. Ends when
+        the job does (then `wait` tells how). One consumer per handle."""
+        if self._stream is None:
+            raise ConfigError("stream", 0, "run(..., stream=N) with N >= 1 to stream outputs")
+        return self._streamed(self._stream)
+
+    def _streamed(self, q: queue.Queue) -> Iterator[tuple[int, Any]]:
+        while True:
+            outputs = q.get()
+            if outputs is None:
+                q.put(None)  # a second call ends at once too
+                return
+            for o in outputs:
+                yield o.batch_id, self.sink.decode(o)
+
 
 class Pipeline(Generic[T]):
     """A user class or function made resilient; ``run`` launches it as a job."""
@@ -152,6 +176,7 @@ class Pipeline(Generic[T]):
         batch_size: int | None = None,
         settings: Settings | None = None,
         progress: bool | None = None,
+        stream: int = 0,
     ) -> JobHandle:
         """Run (or resume) job `job_id`: every batch of `source` gets exactly one committed output in
         `sink`. Starts a local Ray instance if none is connected.
@@ -164,6 +189,8 @@ class Pipeline(Generic[T]):
             job_id: names the job; re-running with the same id resumes it.
             progress: draw a progress line on standard error while the job runs: True, False, or None
                 (only on a terminal, and not where ``CI`` is set).
+            stream: with N >= 1, outputs are also handed to `JobHandle.stream` as they are committed,
+                at most N groups ahead of the consumer (the job waits for it beyond that).
         """
         from resilient.io.sinks import FileSink
         from resilient.io.sources import as_source
@@ -177,6 +204,7 @@ class Pipeline(Generic[T]):
         src = as_source(source, batch_size=batch_size)
         if not isinstance(sink, FileSink):
             sink = FileSink(sink, format=sink_format, storage_options=settings.storage_options_for(sink))
+        _refuse_in_code_secrets(settings, sink)
         _ensure_ray()
         spec = JobSpec(
             job_id=job_id,
@@ -188,16 +216,52 @@ class Pipeline(Generic[T]):
             settings=settings,
             slots=settings.num_actors,
         )
-        return JobHandle(Supervisor(spec, src), progress=progress)
+        if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+            raise ConfigError("stream", stream, "an int >= 0 (0: no streaming)")
+        return JobHandle(Supervisor(spec, src), progress=progress, stream=stream)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.target(*args, **kwargs)  # type: ignore[operator]
 
 
-def _ensure_ray() -> None:
+def _refuse_in_code_secrets(settings: Settings, sink: Any) -> None:
+    """Worker actors are other processes: a secret given in code cannot reach them (it never travels in
+    pickled arguments), so refuse before any actor starts rather than fail in each one."""
+    from resilient.config import seal_secrets, sink_resolver
+
+    found = settings.in_code_secrets()
+    _, refs = seal_secrets(sink.storage_options, sink_resolver(sink.url))
+    if any(ref[0] == "local" for _, ref in refs):
+        found.append(f"storage options of the sink {sink!r}")
+    if found:
+        raise ConfigError(
+            "settings", ", ".join(found), "secrets taken from the environment (RESILIENT_STORAGE_OPTIONS, "
+            "RESILIENT_SIGNING_KEY, AWS_* or your provider's chain), which worker actors read themselves",
+            detail="secrets given in code never travel to other processes",
+        )
+
+
+def _ensure_ray(environ: Any = None) -> None:
+    """Connect to Ray: the cluster this process runs in or points at (a Ray job's driver has
+    ``RAY_ADDRESS``; a ``ray start`` cluster on this machine is found too), joined as it is configured;
+    else a local instance started here, on which a dead actor is reported at once."""
+    import os
+
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    existing = (environ if environ is not None else os.environ).get("RAY_ADDRESS")
+    if not existing:
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            existing = canonicalize_bootstrap_address(None)
+        except Exception:  # noqa: BLE001 - a private helper: if it moves, start a local instance
+            existing = None
+    if existing:
+        ray.init()  # an existing cluster refuses _system_config: it keeps its own
+    else:
         ray.init(
             include_dashboard=False,
             _system_config={"timeout_ms_task_wait_for_death_info": 0},

@@ -144,6 +144,25 @@ def test_chaos_stateful_final_state_and_outputs_match_failure_free(tmp_path):
             assert final["user"] == {"total": want[last]["running"][0], "batches": want[last]["n"][0]}
 
 
+def test_outputs_streamed_to_the_driver_as_committed(tmp_path):
+    job = resilient.pipeline(simple.square)
+    handle = job.run(RangeSource(500, 5), str(tmp_path / "out"), job_id="stream",
+                     settings=settings_for(tmp_path), stream=4)
+    streamed = collections.Counter()
+    values = {}
+    for b, cols in handle.stream():
+        streamed[b] += 1
+        values[b] = cols
+    result = handle.wait(60)
+    assert result.committed == 100 and sorted(streamed) == list(range(100)) and set(streamed.values()) == {1}
+    assert values == outputs(handle)  # what was streamed is what the sink holds
+    assert list(handle.stream()) == []
+    other = job.run(RangeSource(5, 5), str(tmp_path / "o2"), job_id="s2", settings=settings_for(tmp_path))
+    with pytest.raises(resilient.ConfigError, match="stream"):
+        other.stream()
+    other.wait(60)
+
+
 def test_exceptions_retried_poison_dead_lettered(tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -187,6 +206,23 @@ def test_dead_letters_retried_on_request_by_the_next_run(tmp_path):
     assert values == simple.expected_square(i for i in range(400) if i // 10 != 33)
     third = run().wait(300)  # the request was taken: batch 33 stays a dead letter, nothing is redone
     assert [d.batch_id for d in third.dead_letters] == [33] and third.retries == 0
+
+
+def test_actors_that_never_start_fail_the_job_with_their_error(tmp_path):
+    job = resilient.pipeline(simple.BrokenInit)
+    handle = job.run(RangeSource(100, 10), str(tmp_path / "out"), job_id="broken",
+                     settings=settings_for(tmp_path, standby=0, max_attempts=2))
+    with pytest.raises(resilient.runtime.supervisor.JobFailedError, match="died while starting") as e:
+        handle.wait(300)
+    assert "model weights not found" in str(e.value)
+
+
+def test_secrets_given_in_code_are_refused_before_any_actor_starts(tmp_path):
+    settings = settings_for(tmp_path, signing_key="k" * 32)  # given in code: cannot reach the actors
+    with pytest.raises(resilient.ConfigError, match="keyword 'signing_key'") as e:
+        resilient.pipeline(simple.square).run(RangeSource(10, 10), str(tmp_path / "out"), job_id="secret",
+                                               settings=settings)
+    assert "k" * 32 not in str(e.value)
 
 
 def test_poison_batch_fails_the_job_when_configured(tmp_path):

@@ -308,6 +308,13 @@ class FileSink:
         data = chunks[0] if len(chunks) == 1 and isinstance(chunks[0], bytes) else b"".join(chunks)
         return EncodedOutput(batch_id, epoch, data, xxhash.xxh3_64_hexdigest(data), rows)
 
+    def decode(self, encoded: EncodedOutput) -> Any:
+        """The output `encode` made ``encoded`` from (as `read` returns it), checked against its xxh3."""
+        where = f"{self._display} batch {encoded.batch_id} (streamed)"
+        if xxhash.xxh3_64_hexdigest(encoded.data) != encoded.xxh3:
+            raise CorruptionError(where, "xxh3 checksum differs from the one computed at encoding")
+        return decode_output(self.format, encoded.data, where)
+
     def stage(self, batch_id: int, output: Any, *, epoch: int) -> StagedOutput:
         """Serialize ``output`` and write it durably under a fresh name; nothing reads it until committed.
 

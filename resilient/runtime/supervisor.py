@@ -102,6 +102,7 @@ class _Slot:
     head_since: float = 0.0
     running: bool = False
     pending: Any = None  # the activation in flight while the slot starts
+    start_failures: int = 0  # actors in a row that died before serving
 
 
 class Supervisor:
@@ -134,7 +135,8 @@ class Supervisor:
         self.group: list[tuple[int, Any]] = []  # answers waiting for the next group commit
         self.committing: set[int] = set()  # batch ids in `group` or in a group commit in flight
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-commit")
-        self._health: dict[str, tuple[bool, int]] = {}  # replica url -> (degraded, failures) last reported
+        self._replica_seen: dict[tuple[str, str], int] = {}  # (process, url) -> failures it last reported
+        self._replica_state: dict[str, list] = {}  # url -> [errors, {process: degraded}]
         self.dead: dict[int, DeadLetter] = {}
         self.failures: dict[int, list[tuple[str, str]]] = {}  # batch -> (error, traceback) per failed attempt
         self.restarts = 0
@@ -148,7 +150,7 @@ class Supervisor:
         self.finished_slots: set[int] = set()
         self.starting: dict[Any, int] = {}  # activation ref -> slot
         self._started_at = time.time()
-        self._resumed_done = 0
+        self.resumed_done = 0
         self._state = "running"
         self._retry_seen = -1  # generation of the last retry request acted on
         self._retried = False  # this run retries dead letters: the job's completion summary changes
@@ -243,7 +245,7 @@ class Supervisor:
         done = ledger.watermark + len(ledger.done_above)
         snap.update(
             committed=done - len(self.dead),
-            rate_per_s=round((done - self._resumed_done) / max(1e-9, now - self._started_at), 3),
+            rate_per_s=round((done - self.resumed_done) / max(1e-9, now - self._started_at), 3),
             restarts=self.restarts,
             retries=self.retries,
             actors=[{"slot": s.index, "pid": s.pid, "node_id": s.node_id, "epoch": s.epoch}
@@ -255,6 +257,7 @@ class Supervisor:
         )
         self.store.save(f"{self.spec.job_id}/progress", snap)
         self._last_progress = self.clock()
+        self._replica_events("driver", [(h.url, h.degraded, h.failures) for h in self.store.health()])
 
     # ------------------------------------------------------------------ actors
 
@@ -293,12 +296,19 @@ class Supervisor:
         try:
             info = ray.get(ref)
         except RayActorError as e:
+            slot.start_failures += 1
+            if slot.start_failures >= self.settings.max_attempts:
+                raise JobFailedError(
+                    f"slot {slot.index}: {slot.start_failures} actors in a row died while starting "
+                    f"(building the pipeline or restoring its state); the last one: {e}"
+                ) from e
             self._replace(slot, ledger, f"died while starting ({type(e).__name__})", None)
             return
         except RayTaskError as e:
             raise JobFailedError(f"slot {slot.index} could not restore its state: {e}") from e
         slot.pid, slot.node_id, slot.cursor = info["pid"], info["node_id"], info["cursor"]
         slot.running = True
+        slot.start_failures = 0
         slot.head_since = self.clock()
         if self.spec.stateful and self._reader is not None:
             self._rebuild_slot_queue(slot, ledger)
@@ -332,6 +342,8 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - it may be gone already
             pass
         old_pid, old_epoch = slot.pid, slot.epoch
+        for state in self._replica_state.values():  # the dead incarnation's view of the replicas goes
+            state[1].pop(f"slot-{slot.index}-e{old_epoch}", None)
         if culprit is not None and not ledger.is_done(culprit):
             self._count_failure(culprit, ledger, f"{reason}: {error}".strip(": "), "")
         self._start_slot(slot)
@@ -491,10 +503,24 @@ class Supervisor:
         if epoch != slot.epoch or result.epoch != slot.epoch:
             return  # a zombie's answer: never committed
         self._checkpoint_events(s, result.checkpoints)
+        self._replica_events(f"slot-{s}-e{epoch}", result.replicas)
         if result.output is None or b in self.committing:  # a replay, or an output already on its way
             return
         self.committing.add(b)
         self.group.append((s, result.output))
+
+    def _replica_events(self, process: str, health: Any) -> None:
+        """Replica health reported by one process (the driver, a worker incarnation), folded into one
+        running error count and a degraded flag per replica URL."""
+        for url, degraded, failures in health:
+            seen = self._replica_seen.get((process, url), 0)
+            self._replica_seen[(process, url)] = failures
+            state = self._replica_state.setdefault(url, [0, {}])
+            before = (state[0], any(state[1].values()))
+            state[0] += max(0, failures - seen)
+            state[1][process] = degraded
+            if (state[0], any(state[1].values())) != before:
+                self.on_event("replica", {"url": url, "degraded": any(state[1].values()), "errors": state[0]})
 
     def _checkpoint_events(self, slot: int, outcomes: Any) -> None:
         for c in outcomes:
@@ -599,7 +625,7 @@ class Supervisor:
         self._open_job()  # a mismatched job raises here, before anything of it is written
         ledger = self._resume()
         resumed_from = ledger.watermark
-        self._resumed_done = ledger.watermark + len(ledger.done_above)
+        self.resumed_done = ledger.watermark + len(ledger.done_above)
         try:
             for slot in self.slots:
                 self._start_slot(slot)

@@ -60,6 +60,7 @@ class Result:
     seconds: float
     cursor: int
     checkpoints: tuple = ()  # {"op", "seconds", "bytes", "generation"} of checkpoint saves finished since
+    replicas: tuple = ()  # (url, degraded, failures so far) of this worker's replicas, when they changed
 
 
 def slot_key(job_id: str, slot: int) -> str:
@@ -91,6 +92,7 @@ class Worker:
         self._loaded_bytes: int | None = None
         self._reported: Any = None  # the last save whose outcome is in _outcomes
         self._outcomes: list[dict] = []  # finished saves, not yet reported to the supervisor
+        self._replicas_seen: tuple = tuple((h.url, h.degraded, h.failures) for h in self.store.health())
 
     # -- liveness and identity
     def ready(self) -> dict:
@@ -127,7 +129,7 @@ class Worker:
             self._loaded_generation = self._loaded_bytes = None
             self.cursor = self.slot
             return self.cursor
-        self._loaded_generation, self._loaded_bytes = loaded.generation, getattr(loaded, "length", None)
+        self._loaded_generation, self._loaded_bytes = loaded.generation, loaded.length
         self.fn.load_state_dict(loaded.state["user"])
         self.cursor = int(loaded.state["cursor"])
         self.dirty = False
@@ -163,7 +165,7 @@ class Worker:
             self._since += 1
             self._maybe_checkpoint(commit_floor)
         return Result(batch_id, self.slot, self.epoch, encoded, time.perf_counter() - t0, self.cursor,
-                      self._finished_saves())
+                      self._finished_saves(), self.replica_changes())
 
     def persist(self, commit_floor: int) -> int | None:
         """Persist a pending snapshot whose outputs are all committed; return its cursor (or None)."""
@@ -186,6 +188,14 @@ class Worker:
                 self._wait_save()
                 self._saving = None
         return {"cursor": self.cursor, "checkpoints": self._finished_saves()}
+
+    def replica_changes(self) -> tuple:
+        """This worker's replica health, when it changed since the last call (for the job's metrics)."""
+        now = tuple((h.url, h.degraded, h.failures) for h in self.store.health())
+        if now == self._replicas_seen:
+            return ()
+        self._replicas_seen = now
+        return now
 
     def _wait_save(self) -> None:
         """Wait for the save in flight (raising its error) and note its outcome for the job's metrics."""

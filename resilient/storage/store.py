@@ -100,6 +100,7 @@ class Loaded:
     checkpoint_id: str
     skipped: tuple[int, ...] = ()  # newer generations that did not verify anywhere
     repaired: tuple[str, ...] = ()  # "url: path" rewritten by read-repair
+    length: int = 0  # bytes of the stored object
 
 
 class CheckpointStore:
@@ -273,7 +274,7 @@ class CheckpointStore:
                 repaired = repair_generation(self, exam)
             if skipped:
                 log.warning("key %r: newest generations %s did not verify; loaded generation %d", key, skipped, g)
-            return Loaded(state, key, g, m.epoch, m.checkpoint_id, tuple(skipped), tuple(repaired))
+            return Loaded(state, key, g, m.epoch, m.checkpoint_id, tuple(skipped), tuple(repaired), m.length)
         detail = "; ".join(problems[:20]) or "no generation found on any replica"
         raise NoCheckpointError(f"no committed checkpoint of key {key!r} verifies ({detail})")
 

@@ -112,3 +112,13 @@ class SlowSum(RunningSum):
     def __call__(self, batch: dict) -> dict:
         time.sleep(self.seconds)
         return super().__call__(batch)
+
+
+class BrokenInit:
+    """A pipeline whose model never loads."""
+
+    def __init__(self) -> None:
+        raise OSError("model weights not found at /models/missing.pt")
+
+    def __call__(self, batch: dict) -> dict:
+        return square(batch)
