@@ -3,7 +3,7 @@
 
 Usage::
 
-    python3 dev.py example            # run examples/checkpoint_roundtrip.py
+    python3 dev.py example            # run examples/score_pipeline.py
     python3 dev.py test [pytest args]  # run the test suite, e.g. `python3 dev.py test -q -k s3`
 
 Both create or reuse ``.venv`` next to this file, install the tested torch on its own first (a pip
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".resilient-dev-stamp"
 TORCH = "torch==2.13.0"  # the tested version
-EXAMPLE = ROOT / "examples" / "checkpoint_roundtrip.py"
+EXAMPLE = ROOT / "examples" / "score_pipeline.py"
 USAGE = "usage: python3 dev.py {example|test} [pytest args...]"
 
 

@@ -33,11 +33,12 @@
    1M-batch job and dying before its last progress save: the job record (written by the supervisor's own
    ``_open_job``), a progress record with the watermark ``--resume-lag`` batches behind (written by the
    supervisor's own ``_save_progress``), the sink's layout record and one real committed output (through
-   ``FileSink.stage``/``commit``), and the commit markers ``commit/<b // 10000:06d>/<b:012d>``. By default
+   ``FileSink.commit_group``), and the commit markers ``commit/<b // 10000:06d>/<b:012d>`` (pointers to
+   groups of 256, as the runtime writes them). By default
    only the markers resume can read are written: every marker of the shards from the watermark's shard up
    (10,000+); the 99 lower shards are empty directories, since resume lists ``commit/`` and then only the
-   shards at or above the watermark's (``--resume-all-markers`` writes all 1M, slow). Markers name data
-   objects that are not written (resume never reads them). Then a fresh subprocess imports `resilient`
+   shards at or above the watermark's (``--resume-all-markers`` writes all 1M, slow). Markers point to
+   groups whose parts and indexes are not written (resume lists markers, never reads them). Then a fresh subprocess imports `resilient`
    (which loads torch), records its peak RSS, and times ``Supervisor._open_job()`` and
    ``Supervisor._resume()``; ``resume_1m_rss_mb`` is its peak RSS after resuming minus its peak RSS right
    after the imports, ``resume_1m_rss_abs_mb`` the absolute peak. With ``--resume-full-run`` it then also

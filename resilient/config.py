@@ -514,6 +514,9 @@ FIELDS: tuple[Field, ...] = (
     Field("commit_group_size", "RESILIENT_COMMIT_GROUP_SIZE", _Integer(1, 100_000), 256,
           "most batch outputs the driver commits together (one part file, one sync); 1 writes one file per "
           "batch", "64"),
+    Field("commit_interval_seconds", "RESILIENT_COMMIT_INTERVAL_SECONDS", _Number(allow_zero=True), 0.1,
+          "the driver starts at most one group commit per this many seconds (an output waits at most about "
+          "this long to be committed); 0: whenever the committer is idle", "0.5"),
 )
 
 _BY_ATTR = {f.attr: f for f in FIELDS}
@@ -570,6 +573,7 @@ class Settings:
     max_attempts: int
     on_poison: str
     commit_group_size: int
+    commit_interval_seconds: float
     #: attribute -> "keyword" | "environment" | "default"; not part of equality.
     sources: Mapping[str, str] = dataclasses.field(default_factory=_FrozenDict, compare=False)
 

@@ -6,10 +6,11 @@ Exactly-once protocol
   committed in the sink (a create-only commit marker, written only here, by the driver) or recorded as a
   dead letter. At-least-once delivery + create-only commits = exactly one committed output per batch.
 * Workers send their encoded outputs back; the driver commits them in groups (`FileSink.commit_group`:
-  one part object, one index, a marker per batch). A group is written whenever the committer is idle,
-  so it holds what arrived while the previous one was being written (at most `commit_group_size`): under
-  load groups grow and the per-batch cost of durable writes shrinks; when idle a batch commits at once.
-  Batches count as done only when their group's markers are durable.
+  one part object, one index, a marker per batch). A group starts when the committer is idle and the
+  previous group started at least `commit_interval_seconds` ago (or it is full: `commit_group_size`), so
+  it holds what arrived meanwhile: the cost of durable writes is shared by the batches of an interval,
+  and an output waits about one interval at most. Batches count as done only when their group's markers
+  are durable.
 * Worker incarnations are fenced by epochs: an answer from an incarnation that is not the slot's current
   one is dropped, so a zombie's output is never committed.
 * Progress (the ledger's watermark and the few done ids above it) is persisted after the commits it
@@ -134,6 +135,7 @@ class Supervisor:
         self.commits: dict[Future, list[tuple[int, Any]]] = {}  # group commit -> [(slot, EncodedOutput)]
         self.group: list[tuple[int, Any]] = []  # answers waiting for the next group commit
         self.committing: set[int] = set()  # batch ids in `group` or in a group commit in flight
+        self._last_flush = -float("inf")
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-commit")
         self._replica_seen: dict[tuple[str, str], int] = {}  # (process, url) -> failures it last reported
         self._replica_state: dict[str, list] = {}  # url -> [errors, {process: degraded}]
@@ -527,11 +529,15 @@ class Supervisor:
             self.on_event("checkpoint", {"slot": slot, **c})
 
     def _flush(self, *, force: bool = False) -> None:
-        """Start the next group commit when the committer is idle (or the group is full, or `force`)."""
+        """Start the next group commit when the committer is idle and the last one started at least
+        `commit_interval_seconds` ago (or the group is full, or `force`)."""
         if not self.group:
             return
-        if self.commits and not force and len(self.group) < self.settings.commit_group_size:
+        full = len(self.group) >= self.settings.commit_group_size
+        now = self.clock()
+        if not (force or full) and (self.commits or now - self._last_flush < self.settings.commit_interval_seconds):
             return
+        self._last_flush = now
         group, self.group = self.group[: self.settings.commit_group_size], self.group[self.settings.commit_group_size:]
         fut = self.committer.submit(self.sink.commit_group, [o for _, o in group])
         self.commits[fut] = group
@@ -629,6 +635,7 @@ class Supervisor:
         try:
             for slot in self.slots:
                 self._start_slot(slot)
+            self._top_up_spares()  # built with the slots, not while the job runs: a standby costs start-up only
             while self.starting:  # first start: every slot's cursor decides where reading begins
                 ready, _ = ray.wait(list(self.starting), num_returns=1)
                 self._on_started(ready[0], ledger)
