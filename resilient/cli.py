@@ -289,7 +289,7 @@ def _status(ctx: _Context) -> int:
     record = _job_record(ctx, job)
     store = ctx.store()
     progress = load_record(store, f"{job}/{PROGRESS}")
-    retry = load_record(store, f"{job}/{RETRY}")
+    retry = _pending_retry(store, job, progress)
     fp = record.get("job") if isinstance(record.get("job"), dict) else {}
     slots = fp.get("slots") if fp.get("stateful") else None
     checkpoints = slot_generations(store, job, [], slots) if slots else {}
@@ -383,13 +383,26 @@ def _ls(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def _pending_retry(store: Any, job: str, progress: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The job's retry request, unless a run already acted on it (its progress record says so)."""
+    retry = load_record(store, f"{job}/{RETRY}")
+    if retry is None:
+        return None
+    seen = (progress or {}).get("retry_generation", -1)
+    latest = store.latest(f"{job}/{RETRY}")
+    return retry if latest is None or latest > seen else None
+
+
 def _dead_letters(ctx: _Context) -> int:
     job = ctx.args.job
-    _job_record(ctx, job)
+    record = _job_record(ctx, job)
     store = ctx.store()
     progress = load_record(store, f"{job}/{PROGRESS}") or {}
     dead = sorted((d for d in progress.get("dead") or [] if isinstance(d, dict)), key=lambda d: d["batch_id"])
     if ctx.args.retry is not None:
+        if (record.get("job") or {}).get("stateful"):
+            raise _Exit(EXIT_USAGE, f"job {job!r} is stateful: its slots' state has moved past its dead letters, "
+                                    "so they cannot be processed again in it; nothing recorded")
         return _retry(ctx, job, dead)
     if ctx.args.json:
         keep = ("batch_id", "attempts", "error") + (("traceback",) if ctx.args.traceback else ())
@@ -401,7 +414,7 @@ def _dead_letters(ctx: _Context) -> int:
         if ctx.args.traceback and d.get("traceback"):
             for line in redact_url(str(d["traceback"])).rstrip("\n").splitlines():
                 ctx.print(f"    {line}")
-    retry = load_record(store, f"{job}/{RETRY}")
+    retry = _pending_retry(store, job, progress)
     if retry and retry.get("batch_ids"):
         ctx.print(f"retry requested for batches {sorted(retry['batch_ids'])} (on the next run of {job})")
     return EXIT_OK

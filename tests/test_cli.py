@@ -338,32 +338,72 @@ def test_dead_letters_listed_with_errors_and_tracebacks(job):
     assert letter["error"].count("ValueError: poison batch starting 50") == 2
 
 
-def test_dead_letters_retry_refuses_ids_that_are_not_dead_letters(job):
+@pytest.fixture(scope="module")
+def stateless_job(ray_session, tmp_path_factory) -> dict[str, Any]:
+    """A stateless job whose batch 3 fails until its cause is fixed (a marker file): one dead letter."""
+    tmp = tmp_path_factory.mktemp("cli-retry")
+    dirs = [tmp / "ckpt-a", tmp / "ckpt-b"]
+    markers = tmp / "markers"
+    markers.mkdir()
+    settings = resilient.Settings.from_env(
+        {}, storage=[str(d) for d in dirs], write_quorum=1, num_actors=2, actor_cpus=0.25, max_attempts=2,
+        retry_backoff_seconds=0.01, retry_backoff_max_seconds=0.05,
+    )
+
+    def run():
+        return resilient.pipeline(simple.FaultySquare).run(
+            RangeSource(100, 10), str(tmp / "out"), job_id="squares", settings=settings,
+            init_args=({30: "raise-until-fixed"}, str(markers)),
+        ).wait(240)
+
+    result = run()
+    assert [d.batch_id for d in result.dead_letters] == [3]
+    return {"env": storage_env(dirs), "settings": settings, "run": run, "markers": markers}
+
+
+def test_dead_letters_retry_refused_for_a_stateful_job(job):
+    code, out, err = run_cli("dead-letters", JOB, "--retry", "5", env=job["env"])
+    assert code == 2 and out == "" and "is stateful" in err
     with resilient.CheckpointStore(job["settings"]) as store:
-        before = store.latest(f"{JOB}/retry")
-    for ids in (["4"], ["5", "6"], ["99"]):
-        code, out, err = run_cli("dead-letters", JOB, "--retry", *ids, env=job["env"])
+        assert store.latest(f"{JOB}/retry") is None
+
+
+def test_dead_letters_retry_refuses_ids_that_are_not_dead_letters(stateless_job):
+    env = stateless_job["env"]
+    with resilient.CheckpointStore(stateless_job["settings"]) as store:
+        before = store.latest("squares/retry")
+    for ids in (["4"], ["3", "6"], ["99"]):
+        code, out, err = run_cli("dead-letters", "squares", "--retry", *ids, env=env)
         assert code == 2 and out == ""
-        bad = [i for i in ids if i != "5"]
-        assert f"batch {', '.join(bad)} is not a dead letter of job '{JOB}'" in err and "its dead letters: 5" in err
-    with resilient.CheckpointStore(job["settings"]) as store:
-        assert store.latest(f"{JOB}/retry") == before
-    code, _, err = run_cli("dead-letters", "nope", "--retry", env=job["env"])
+        bad = [i for i in ids if i != "3"]
+        assert f"batch {', '.join(bad)} is not a dead letter of job 'squares'" in err and "its dead letters: 3" in err
+    with resilient.CheckpointStore(stateless_job["settings"]) as store:
+        assert store.latest("squares/retry") == before
+    code, _, err = run_cli("dead-letters", "nope", "--retry", env=env)
     assert code == 1 and "no job 'nope'" in err
 
 
-def test_dead_letters_retry_records_the_request(job):
-    code, out, err = run_cli("dead-letters", JOB, "--retry", "5", env=job["env"], clock=lambda: 1234.5)
+def test_dead_letters_retry_records_the_request_and_the_next_run_takes_it(stateless_job):
+    env = stateless_job["env"]
+    code, out, err = run_cli("dead-letters", "squares", "--retry", "3", env=env, clock=lambda: 1234.5)
     assert code == 0, err
-    assert "recorded a retry of batches [5]" in out
-    code, out, err = run_cli("dead-letters", JOB, "--retry", "--json", env=job["env"], clock=lambda: 2000.0)
+    assert "recorded a retry of batches [3]" in out
+    code, out, err = run_cli("dead-letters", "squares", "--retry", "--json", env=env, clock=lambda: 2000.0)
     assert code == 0, err
-    assert json.loads(out)["batch_ids"] == [5]
-    with resilient.CheckpointStore(job["settings"]) as store:
-        loaded = store.load(f"{JOB}/retry")
-    assert loaded.state == {"batch_ids": [5], "requested_at": 2000.0} and loaded.generation == 2
-    code, out, _ = run_cli("status", JOB, "--json", env=job["env"])
-    assert json.loads(out)["retry_requested"] == [5]
+    assert json.loads(out)["batch_ids"] == [3]
+    with resilient.CheckpointStore(stateless_job["settings"]) as store:
+        loaded = store.load("squares/retry")
+    assert loaded.state == {"batch_ids": [3], "requested_at": 2000.0} and loaded.generation == 2
+    code, out, _ = run_cli("status", "squares", "--json", env=env)
+    assert json.loads(out)["retry_requested"] == [3]
+    (stateless_job["markers"] / "fixed-30").touch()  # the cause is fixed; the next run processes batch 3
+    result = stateless_job["run"]()
+    assert result.dead_letters == []
+    code, out, _ = run_cli("status", "squares", "--json", env=env)
+    view = json.loads(out)
+    assert view["retry_requested"] is None and view["committed"] == 10
+    code, out, _ = run_cli("dead-letters", "squares", env=env)
+    assert code == 0 and "0 dead letters" in out and "retry requested" not in out
 
 
 # ------------------------------------------------------------------------------------------ verify, repair

@@ -135,6 +135,7 @@ class Supervisor:
         self.commits: dict[Future, list[tuple[int, Any]]] = {}  # group commit -> [(slot, EncodedOutput)]
         self.group: list[tuple[int, Any]] = []  # answers waiting for the next group commit
         self.committing: set[int] = set()  # batch ids in `group` or in a group commit in flight
+        self.suspects: set[int] = set()  # in flight together when an actor died: each now runs alone
         self._last_flush = -float("inf")
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-commit")
         self._replica_seen: dict[tuple[str, str], int] = {}  # (process, url) -> failures it last reported
@@ -427,12 +428,18 @@ class Supervisor:
         depth = self.settings.queue_depth
         for slot in self.slots:
             while slot.running and len(slot.inflight) < depth:
+                if self.suspects and any(x in self.suspects for _, x in slot.inflight):
+                    break  # a suspect runs alone on its actor
                 if self.spec.stateful:
                     if not slot.queue:
+                        break
+                    if slot.inflight and slot.queue[0][0] in self.suspects:
                         break
                     b, batch, replay = slot.queue.popleft()
                 else:
                     if not self.ready_queue:
+                        break
+                    if slot.inflight and self.ready_queue[0][0] in self.suspects:
                         break
                     b, batch = self.ready_queue.popleft()
                     replay = False
@@ -490,12 +497,17 @@ class Supervisor:
         try:
             result: Result = ray.get(ref)
         except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-            # the actor runs its queue in order: the oldest batch in flight is the one it died on
-            culprit = slot.inflight[0][1] if slot.inflight else b
+            # with one batch in flight, it killed the actor; with several, any of them may have (an answer
+            # can be lost when the process dies right after sending it): each is retried alone
+            # (`suspects`), so the next death names its batch
+            culprit = slot.inflight[0][1] if len(slot.inflight) == 1 else None
+            if culprit is None:
+                self.suspects.update(x for _, x in slot.inflight)
             self._replace(slot, ledger, "died", culprit, f"{type(e).__name__}")
             return
         except RayTaskError as e:
             self._forget(slot, ref)
+            self.suspects.discard(b)
             cause = e.cause if hasattr(e, "cause") else e
             if isinstance(cause, DirtyWorkerError):
                 return  # queued behind the failing batch; redelivered after the rollback
@@ -504,6 +516,7 @@ class Supervisor:
         self._forget(slot, ref)
         if epoch != slot.epoch or result.epoch != slot.epoch:
             return  # a zombie's answer: never committed
+        self.suspects.discard(b)
         self._checkpoint_events(s, result.checkpoints)
         self._replica_events(f"slot-{s}-e{epoch}", result.replicas)
         if result.output is None or b in self.committing:  # a replay, or an output already on its way
