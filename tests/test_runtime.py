@@ -244,7 +244,8 @@ def test_stateful_exception_rolls_back_half_applied_state(tmp_path):
     handle = job.run(RangeSource(600, 10), str(tmp_path / "out"), job_id="rollback",
                      settings=settings_for(tmp_path), init_args=(faults, str(markers)))
     result = handle.wait(300)
-    assert result.dead_letters == [] and result.retries >= 2
+    # the exception is a counted retry; the crash, with two batches in flight, is not charged to either
+    assert result.dead_letters == [] and result.retries >= 1 and result.restarts >= 1
     assert outputs(handle) == expected_running(600, 10, 2)
 
 

@@ -492,8 +492,8 @@ def test_ray_actor_gets_settings_without_secrets_and_uses_storage(ray_session, s
             assert ray.get(actor.restore.remote(), timeout=120) == 0
             for b, batch in batches:
                 result = ray.get(actor.process.remote(b, batch, False, INF), timeout=120)
-                assert sink.commit(result.staged)
-            assert ray.get(actor.finish.remote(INF), timeout=120) == 2
+                assert sink.commit_group([result.output]) == [True]
+            assert ray.get(actor.finish.remote(INF), timeout=120)["cursor"] == 2
         finally:
             ray.kill(actor)
         loaded = store.load("sec/slot-0")  # written by the actor, signed with the key it read from its env
