@@ -426,7 +426,7 @@ def test_group_corruption_is_detected_per_batch(tmp_path: Any) -> None:
     assert fresh.read(0) == {"v": [0]} and fresh.read(2) == {"v": [22]}
     with pytest.raises(CorruptionError, match="xxh3"):
         fresh.read(1)
-    index = next((tmp_path / "groups").rglob("*.json"))
+    index = next((tmp_path / "data").rglob("*.json"))
     index.write_text("{not json")
     with pytest.raises(CorruptionError, match="group index"):
         FileSink(str(tmp_path), format="jsonl", retry=FAST).read(0)
@@ -461,7 +461,7 @@ def test_interrupted_group_commit_leaves_only_orphans(make_sink: Any) -> None:
     fresh = make_sink(shard_width=4)
     assert list(fresh.committed_from(0)) == [0]
     orphans = fresh.orphans()
-    assert len(orphans) == 2 and {o.split("/")[0] for o in orphans} == {"data", "groups"}
+    assert len(orphans) == 2 and {o.rsplit(".", 1)[1] for o in orphans} == {"json", "jsonl"}
     assert fresh.commit_group([fresh.encode(b, {"v": [b]}, epoch=1) for b in (1, 5)]) == [True, True]
     assert sorted(fresh.orphans()) == sorted(orphans)
     with pytest.raises(ConfigError, match="committed outputs"):

@@ -9,8 +9,9 @@ commits them in groups (`commit_group`), in this order:
    ``data/<shard>/<first:012d>-g<count>-<8 hex>.<ext>`` (temporary + fsync + rename + directory fsync
    locally; one upload on object stores). Each slice is a complete object of the format (a jsonl part is
    itself valid jsonl; a parquet part is a sequence of complete Parquet files).
-2. **Index**: ``groups/<shard>/<first:012d>-<8 hex>.json`` naming the part and, per batch, its offset,
-   length, xxh3, epoch and rows; written the same durable way.
+2. **Index**: ``data/<shard>/<first:012d>-<8 hex>.json``, next to the part, naming it and, per batch,
+   its offset, length, xxh3, epoch and rows; written with the part (both fsynced, renamed, then one
+   fsync of their directory).
 3. **Markers**: per batch, a create-only pointer ``commit/<shard>/<batch:012d>`` whose content is the
    index's id (``<first:012d>-<8 hex>``): a symbolic link locally (one atomic metadata operation; the
    commit directories are fsynced once per group), an ``If-None-Match: *`` upload on S3. The first
@@ -18,7 +19,7 @@ commits them in groups (`commit_group`), in this order:
    committed once its marker is durable; the driver reports it done only then.
    A crash before a marker leaves the part and index unreferenced: invisible, collected as orphans.
 
-So a group of any size costs two fsynced objects plus one fsync per commit directory, instead of two
+So a group of any size costs two fsynced files and one fsync per directory it touches, instead of two
 fsynced objects per batch.
 
 **Per batch.** A worker may also stage one output durably itself (`stage`, under a fresh, never-reused name
@@ -75,13 +76,13 @@ __all__ = ["DEFAULT_RETRY", "SHARD_WIDTH", "EncodedOutput", "FileSink", "NotComm
 T = TypeVar("T")
 SHARD_WIDTH = 10_000
 DEFAULT_RETRY = RetryPolicy(attempts=4, max_seconds=30.0, backoff_seconds=0.1, backoff_max_seconds=2.0)
-DATA, COMMIT, GROUPS, SUCCESS, LAYOUT = "data", "commit", "groups", "_SUCCESS", "_sink.json"
+DATA, COMMIT, SUCCESS, LAYOUT = "data", "commit", "_SUCCESS", "_sink.json"
 _MAX_BATCH = 10**12 - 1
 _EXT = "(" + "|".join(EXTENSIONS.values()) + ")"
 _DATA_NAME = re.compile(r"data/(\d{6,})/(\d{12})-e(\d+)-[0-9a-f]{8}\." + _EXT)
 _PART_NAME = re.compile(r"data/(\d{6,})/(\d{12})-g(\d+)-([0-9a-f]{8})\." + _EXT)
 _GROUP_ID = re.compile(r"(\d{12})-([0-9a-f]{8})")
-_INDEX_NAME = re.compile(r"groups/(\d{6,})/(\d{12}-[0-9a-f]{8})\.json")
+_INDEX_NAME = re.compile(r"data/(\d{6,})/(\d{12}-[0-9a-f]{8})\.json")
 _CACHED_INDEXES = 16
 _MARKER = re.compile(r"\d{12}")
 _FORMAT_OF = {ext: fmt for fmt, ext in EXTENSIONS.items()}
@@ -262,7 +263,7 @@ class FileSink:
         return {**rec, "offset": None}
 
     def _index_path(self, gid: str) -> str:
-        return f"{GROUPS}/{self._shard(int(gid[:12]))}/{gid}.json"
+        return f"{DATA}/{self._shard(int(gid[:12]))}/{gid}.json"
 
     def _group_index(self, gid: str) -> dict[str, dict[str, Any]]:
         """A group's records by batch id (as str), validated; the last few are cached."""
@@ -405,10 +406,9 @@ class FileSink:
             records.append({"batch_id": o.batch_id, "offset": offset, "length": len(o.data), "xxh3": o.xxh3,
                             "epoch": o.epoch, "rows": o.rows})
             offset += len(o.data)
-        self._call(self._store().write_object, part, [o.data for o in outputs], path=part)
         index = json.dumps({"part": part, "batches": records}, sort_keys=True).encode()
-        rel_index = self._index_path(gid)
-        self._call(self._store().write_object, rel_index, [index], path=rel_index)
+        self._call(self._store().write_objects, [(part, [o.data for o in outputs]), (self._index_path(gid), [index])],
+                   path=part)
         markers = [self._marker(b) for b in ids]
         created = [self._point(rel, gid) for rel in markers]
         self._call(self._store().sync_dirs, markers, path=f"{COMMIT}/")
@@ -522,6 +522,7 @@ class FileSink:
         """
         out: list[str] = []
         parts: dict[str, str] = {}  # group id -> part name
+        indexes: dict[str, str] = {}  # group id -> index name
         for shard in self._shards(DATA, 0):
             d = f"{DATA}/{shard:06d}"
             staged: dict[int, list[str]] = {}
@@ -532,6 +533,8 @@ class FileSink:
                     staged.setdefault(int(m[2]), []).append(f"{d}/{n}")
                 elif p is not None:
                     parts[f"{p[2]}-{p[4]}"] = f"{d}/{n}"
+                elif (x := _INDEX_NAME.fullmatch(f"{d}/{n}")) is not None:
+                    indexes[x[2]] = f"{d}/{n}"
                 elif n.startswith(TMP_PREFIX):
                     out.append(f"{d}/{n}")
             c = f"{COMMIT}/{shard:06d}"
@@ -542,16 +545,9 @@ class FileSink:
                 else:
                     live = self._record(b)
                     out.extend(n for n in names if live is None or n != live["name"])
-        live_groups = set()
-        for shard in self._shards(GROUPS, 0):
-            d = f"{GROUPS}/{shard:06d}"
-            for n in self._call(self._store().listdir, d, path=d):
-                m = _INDEX_NAME.fullmatch(f"{d}/{n}")
-                if m is not None and self._group_live(m[2]):
-                    live_groups.add(m[2])
-                elif m is not None or n.startswith(TMP_PREFIX):
-                    out.append(f"{d}/{n}")
-        out.extend(name for gid, name in sorted(parts.items()) if gid not in live_groups)
+        live = {gid for gid in indexes if self._group_live(gid)}
+        out.extend(name for gid, name in sorted(indexes.items()) if gid not in live)
+        out.extend(name for gid, name in sorted(parts.items()) if gid not in live)
         return out
 
     def _group_live(self, gid: str) -> bool:
@@ -572,10 +568,9 @@ class FileSink:
             m = _DATA_NAME.fullmatch(name)
             part = _PART_NAME.fullmatch(name)
             index = _INDEX_NAME.fullmatch(name)
-            tmp = re.fullmatch(r"(data|groups)/\d{6,}/" + re.escape(TMP_PREFIX) + r"[^/]+", name)
+            tmp = re.fullmatch(r"data/\d{6,}/" + re.escape(TMP_PREFIX) + r"[^/]+", name)
             if m is None and part is None and index is None and tmp is None:
-                raise ConfigError("names", redact_url(name),
-                                  "object names under data/ or groups/ (see orphans())")
+                raise ConfigError("names", redact_url(name), "object names under data/ (see orphans())")
             if m is not None:
                 rec = self._record(int(m[2]))
                 if rec is not None and rec["name"] == name:

@@ -107,6 +107,37 @@ class LocalReplica:
             _unlink_quietly(tmp)
             raise
 
+    def write_objects(self, items: list[tuple[str, Iterable[Buffer]]]) -> list[int]:
+        """Write several objects atomically and durably, sharing the syncs: every temporary is written and
+        fsynced, then renamed, then each directory is fsynced once. Returns their lengths. An object is
+        visible only whole; after a crash, any subset of them may be."""
+        staged: list[tuple[str, str]] = []
+        lengths = []
+        try:
+            for rel, chunks in items:
+                path = self._abs(rel)
+                self._makedirs(os.path.dirname(path))
+                fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=os.path.dirname(path))
+                staged.append((tmp, path))
+                try:
+                    n = 0
+                    for c in chunks:
+                        _write_all(fd, c)
+                        n += memoryview(c).nbytes
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                lengths.append(n)
+            for tmp, path in staged:
+                os.replace(tmp, path)
+            for d in sorted({os.path.dirname(path) for _, path in staged}):
+                _fsync_dir(d)
+            return lengths
+        except BaseException:
+            for tmp, _ in staged:
+                _unlink_quietly(tmp)
+            raise
+
     def create_exclusive(self, rel: str, data: bytes) -> None:
         path = self._abs(rel)
         d = os.path.dirname(path)
@@ -280,6 +311,10 @@ class FsspecReplica:
 
     def overwrite(self, rel: str, data: bytes) -> None:
         self._with_parents(self.fs.pipe_file, self._abs(rel), data)
+
+    def write_objects(self, items: list[tuple[str, Iterable[Buffer]]]) -> list[int]:
+        """Upload several objects (each visible whole when its upload returns); return their lengths."""
+        return [self.write_object(rel, chunks) for rel, chunks in items]
 
     def create_pointer(self, rel: str, target: str) -> None:
         """Create-only small object ``rel`` holding ``target`` (a conditional create, as `create_exclusive`)."""
