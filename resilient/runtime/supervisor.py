@@ -136,6 +136,7 @@ class Supervisor:
         self.group: list[tuple[int, Any]] = []  # answers waiting for the next group commit
         self.committing: set[int] = set()  # batch ids in `group` or in a group commit in flight
         self.suspects: set[int] = set()  # in flight together when an actor died: each now runs alone
+        self.urgent: set[int] = set()  # redelivered after an actor died: committed without waiting
         self._last_flush = -float("inf")
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-commit")
         self._replica_seen: dict[tuple[str, str], int] = {}  # (process, url) -> failures it last reported
@@ -281,8 +282,8 @@ class Supervisor:
     def _start_slot(self, slot: _Slot) -> None:
         """Give the slot a new incarnation: a new epoch (fencing the old one), a standby actor if one is
         there, else a fresh one. Asynchronous: the slot runs once its activation (restore) answers."""
+        slot.actor = self.spares.pop(0) if self.spares else self._new_actor()  # starts while we claim
         slot.epoch = self.store.claim_epoch(slot_key(self.spec.job_id, slot.index))
-        slot.actor = self.spares.pop(0) if self.spares else self._new_actor()
         slot.running = False
         slot.pid = slot.node_id = None
         slot.pending = slot.actor.activate.remote(slot.index, slot.epoch)
@@ -332,6 +333,7 @@ class Supervisor:
         import ray
 
         lost = [b for _, b in slot.inflight]
+        self.urgent.update(lost)
         for ref, _ in slot.inflight:
             self.refs.pop(ref, None)
         slot.inflight.clear()
@@ -548,7 +550,10 @@ class Supervisor:
             return
         full = len(self.group) >= self.settings.commit_group_size
         now = self.clock()
-        if not (force or full) and (self.commits or now - self._last_flush < self.settings.commit_interval_seconds):
+        # a redelivered batch (recovery) commits as soon as the committer is free: failover time counts
+        urgent = self.urgent and any(o.batch_id in self.urgent for _, o in self.group)
+        if not (force or full) and (self.commits or (
+                not urgent and now - self._last_flush < self.settings.commit_interval_seconds)):
             return
         self._last_flush = now
         group, self.group = self.group[: self.settings.commit_group_size], self.group[self.settings.commit_group_size:]
@@ -597,6 +602,7 @@ class Supervisor:
             fut.result()  # a failed commit is a storage failure: the job stops, progress stays behind it
             for s, out in group:  # committed now, or by an earlier run whose marker we had not seen
                 self.committing.discard(out.batch_id)
+                self.urgent.discard(out.batch_id)
                 self.outstanding[s].discard(out.batch_id)
                 self.failures.pop(out.batch_id, None)
                 ledger.mark_done(out.batch_id)
