@@ -58,12 +58,21 @@ def main() -> int:
     handle = Scorer.run(resilient.io.RangeSource(args.rows, args.batch), f"{work}/scores", job_id="score",
                         settings=settings)
     total = -(-args.rows // args.batch)
-    while handle.progress()["committed"] < total // 2 and not handle.done():
-        time.sleep(0.05)
-    victim = handle.actors()[0]
-    os.kill(victim["pid"], signal.SIGKILL)
-    print(f"killed worker pid {victim['pid']} (slot {victim['slot']}) halfway through")
+    killed = None
+    while killed is None and not handle.done():
+        time.sleep(0.01)
+        if handle.progress()["committed"] >= total // 2 and handle.actors():
+            victim = handle.actors()[0]
+            try:
+                os.kill(victim["pid"], signal.SIGKILL)
+                killed = victim
+            except ProcessLookupError:  # replaced or finished meanwhile: look again
+                continue
     result = handle.wait()
+    if killed is None:
+        print("the job finished before a worker could be killed: run it with more --rows")
+        return 2
+    print(f"killed worker pid {killed['pid']} (slot {killed['slot']}) halfway through")
     rows = collections.Counter()
     for _, out in handle.results():
         rows.update(out["id"])

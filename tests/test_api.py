@@ -91,7 +91,7 @@ def test_settings_pickle_for_shipping_to_actors(tmp_path):
 
 def test_score_pipeline_example_survives_a_killed_worker(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "score_pipeline.py"), "--rows", "20000", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "examples" / "score_pipeline.py"), "--rows", "60000", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

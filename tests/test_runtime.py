@@ -76,6 +76,9 @@ def test_stateless_function_exactly_once(tmp_path):
     values = square_rows(outputs(handle))
     assert values == simple.expected_square(range(1000))
     assert handle.sink.is_complete() is not None
+    again = job.run(RangeSource(1000, 10), str(tmp_path / "out"), job_id="plain", settings=settings_for(tmp_path))
+    rerun = again.wait(60)  # complete already: no actor is started, nothing is redone
+    assert (rerun.committed, rerun.resumed_from, rerun.restarts) == (100, 100, 0) and again.events() == []
 
 
 @pytest.mark.timeout(900)

@@ -652,6 +652,9 @@ class Supervisor:
         resumed_from = ledger.watermark
         self.resumed_done = ledger.watermark + len(ledger.done_above)
         try:
+            if ledger.finished and self.sink.is_complete() is not None:
+                log.info("job %s is complete already: nothing to run", self.spec.job_id)
+                return self._job_result(t0, resumed_from)
             for slot in self.slots:
                 self._start_slot(slot)
             self._top_up_spares()  # built with the slots, not while the job runs: a standby costs start-up only
@@ -714,6 +717,9 @@ class Supervisor:
                         pass
             self.committer.shutdown(wait=True)
             self.store.close()
+        return self._job_result(t0, resumed_from)
+
+    def _job_result(self, t0: float, resumed_from: int) -> JobResult:
         return JobResult(
             job_id=self.spec.job_id,
             total=self.total,
