@@ -85,27 +85,9 @@ class LocalReplica:
             _fsync_dir(os.path.dirname(d))
 
     def write_object(self, rel: str, chunks: Iterable[Buffer]) -> int:
-        """Write the chunks as one object, atomically and durably; return its length."""
-        path = self._abs(rel)
-        d = os.path.dirname(path)
-        self._makedirs(d)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=d)
-        try:
-            n = 0
-            for c in chunks:
-                _write_all(fd, c)
-                n += memoryview(c).nbytes
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, path)
-            _fsync_dir(d)
-            return n
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            _unlink_quietly(tmp)
-            raise
+        """Write the chunks as one object, atomically and durably (temporary in the same directory, fsync,
+        rename, directory fsync); return its length."""
+        return self.write_objects([(rel, chunks)])[0]
 
     def write_objects(self, items: list[tuple[str, Iterable[Buffer]]]) -> list[int]:
         """Write several objects atomically and durably, sharing the syncs: every temporary is written and
