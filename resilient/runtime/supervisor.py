@@ -550,8 +550,9 @@ class Supervisor:
             return
         full = len(self.group) >= self.settings.commit_group_size
         now = self.clock()
-        # a redelivered batch (recovery) commits as soon as the committer is free: failover time counts
-        urgent = self.urgent and any(o.batch_id in self.urgent for _, o in self.group)
+        # a redelivered batch (recovery) commits as soon as the committer is free: failover time counts;
+        # so does the tail of a job, when no answer is on its way to share the group with
+        urgent = not self.refs or (self.urgent and any(o.batch_id in self.urgent for _, o in self.group))
         if not (force or full) and (self.commits or (
                 not urgent and now - self._last_flush < self.settings.commit_interval_seconds)):
             return
