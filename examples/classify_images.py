@@ -40,10 +40,8 @@ import contextlib
 import importlib.util
 import json
 import os
-import signal
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -52,6 +50,7 @@ import numpy as np
 import torch
 
 import resilient
+from resilient.testing import kill_worker
 from resilient.config import redact_url
 from resilient.errors import ConfigError
 
@@ -159,13 +158,9 @@ def reference_labels(ids: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarra
 def kill_one_worker(handle: resilient.JobHandle, after: int, say: Any) -> bool:
     """SIGKILL one worker actor process by PID once `after` batches are committed; False if the job ended
     first."""
-    while handle.progress()["committed"] < after and not handle.done():
-        time.sleep(0.02)
-    actors = handle.actors()
-    if handle.done() or not actors:
+    victim = kill_worker(handle, after=after)
+    if victim is None:
         return False
-    victim = actors[0]
-    os.kill(victim["pid"], signal.SIGKILL)
     say(f"killed worker pid {victim['pid']} (slot {victim['slot']}) after {handle.progress()['committed']} "
         "committed batches")
     return True

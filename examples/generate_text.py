@@ -26,10 +26,8 @@ import argparse
 import collections
 import math
 import os
-import signal
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import resilient
+from resilient.testing import kill_worker
 from resilient.errors import ConfigError
 
 __all__ = ["SLOTS", "ChunkedGenerator", "TinyLM", "main", "make_batches"]
@@ -176,17 +175,13 @@ def kill_after_checkpoint(handle: resilient.JobHandle, store: resilient.Checkpoi
                           say: Any) -> int | None:
     """Once `after` batches are committed and the first actor's slot has a checkpoint, SIGKILL that actor
     by PID; return its slot (None if the job ended first)."""
-    while not handle.done():
-        actors = handle.actors()
-        if actors and handle.progress()["committed"] >= after:
-            victim = actors[0]
-            if store.latest(f"{handle.job_id}/slot-{victim['slot']}") is not None:
-                os.kill(victim["pid"], signal.SIGKILL)
-                say(f"killed worker pid {victim['pid']} (slot {victim['slot']}) after "
-                    f"{handle.progress()['committed']} committed chunks")
-                return int(victim["slot"])
-        time.sleep(0.02)
-    return None
+    victim = kill_worker(handle, after=after,
+                         ready=lambda a: store.latest(f"{handle.job_id}/slot-{a['slot']}") is not None)
+    if victim is None:
+        return None
+    say(f"killed worker pid {victim['pid']} (slot {victim['slot']}) after "
+        f"{handle.progress()['committed']} committed chunks")
+    return int(victim["slot"])
 
 
 def resumed_tokens(cursor: int, slot: int, sequences: int, tokens: int) -> dict[int, int]:

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import signal
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
 import resilient
+from resilient.testing import kill_worker
 
 
 @resilient.pipeline(num_actors=2, checkpoint_every=50)
@@ -58,16 +56,7 @@ def main() -> int:
     handle = Scorer.run(resilient.io.RangeSource(args.rows, args.batch), f"{work}/scores", job_id="score",
                         settings=settings)
     total = -(-args.rows // args.batch)
-    killed = None
-    while killed is None and not handle.done():
-        time.sleep(0.01)
-        if handle.progress()["committed"] >= total // 2 and handle.actors():
-            victim = handle.actors()[0]
-            try:
-                os.kill(victim["pid"], signal.SIGKILL)
-                killed = victim
-            except ProcessLookupError:  # replaced or finished meanwhile: look again
-                continue
+    killed = kill_worker(handle, after=total // 2, poll=0.01)  # SIGKILL by PID, from outside the job
     result = handle.wait()
     if killed is None:
         print("the job finished before a worker could be killed: run it with more --rows")

@@ -24,6 +24,7 @@ from resilient.testing import (
     S3Server,
     S3ServerError,
     kill_pid,
+    kill_worker,
 )
 
 
@@ -48,6 +49,7 @@ def test_public_names_are_pinned_and_sorted():
         "S3Server",
         "S3ServerError",
         "kill_pid",
+        "kill_worker",
     ]
     assert resilient.testing.__all__ == expected
     for name in expected:
@@ -379,6 +381,40 @@ def test_kill_pid_kills_and_reports_missing_processes():
     assert kill_pid(proc.pid) is True
     assert proc.wait(timeout=10) == -signal.SIGKILL
     assert kill_pid(proc.pid) is False  # reaped: no such process
+
+
+class _Job:
+    """What `kill_worker` reads of a job handle: a fake job over real processes, committing one batch a look."""
+
+    def __init__(self, procs: list[subprocess.Popen], total: int) -> None:
+        self.procs, self.total, self.looks = procs, total, 0
+
+    def done(self) -> bool:
+        return self.looks >= self.total
+
+    def progress(self) -> dict:
+        self.looks += 1
+        return {"committed": self.looks}
+
+    def actors(self) -> list[dict]:
+        return [{"slot": i, "pid": p.pid} for i, p in enumerate(self.procs) if p.poll() is None]
+
+
+def test_kill_worker_waits_for_progress_and_readiness_then_kills_by_pid():
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        job = _Job(procs, total=100)
+        asked = []
+        victim = kill_worker(job, after=5, ready=lambda a: asked.append(a["slot"]) or len(asked) >= 3,
+                             sleep=lambda s: None)
+        assert victim == {"slot": 0, "pid": procs[0].pid} and job.looks >= 7 and asked == [0, 0, 0]
+        assert procs[0].wait(timeout=10) == -signal.SIGKILL and procs[1].poll() is None
+        assert kill_worker(_Job(procs[1:], total=3), after=10, sleep=lambda s: None) is None  # the job ended
+        assert procs[1].poll() is None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_kill_pid_times_out_on_a_survivor():

@@ -7,6 +7,7 @@ Real parts where possible, small counting objects where not:
   writes, flushes, closes) raise a transient error; uploads can be cut after N bytes.
 * `NoSpaceDirectory`: a tiny tmpfs mount, a real ``ENOSPC`` source (needs root).
 * `kill_pid`: ``SIGKILL`` a process by PID and wait until it is gone.
+* `kill_worker`: ``SIGKILL`` a worker actor of a running job by PID, once it has made some progress.
 
 Example:
     >>> import fsspec
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from resilient.testing._flaky import FlakyFileSystem
 from resilient.testing._nospace import NoSpaceDirectory, NoSpaceUnavailable
-from resilient.testing._process import kill_pid
+from resilient.testing._process import kill_pid, kill_worker
 from resilient.testing._s3 import S3Server, S3ServerError
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "S3Server",
     "S3ServerError",
     "kill_pid",
+    "kill_worker",
 ]

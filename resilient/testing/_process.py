@@ -6,8 +6,9 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["kill_pid"]
+__all__ = ["kill_pid", "kill_worker"]
 
 
 def _exited(pid: int) -> bool:
@@ -75,3 +76,36 @@ def kill_pid(
             raise TimeoutError(f"process {pid} still running {timeout} s after signal {sig}")
         sleep(0.005)
     return True
+
+
+def kill_worker(
+    handle: Any,
+    *,
+    after: int = 0,
+    ready: Callable[[dict], bool] = lambda actor: True,
+    poll: float = 0.02,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict | None:
+    """SIGKILL a worker actor of a running job by PID, the way a crash would, and return it.
+
+    Waits until `after` batches are committed and the first worker actor of ``handle.actors()`` passes
+    `ready` (e.g. its slot has a checkpoint), then kills it with `kill_pid`. An actor that is gone by the
+    time the signal is sent (replaced, or the job ended) is not counted: it looks again.
+
+    Args:
+        handle: a `resilient.JobHandle` (anything with ``done()``, ``progress()`` and ``actors()``).
+        after: committed batches to wait for.
+        ready: whether this actor (a dict with ``slot``, ``pid``, ...) may be killed now.
+        poll: seconds between looks.
+        sleep: sleep function, injectable for tests.
+
+    Returns:
+        The killed actor's ``{"slot", "pid", ...}``, or None if the job ended first.
+    """
+    while not handle.done():
+        actors = handle.actors()
+        if actors and handle.progress()["committed"] >= after and ready(actors[0]):
+            if kill_pid(actors[0]["pid"]):
+                return actors[0]
+        sleep(poll)
+    return None
