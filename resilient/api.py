@@ -13,8 +13,8 @@ Example:
 from __future__ import annotations
 
 import collections
-import queue
 import functools
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator

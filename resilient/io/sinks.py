@@ -358,21 +358,12 @@ class FileSink:
         self._layout(create=True)
         rel = self._marker(staged.batch_id)
         body = json.dumps(asdict(staged), sort_keys=True).encode()
-        attempts = 0
 
-        def create() -> None:
-            nonlocal attempts
-            attempts += 1
-            self._store().create_exclusive(rel, body)
+        def ours() -> bool:
+            rec = self._record(staged.batch_id)
+            return rec is not None and rec["name"] == staged.name
 
-        try:
-            self._call(create, path=rel)
-            return True
-        except FileExistsError:
-            if attempts > 1:  # an earlier attempt of this call failed: it may have landed
-                rec = self._record(staged.batch_id)
-                return rec is not None and rec["name"] == staged.name
-            return False
+        return self._create_once(rel, lambda: self._store().create_exclusive(rel, body), ours)
 
     def commit_group(self, outputs: list[EncodedOutput]) -> list[bool]:
         """Commit encoded outputs together: one part object, one group index, one marker per batch (the
@@ -415,20 +406,27 @@ class FileSink:
         return created
 
     def _point(self, rel: str, gid: str) -> bool:
+        """Create marker `rel` pointing to group `gid` (see `_create_once`)."""
+        store = self._store()
+        return self._create_once(rel, lambda: store.create_pointer(rel, gid),
+                                 lambda: self._call(store.read_pointer, rel, path=rel) == gid)
+
+    def _create_once(self, rel: str, create: Callable[[], None], ours: Callable[[], bool]) -> bool:
+        """Run the create-only write `create` of marker `rel` with retries: True if this call made it,
+        False if the name was taken already. When an attempt failed and a retry then finds the name taken,
+        the failed attempt may have landed: `ours` tells whether the marker there is this call's."""
         attempts = 0
 
-        def create() -> None:
+        def attempt() -> None:
             nonlocal attempts
             attempts += 1
-            self._store().create_pointer(rel, gid)
+            create()
 
         try:
-            self._call(create, path=rel)
+            self._call(attempt, path=rel)
             return True
         except FileExistsError:
-            if attempts > 1:  # an earlier attempt of this call failed: it may have landed
-                return self._call(self._store().read_pointer, rel, path=rel) == gid
-            return False
+            return attempts > 1 and ours()
 
     def is_committed(self, batch_id: int) -> bool:
         batch_id = _check_int("batch_id", batch_id, _MAX_BATCH)

@@ -463,8 +463,7 @@ class Supervisor:
         if attempts < self.settings.max_attempts:
             self.on_event("retry", {"batch_id": b, "attempts": attempts, "error": error})
             return False
-        # every attempt's error: when an actor dies, the batch at the head of its queue is charged, though
-        # it may have raised (or finished) just before a batch queued behind it crashed the process
+        # every attempt's error, so a reader sees how it failed each time (raised, killed its actor, hung)
         del self.failures[b]
         error = "; ".join(f"attempt {i}: {e}" for i, (e, _) in enumerate(history, 1))
         tb = next((t for _, t in reversed(history) if t), "")

@@ -62,6 +62,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _fsync_dirs(paths: Iterable[str]) -> None:
+    """fsync each distinct directory holding one of `paths`, once."""
+    for d in sorted({os.path.dirname(p) for p in paths}):
+        _fsync_dir(d)
+
+
 class LocalReplica:
     """A replica on a local (or locally mounted) filesystem."""
 
@@ -112,8 +118,7 @@ class LocalReplica:
                 lengths.append(n)
             for tmp, path in staged:
                 os.replace(tmp, path)
-            for d in sorted({os.path.dirname(path) for _, path in staged}):
-                _fsync_dir(d)
+            _fsync_dirs(path for _, path in staged)
             return lengths
         except BaseException:
             for tmp, _ in staged:
@@ -153,8 +158,7 @@ class LocalReplica:
 
     def sync_dirs(self, rels: Iterable[str]) -> None:
         """Make the entries created in these directories durable: one fsync per distinct directory."""
-        for d in sorted({os.path.dirname(self._abs(r)) for r in rels}):
-            _fsync_dir(d)
+        _fsync_dirs(self._abs(r) for r in rels)
 
     def read_pointer(self, rel: str) -> str:
         """What `create_pointer` stored; a regular file's text for names written by `create_exclusive`."""
