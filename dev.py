@@ -9,7 +9,7 @@ Usage::
 Both create or reuse ``.venv`` next to this file, install the tested torch on its own first (a pip
 call that resolves torch together with other requirements may pick a multi-GB CUDA build), then
 ``pip install -e '.[dev]'``. The installs are skipped while ``.venv`` holds a stamp matching the
-current pyproject.toml and dev.py. pip itself is never upgraded. Needs only Python 3.10+ and its
+current pyproject.toml and dev.py. The package's bytecode is then brought up to date (``compileall``). pip itself is never upgraded. Needs only Python 3.10+ and its
 standard library; reads no input, so it runs unattended (CI).
 """
 
@@ -81,6 +81,13 @@ def ensure_environment() -> Path:
     return python
 
 
+def compile_package(python: Path) -> None:
+    """Write resilient's bytecode, as installing a wheel does. An editable install leaves it to the first
+    import, which writes nothing where PYTHONDONTWRITEBYTECODE is set: every Ray worker would then compile
+    the package from source when it starts. Quick when nothing changed."""
+    run([str(python), "-m", "compileall", "-q", "resilient"], stdin=subprocess.DEVNULL)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__.strip() if argv else USAGE)
@@ -93,6 +100,7 @@ def main(argv: list[str]) -> int:
         print(f"dev.py: `example` takes no arguments\n{USAGE}", file=sys.stderr)
         return 2
     python = ensure_environment()
+    compile_package(python)
     if command == "example":
         args = [str(python), str(EXAMPLE)]
     else:

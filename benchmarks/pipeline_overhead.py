@@ -8,7 +8,10 @@ label, score, t_done), encoded as Parquet by every system; ``t_done`` is the wal
 actor finished computing the batch.
 
 Systems, all in one process on one ``ray.init(num_cpus=2)``, run one after another and interleaved over
-``--repeat`` rounds (medians reported):
+``--repeat`` rounds (the order reversed every other round). Between two systems the page cache's dirty
+data is written out (``os.sync``) and the machine left idle for a moment, so that no system pays for the
+writes of the one before it (the plain baselines write without fsync: the kernel would flush their files
+during the next run):
 
   plain          N plain Ray actors (``num_cpus`` = resilient's default ``actor_cpus``). The driver makes
                  each batch (the same dict of ids RangeSource gives), sends it round-robin to an actor with
@@ -20,7 +23,9 @@ Systems, all in one process on one ``ray.init(num_cpus=2)``, run one after anoth
                  from the cost of the rest of the protocol.
   resilient      ``resilient.pipeline`` with default settings (num_actors=N, standby=1, queue_depth=2,
                  actor_cpus=0.25; the environment is ignored), a local Parquet `FileSink` and one local
-                 checkpoint directory: stage + commit marker per batch, progress record every second.
+                 checkpoint directory. Workers encode each output and send it back; the driver commits
+                 them in groups (one part file and its index, fsynced, then a marker per batch) at most
+                 every 0.1 s, and saves the progress record every second.
   ray_data       ``ray.data.range -> map_batches(actor pool of N, num_cpus=0.5) -> write_parquet``, with
                  Ray Data's own checkpointing on (``DataContext.checkpoint_config = CheckpointConfig(
                  id_column="id", checkpoint_path=..., delete_checkpoint_on_success=False)``: checkpoint
@@ -36,18 +41,22 @@ Two figures per run:
           from that batch's ``t_done`` to the job's end (outputs all written and, for resilient and Ray Data,
           committed). Excludes start-up; includes the commit and finalisation tail. The ratios use this.
 
-The last line is one JSON object: ``throughput_vs_plain_ray`` (resilient / plain, steady rows/s),
-``throughput_vs_ray_data`` (resilient / ray_data), the same against plain_durable and for e2e, and the raw
-figures. Targets: >= 0.97 and >= 1.2. Timings on a shared or loaded machine are noisy: check ``load_avg``.
+Ratios are paired: resilient's steady rate over the other system's in the same round, and the median of
+those per-round ratios is reported, so that drift over the run (the machine, the page cache, Ray's own
+background work) cancels out. The last line is one JSON object: ``throughput_vs_plain_ray`` (resilient /
+plain), ``throughput_vs_ray_data`` (resilient / ray_data), the same against plain_durable and for e2e,
+every per-round ratio (``rounds``), the ratio of the median rates (``*_of_medians``) and the raw figures.
+Targets: >= 0.97 and >= 1.2. Timings on a shared or loaded machine are noisy: check ``load_avg``.
 
 Usage:
-    python benchmarks/pipeline_overhead.py [--batches 1000] [--batch-rows 256] [--actors 2] [--repeat 3]
+    python benchmarks/pipeline_overhead.py [--batches 1000] [--batch-rows 256] [--actors 2] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import logging
 import os
@@ -251,6 +260,13 @@ def figures(t_done: np.ndarray, rows: np.ndarray, t0: float, t_end: float, args:
     }
 
 
+def settle(seconds: float = 1.0) -> None:
+    """Between two systems: write out dirty pages, collect garbage, let background work finish."""
+    gc.collect()
+    os.sync()
+    time.sleep(seconds)
+
+
 def per_batch_ms(args: argparse.Namespace) -> float:
     """Compute time of one batch in this process (1 thread), for the report."""
     s = Scorer(args.features, args.hidden, args.seed)
@@ -268,7 +284,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=1000)
     p.add_argument("--batch-rows", type=int, default=256)
     p.add_argument("--actors", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--features", type=int, default=256)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--seed", type=int, default=0)
@@ -277,6 +293,10 @@ def main() -> None:
     args = p.parse_args()
     if args.batches < 2 or args.batch_rows < 1 or args.actors < 1 or args.repeat < 1:
         p.error("need --batches >= 2 and --batch-rows, --actors, --repeat >= 1")
+
+    from _bytecode import compile_resilient
+
+    compile_resilient()  # as installed from a wheel: workers do not compile it at start
 
     import ray
     import torch
@@ -313,6 +333,7 @@ def main() -> None:
                 else:
                     r = run_ray_data(args, work)
                 shutil.rmtree(work, ignore_errors=True)
+                settle()
                 runs[system].append(r)
                 print(f"  round {rep + 1}: {system:14s} steady {r['steady_batches_per_s']:8.1f} batches/s "
                       f"{r['steady_rows_per_s']:10.0f} rows/s | e2e {r['e2e_s']:6.2f} s "
@@ -328,7 +349,14 @@ def main() -> None:
               f" | e2e {m['e2e_rows_per_s'] / args.batch_rows:8.1f} batches/s {m['e2e_rows_per_s']:10.0f} rows/s"
               f" (median of {args.repeat})")
 
+    def rounds(a: str, b: str, key: str = "steady_rows_per_s") -> list[float]:
+        return [round(x[key] / y[key], 4) for x, y in zip(runs[a], runs[b])]
+
     def ratio(a: str, b: str, key: str = "steady_rows_per_s") -> float:
+        """The median of the per-round ratios (paired: both systems measured in the same round)."""
+        return round(statistics.median(rounds(a, b, key)), 4)
+
+    def of_medians(a: str, b: str, key: str = "steady_rows_per_s") -> float:
         return round(med[a][key] / med[b][key], 4)
 
     report = {
@@ -338,6 +366,11 @@ def main() -> None:
         "e2e_vs_plain_ray": ratio("resilient", "plain", "e2e_rows_per_s"),
         "e2e_vs_ray_data": ratio("resilient", "ray_data", "e2e_rows_per_s"),
         "targets": {"throughput_vs_plain_ray": 0.97, "throughput_vs_ray_data": 1.2},
+        "rounds": {"throughput_vs_plain_ray": rounds("resilient", "plain"),
+                   "throughput_vs_ray_data": rounds("resilient", "ray_data"),
+                   "throughput_vs_plain_ray_durable": rounds("resilient", "plain_durable")},
+        "throughput_vs_plain_ray_of_medians": of_medians("resilient", "plain"),
+        "throughput_vs_ray_data_of_medians": of_medians("resilient", "ray_data"),
         "steady_rows_per_s": {s: round(med[s]["steady_rows_per_s"], 1) for s in SYSTEMS},
         "steady_batches_per_s": {s: round(med[s]["steady_batches_per_s"], 2) for s in SYSTEMS},
         "e2e_rows_per_s": {s: round(med[s]["e2e_rows_per_s"], 1) for s in SYSTEMS},

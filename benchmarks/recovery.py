@@ -413,6 +413,10 @@ def main() -> None:
     if args.kill_after >= args.batches // 2:
         p.error("--kill-after must be under half of --batches (the job must outlive the recovery)")
 
+    from _bytecode import compile_resilient
+
+    compile_resilient()  # as installed from a wheel: workers do not compile it at start
+
     import ray
     import torch
 

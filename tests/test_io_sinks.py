@@ -310,6 +310,57 @@ def test_jsonl_values(tmp_path: Any) -> None:
     assert sink.orphans() == []  # refusals write nothing
 
 
+_NUMERIC = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float16,
+            np.float32, np.float64]
+
+
+def test_parquet_values(tmp_path: Any) -> None:
+    """Every column kind reads back equal, with its dtype: numbers (wrapped without a copy), strided and
+    N-D views, non-native byte order, bools, datetimes, strings, NaN and infinities."""
+    sink = FileSink(str(tmp_path), format="parquet")
+    base = np.arange(-6, 18)
+    out = {f"n_{np.dtype(t).name}": (base % 9 * 3).astype(t) for t in _NUMERIC}
+    out.update({
+        "strided": np.arange(48, dtype=np.int32)[::2],
+        "emb": np.arange(24 * 3 * 2, dtype=np.float32).reshape(24, 3, 2)[:, ::-1],
+        "big_endian": np.arange(24, dtype=">i4"),
+        "flag": base % 2 == 0,
+        "when": np.arange(24).astype("datetime64[s]"),
+        "name": np.array([f"r{i}" for i in range(24)]),
+        "special": np.array([np.nan, np.inf, -np.inf, -0.0] * 6),
+        "tensor": torch.arange(24, dtype=torch.float64) / 3,
+    })
+    sink.commit(sink.stage(0, out, epoch=0))
+    got = sink.read(0)
+    for name, want in out.items():
+        want = want.numpy() if isinstance(want, torch.Tensor) else want
+        assert got[name].shape == want.shape, name
+        if want.dtype.kind in "iufb":
+            assert got[name].dtype == want.dtype.newbyteorder("="), name
+            np.testing.assert_array_equal(got[name], want, err_msg=name)
+        else:
+            assert list(got[name]) == list(want), name
+    assert np.signbit(got["special"][3])  # -0.0 kept, bit for bit
+
+
+def test_parquet_encoding_of_numbers_does_not_import_pandas(tmp_path: Any) -> None:
+    """pyarrow's ``pa.array`` imports pandas on its first call (0.17 s): a replacement actor's first
+    output would pay it on the failover path. Numeric columns do not go through it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from resilient.io import FileSink\n"
+        f"sink = FileSink({str(tmp_path)!r}, format='parquet')\n"
+        "sink.encode(0, {'id': np.arange(8), 'score': np.ones((8, 4), dtype=np.float32)}, epoch=1)\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def test_parquet_and_tensors_refusals(tmp_path: Any) -> None:
     with pytest.raises(UnsupportedTypeError, match="bfloat16"):
         FileSink(str(tmp_path / "p"), format="parquet").stage(0, {"x": torch.ones(2).bfloat16()}, epoch=0)

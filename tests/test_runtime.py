@@ -97,6 +97,47 @@ def test_chaos_stateless_sigkill_every_few_hundred_ms(tmp_path):
     assert values == simple.expected_square(range(n_batches * 4))
 
 
+def test_standby_takes_over_and_is_rebuilt_once_recovery_is_done(tmp_path):
+    """A killed worker's slot goes to the standby (model built, so it starts at once), and a new standby
+    is built; by then the redelivered batches are committed, or SPARE_DELAY_S has passed (building a
+    standby takes a core for a second, which the replacement needs first)."""
+    import ray
+
+    from resilient.runtime.supervisor import SPARE_DELAY_S
+    from resilient.testing import kill_worker
+
+    n_batches = 400
+    job = resilient.pipeline(simple.SlowSquare, num_actors=2, standby=1)
+    handle = job.run(RangeSource(n_batches * 4, 4), str(tmp_path / "out"), job_id="standby",
+                     settings=settings_for(tmp_path), init_args=(0.01,))
+    sup = handle._supervisor
+    deadline = time.monotonic() + 60
+    while not sup.spares and time.monotonic() < deadline:
+        time.sleep(0.02)
+    spare = sup.spares[0]
+    spare_pid = ray.get(spare.ready.remote(), timeout=60)["pid"]  # built: the model is loaded
+    victim = kill_worker(handle, after=20)
+    assert victim is not None
+    started = None
+    while started is None and time.monotonic() < deadline:
+        started = next((info for kind, info in handle.events() if kind == "started" and info["pid"] == spare_pid),
+                       None)
+        time.sleep(0.01)
+    assert started is not None and started["slot"] == victim["slot"], handle.events()
+    seen_started = time.monotonic()
+    redelivered = next(info["redelivered"] for kind, info in handle.events() if kind == "restart")
+    while not (sup.spares and sup.spares[0] is not spare) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    waited = time.monotonic() - seen_started
+    assert sup.spares and sup.spares[0] is not spare, "no new standby was built"
+    # rebuilt once every redelivered batch was committed, or when the deferral ran out
+    assert all(handle.sink.is_committed(b) for b in redelivered) or waited >= SPARE_DELAY_S - 0.1, (
+        redelivered, waited)
+    result = handle.wait(120)
+    assert result.restarts == 1 and result.dead_letters == []
+    assert square_rows(outputs(handle)) == simple.expected_square(range(n_batches * 4))
+
+
 def chaos(handle, period: float, slots: int, min_progress: int = 0) -> list[int]:
     """SIGKILL a random worker actor process by PID every `period` seconds (0.5x-1.5x) until the job
     ends. A kill waits until every slot is serving again, so kills never pile onto a recovery (on two

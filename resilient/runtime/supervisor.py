@@ -57,6 +57,7 @@ __all__ = ["DeadLetter", "JobFailedError", "JobResult", "JobMismatchError", "Sup
 
 log = logging.getLogger("resilient.runtime")
 INF = 1 << 62
+SPARE_DELAY_S = 1.0  # the longest a hand-over defers rebuilding the standby it used
 
 
 class JobFailedError(ResilientError):
@@ -150,6 +151,7 @@ class Supervisor:
         self._last_progress = 0.0
         self._actor_cls = None
         self.spares: list[Any] = []
+        self._spares_due: float | None = None  # when the standbys used up by a hand-over are rebuilt
         self.finishing: dict[Any, int] = {}  # final-state save ref -> slot
         self.finished_slots: set[int] = set()
         self.starting: dict[Any, int] = {}  # activation ref -> slot
@@ -276,8 +278,16 @@ class Supervisor:
 
     def _top_up_spares(self) -> None:
         """Keep `standby` actors constructed ahead (model loaded), so a replacement is a hand-over."""
+        self._spares_due = None
         while len(self.spares) < self.settings.standby:
             self.spares.append(self._new_actor())
+
+    def _maybe_top_up_spares(self) -> None:
+        """Rebuild standbys after a hand-over once the redelivered batches are committed, or at the latest
+        `SPARE_DELAY_S` after it: building one (a process start, imports, the model) takes a core for about
+        a second, which the replacement needs while it replays and redelivers."""
+        if self._spares_due is not None and (not self.urgent or self.clock() >= self._spares_due):
+            self._top_up_spares()
 
     def _start_slot(self, slot: _Slot) -> None:
         """Give the slot a new incarnation: a new epoch (fencing the old one), a standby actor if one is
@@ -316,7 +326,8 @@ class Supervisor:
         slot.head_since = self.clock()
         if self.spec.stateful and self._reader is not None:
             self._rebuild_slot_queue(slot, ledger)
-        self._top_up_spares()  # after the hand-over, so building a spare does not slow the replacement
+        if len(self.spares) < self.settings.standby and self._spares_due is None:
+            self._spares_due = self.clock() + SPARE_DELAY_S  # see _maybe_top_up_spares
         generation = info.get("generation")
         if self.spec.stateful and (self.restarts or generation is not None):
             log.warning(
@@ -333,7 +344,7 @@ class Supervisor:
         import ray
 
         lost = [b for _, b in slot.inflight]
-        self.urgent.update(lost)
+        self.urgent.update(b for b in lost if not ledger.is_done(b))
         for ref, _ in slot.inflight:
             self.refs.pop(ref, None)
         slot.inflight.clear()
@@ -471,6 +482,7 @@ class Supervisor:
         if self.settings.on_poison == "fail":
             raise JobFailedError(f"batch {b} failed {attempts} times (poison): {error}")
         self.dead[b] = letter
+        self.urgent.discard(b)
         for pending in self.outstanding.values():
             pending.discard(b)
         ledger.mark_done(b)
@@ -675,10 +687,8 @@ class Supervisor:
                 self._dispatch()
                 self._maybe_finish(ledger)
                 refs = list(self.refs) + list(self.starting) + list(self.finishing)
-                if refs:
+                if refs:  # one answer per turn: the loop costs less than a second wait, and refills sooner
                     ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
-                    if ready:
-                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                     for ref in ready:
                         if ref in self.starting:
                             self._on_started(ref, ledger)
@@ -691,6 +701,7 @@ class Supervisor:
                 else:
                     time.sleep(0.005)
                 self._collect_commits(ledger)
+                self._maybe_top_up_spares()
                 self._flush()
                 self._check_hangs(ledger)
                 if self.clock() - self._last_progress > 1.0:
