@@ -49,7 +49,7 @@ The last line printed is one JSON object with at least ``failover_s``, ``failove
 ``resume_1m_rss_abs_mb``. Timings on a shared or loaded machine are noisy: check ``load_avg``.
 
 Usage:
-    python benchmarks/recovery.py [--batches 600] [--batch-rows 256] [--actors 2] [--repeat 2]
+    python benchmarks/recovery.py [--batches 600] [--batch-rows 256] [--actors 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -388,7 +388,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=600, help="batches per failover job")
     p.add_argument("--batch-rows", type=int, default=256)
     p.add_argument("--actors", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=2, help="failover jobs and bare restarts per mode (median)")
+    p.add_argument("--repeat", type=int, default=3, help="failover jobs and bare restarts per mode (median)")
     p.add_argument("--kill-after", type=int, default=100, help="committed batches before the kill")
     p.add_argument("--checkpoint-every", type=int, default=10, help="slot checkpoint every N batches")
     p.add_argument("--features", type=int, default=256)

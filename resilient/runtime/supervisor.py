@@ -24,7 +24,9 @@ Exactly-once protocol
 Failures
 --------
 * Actor death (crash, SIGKILL, node loss): a replacement with a new epoch takes the slot; its in-flight and
-  queued batches are redelivered (stateless: to any slot at once).
+  queued batches are redelivered (stateless: to any slot at once). The replacement is a standby when one
+  is built (a hand-over); the standby is rebuilt once the redelivered batches are committed, or
+  `SPARE_DELAY_S` after the hand-over at the latest, so that building it does not slow the recovery.
 * Exception in user code: retried with exponential backoff and jitter; a stateful slot is first rolled
   back to its last checkpoint and replayed, so a half-applied batch never leaks into the state.
 * Hang: a batch running past `batch_timeout_seconds` gets its actor killed and replaced.
