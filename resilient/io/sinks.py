@@ -14,7 +14,8 @@ commits them in groups (`commit_group`), in this order:
    fsync of their directory).
 3. **Markers**: per batch, a create-only pointer ``commit/<shard>/<batch:012d>`` whose content is the
    index's id (``<first:012d>-<8 hex>``): a symbolic link locally (one atomic metadata operation; the
-   commit directories are fsynced once per group), an ``If-None-Match: *`` upload on S3. The first
+   commit directories are fsynced once per group), an ``If-None-Match: *`` upload on S3 (a group's
+   uploads are sent concurrently, `MARKER_WRITERS` at a time: one request each). The first
    marker wins: a batch is never committed twice and a marker is never overwritten. A batch is
    committed once its marker is durable; the driver reports it done only then.
    A crash before a marker leaves the part and index unreferenced: invisible, collected as orphans.
@@ -51,8 +52,10 @@ import numbers
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -85,6 +88,9 @@ _GROUP_ID = re.compile(r"(\d{12})-([0-9a-f]{8})")
 _INDEX_NAME = re.compile(r"data/(\d{6,})/(\d{12}-[0-9a-f]{8})\.json")
 _CACHED_INDEXES = 16
 _MARKER = re.compile(r"\d{12}")
+MARKER_WRITERS = 16  # a group's marker uploads in flight at once, on object stores
+_marker_pool: ThreadPoolExecutor | None = None
+_marker_pool_lock = threading.Lock()
 _FORMAT_OF = {ext: fmt for fmt, ext in EXTENSIONS.items()}
 
 
@@ -124,6 +130,15 @@ def _check_int(name: str, value: Any, hi: int, lo: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
         raise ConfigError(name, value, f"an int from {lo} to {hi}")
     return int(value)
+
+
+def _markers() -> ThreadPoolExecutor:
+    """The process's pool for marker uploads to object stores (`MARKER_WRITERS` threads, made on first use)."""
+    global _marker_pool
+    with _marker_pool_lock:
+        if _marker_pool is None:
+            _marker_pool = ThreadPoolExecutor(MARKER_WRITERS, thread_name_prefix="resilient-markers")
+        return _marker_pool
 
 
 class FileSink:
@@ -401,7 +416,10 @@ class FileSink:
         self._call(self._store().write_objects, [(part, [o.data for o in outputs]), (self._index_path(gid), [index])],
                    path=part)
         markers = [self._marker(b) for b in ids]
-        created = [self._point(rel, gid) for rel in markers]
+        if self._store().protocol == "file" or len(markers) == 1:
+            created = [self._point(rel, gid) for rel in markers]
+        else:  # one request per marker on an object store: send them concurrently
+            created = list(_markers().map(lambda rel: self._point(rel, gid), markers))
         self._call(self._store().sync_dirs, markers, path=f"{COMMIT}/")
         return created
 
