@@ -317,3 +317,36 @@ def test_same_job_id_different_pipeline_is_refused(tmp_path):
     again = resilient.pipeline(simple.square).run(RangeSource(50, 10), str(tmp_path / "out"), job_id="j1",
                                                   settings=settings).wait(120)
     assert again.resumed_from == 5  # everything was done: nothing redone
+
+
+def test_failed_background_progress_save_stops_the_job_and_is_recorded(tmp_path, monkeypatch):
+    """The periodic progress save runs in the background; its failure (here: no replica acknowledged it)
+    stops the job with that error, and the failed state is still recorded by the final save."""
+    from concurrent.futures import Future
+
+    from resilient.errors import QuorumError
+    from resilient.storage.store import CheckpointStore, PendingSave
+
+    original = CheckpointStore.save_async
+    failed = []
+
+    def save_async(self, key, state, **kw):
+        if key.endswith("/progress"):
+            failed.append(key)
+            future: Future = Future()
+            future.set_exception(QuorumError("progress lost", acked=0, required=1, failures={}))
+            return PendingSave(future)
+        return original(self, key, state, **kw)
+
+    monkeypatch.setattr(CheckpointStore, "save_async", save_async)
+    job = resilient.pipeline(simple.SlowSquare, num_actors=2)
+    settings = settings_for(tmp_path)
+    handle = job.run(RangeSource(4000, 4), str(tmp_path / "out"), job_id="progress-lost", settings=settings,
+                     init_args=(0.01,))
+    with pytest.raises(QuorumError, match="progress lost"):
+        handle.wait(120)
+    assert failed, "no periodic progress save was attempted"
+    with resilient.CheckpointStore(settings) as store:
+        record = store.load("progress-lost/progress").state
+    assert record["state"] == "failed" and "progress lost" in record["error"]
+    assert record["committed"] < 1000

@@ -151,6 +151,7 @@ class Supervisor:
         self.read_pos = 0
         self._reader = None
         self._last_progress = 0.0
+        self._progress_saving = None  # the periodic progress save in flight (a PendingSave)
         self._actor_cls = None
         self.spares: list[Any] = []
         self._spares_due: float | None = None  # when the standbys used up by a hand-over are rebuilt
@@ -234,7 +235,8 @@ class Supervisor:
         return ids
 
     def _save_progress(self, ledger: Ledger) -> None:
-        """The job's progress record (``<job_id>/progress`` in the checkpoint store): what a re-run resumes
+        """Save the job's progress record now (after the periodic save in flight, if any, so the record
+        never goes back). The record (``<job_id>/progress`` in the checkpoint store) (``<job_id>/progress`` in the checkpoint store): what a re-run resumes
         from (watermark, done_above, dead) and what ``resilient status`` shows while the job runs and after.
 
         Fields: ``watermark`` (every batch below is done), ``done_above`` (done ids at or above it),
@@ -246,6 +248,36 @@ class Supervisor:
         letters below the watermark, not committed yet) and ``retry_generation`` (the last retry request
         acted on).
         """
+        self._settle_progress()
+        self.store.save(self._progress_key(), self._progress_record(ledger))
+        self._last_progress = self.clock()
+        self._driver_replica_events()
+
+    def _save_progress_soon(self, ledger: Ledger) -> None:
+        """The periodic progress save, in the background: the loop only builds the record (a save takes
+        5-10 ms on a local disk, more on an object store, and would hold up dispatching). One at a time;
+        the record describes only commits already durable, so it may land whenever it lands."""
+        if self._progress_saving is not None:
+            if not self._progress_saving.done():
+                return
+            self._settle_progress()
+        self._progress_saving = self.store.save_async(self._progress_key(), self._progress_record(ledger), copy=False)
+        self._last_progress = self.clock()
+
+    def _settle_progress(self) -> None:
+        """Wait for the periodic save in flight; raise its error (a storage failure stops the job)."""
+        saving, self._progress_saving = self._progress_saving, None
+        if saving is not None:
+            saving.wait()
+            self._driver_replica_events()
+
+    def _driver_replica_events(self) -> None:
+        self._replica_events("driver", [(h.url, h.degraded, h.failures) for h in self.store.health()])
+
+    def _progress_key(self) -> str:
+        return f"{self.spec.job_id}/progress"
+
+    def _progress_record(self, ledger: Ledger) -> dict:
         snap = ledger.snapshot()
         snap["dead"] = [d.__dict__ for d in self.dead.values()]
         snap["retry_generation"] = self._retry_seen
@@ -263,9 +295,7 @@ class Supervisor:
             state=self._state,
             error=self._error,
         )
-        self.store.save(f"{self.spec.job_id}/progress", snap)
-        self._last_progress = self.clock()
-        self._replica_events("driver", [(h.url, h.degraded, h.failures) for h in self.store.health()])
+        return snap
 
     # ------------------------------------------------------------------ actors
 
@@ -707,7 +737,7 @@ class Supervisor:
                 self._flush()
                 self._check_hangs(ledger)
                 if self.clock() - self._last_progress > 1.0:
-                    self._save_progress(ledger)
+                    self._save_progress_soon(ledger)
             self._flush(force=True)
             self._collect_commits(ledger, block=True)
             self._state = "complete"
@@ -716,10 +746,11 @@ class Supervisor:
             self.sink.mark_complete(summary, replace=self._retried)
         except BaseException as e:
             self._state, self._error = "failed", f"{type(e).__name__}: {e}"
-            try:
-                self._save_progress(ledger)
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
+            for step in (self._settle_progress, lambda: self._save_progress(ledger)):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
             raise
         finally:
             for actor in [slot.actor for slot in self.slots] + self.spares:
