@@ -14,6 +14,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -505,7 +506,11 @@ def test_ray_actor_gets_settings_without_secrets_and_uses_storage(ray_session, s
             assert_clean(blob, canary, path)
 
         bare = ray.remote(max_restarts=0)(Worker).options(num_cpus=0.25).remote(spec, 0, epoch)
-        with pytest.raises(ray.exceptions.RayActorError) as info:  # no variables: no secrets at all
-            ray.get(bare.ready.remote(), timeout=120)
+        for _ in range(20):  # no variables: no secrets at all
+            with pytest.raises(ray.exceptions.RayActorError) as info:
+                ray.get(bare.ready.remote(), timeout=120)
+            if not isinstance(info.value, ray.exceptions.ActorUnavailableError):
+                break  # "unavailable" can come before Ray knows the constructor failed: ask again
+            time.sleep(0.1)
         assert "ConfigError" in str(info.value) and "RESILIENT_" in str(info.value)
         assert_clean(str(info.value), canary, "the actor's creation error")

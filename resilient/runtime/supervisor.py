@@ -62,6 +62,24 @@ INF = 1 << 62
 SPARE_DELAY_S = 1.0  # the longest a hand-over defers rebuilding the standby it used
 
 
+
+def _death_cause(actor: Any, error: BaseException, timeout: float = 10.0) -> BaseException:
+    """Why `actor` died, as well as Ray can tell. A call can fail as "temporarily unavailable" before Ray
+    knows the actor died in its constructor; asked once more, the dead actor's answer names the error
+    its constructor raised. Any other error is returned as it is."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    if not isinstance(error, ActorUnavailableError):
+        return error
+    try:
+        ray.get(actor.ready.remote(), timeout=timeout)
+    except RayActorError as e:
+        return e
+    except Exception:  # noqa: BLE001 - a timeout or anything else: the first error is what we know
+        return error
+    return error
+
 class JobFailedError(ResilientError):
     """The job stopped: a poison batch with ``on_poison="fail"``, or an unrecoverable error."""
 
@@ -344,10 +362,11 @@ class Supervisor:
         except RayActorError as e:
             slot.start_failures += 1
             if slot.start_failures >= self.settings.max_attempts:
+                cause = _death_cause(slot.actor, e)
                 raise JobFailedError(
                     f"slot {slot.index}: {slot.start_failures} actors in a row died while starting "
-                    f"(building the pipeline or restoring its state); the last one: {e}"
-                ) from e
+                    f"(building the pipeline or restoring its state); the last one: {cause}"
+                ) from cause
             self._replace(slot, ledger, f"died while starting ({type(e).__name__})", None)
             return
         except RayTaskError as e:
