@@ -254,7 +254,7 @@ class Supervisor:
 
     def _save_progress(self, ledger: Ledger) -> None:
         """Save the job's progress record now (after the periodic save in flight, if any, so the record
-        never goes back). The record (``<job_id>/progress`` in the checkpoint store) (``<job_id>/progress`` in the checkpoint store): what a re-run resumes
+        never goes back). The record (``<job_id>/progress`` in the checkpoint store) is what a re-run resumes
         from (watermark, done_above, dead) and what ``resilient status`` shows while the job runs and after.
 
         Fields: ``watermark`` (every batch below is done), ``done_above`` (done ids at or above it),
