@@ -307,9 +307,16 @@ def build_resume_dir(job_dir: str, total: int, args: argparse.Namespace) -> dict
         written = 0
         for b in range(first, last):
             path = os.path.join(commit_dir, f"{b // SHARD_WIDTH:06d}", f"{b:012d}")
-            # markers as the runtime writes them (pointers to a group; resume lists them, never reads them)
-            os.symlink(f"{b - b % 256:012d}-00000000", path)
+            # markers as the runtime writes them: hard links to one file per group of 256 holding the
+            # group's id (resume lists them, never reads them)
+            if b == first or b % 256 == 0:
+                group = os.path.join(commit_dir, f".group-{b}")
+                with open(group, "w") as f:
+                    f.write(f"{b - b % 256:012d}-00000000")
+            os.link(group, path)
             written += 1
+            if b == last - 1 or b % 256 == 255:
+                os.unlink(group)
         # the last progress record the runtime saved before it died: the watermark lags the markers
         sup._save_progress(Ledger(total, max(64, 4 * spec.slots * spec.settings.queue_depth), watermark=watermark))
     finally:

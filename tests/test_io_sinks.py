@@ -486,12 +486,105 @@ def test_group_corruption_is_detected_per_batch(tmp_path: Any) -> None:
         FileSink(str(tmp_path), format="jsonl", retry=FAST).read(0)
 
 
-def test_local_markers_are_symlinks_and_durable_names(tmp_path: Any) -> None:
-    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST)
-    sink.commit_group([sink.encode(b, {"v": [b]}, epoch=0) for b in (5, 6)])
-    marker = tmp_path / "commit" / "000000" / "000000000005"
-    assert marker.is_symlink() and os.readlink(marker) == os.readlink(marker.with_name("000000000006"))
+def test_local_markers_are_hard_links_to_one_file_holding_the_group_id(tmp_path: Any) -> None:
+    """A group's markers, across two shards, are names of one file whose content is the group's id; its
+    temporary name is gone; a second commit of the same batches leaves them as they are."""
+    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST, shard_width=4)
+    encoded = [sink.encode(b, {"v": [b]}, epoch=0) for b in (3, 4, 6)]
+    assert sink.commit_group(encoded) == [True, True, True]
+    markers = [tmp_path / "commit" / f"{b // 4:06d}" / f"{b:012d}" for b in (3, 4, 6)]
+    stats = [m.lstat() for m in markers]
+    assert not any(m.is_symlink() for m in markers)
+    assert len({(st.st_dev, st.st_ino) for st in stats}) == 1 and stats[0].st_nlink == 3
+    (index,) = (tmp_path / "data" / "000000").glob("*.json")
+    assert {m.read_text() for m in markers} == {index.stem}
     assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))  # no temporaries left
+    assert sink.commit_group([sink.encode(b, {"v": [-b]}, epoch=1) for b in (2, 3, 6)]) == [True, False, False]
+    assert markers[0].lstat().st_nlink == 3 and markers[0].read_text() == index.stem
+    assert [(b, out["v"]) for b, out in FileSink(str(tmp_path), format="jsonl", shard_width=4).read_all()] == [
+        (2, [-2]), (3, [3]), (4, [4]), (6, [6])]
+
+
+def test_a_copy_of_a_local_sink_reads_the_same(tmp_path: Any) -> None:
+    """Markers are plain files: a copy made by tools that do not keep hard links (shutil.copytree,
+    ``cp -r``) is a complete sink."""
+    import shutil
+
+    sink = FileSink(str(tmp_path / "a"), format="parquet", retry=FAST)
+    sink.commit_group([sink.encode(b, output_for("parquet", b), epoch=0) for b in range(5)])
+    sink.mark_complete({"total": 5})
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copy = FileSink(str(tmp_path / "b"), format="parquet")
+    assert copy.is_complete() is not None
+    assert [b for b, _ in copy.read_all()] == list(range(5))
+    np.testing.assert_array_equal(copy.read(4)["emb"], sink.read(4)["emb"])
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EMLINK])
+def test_markers_are_symlinks_where_the_filesystem_refuses_hard_links(tmp_path: Any, monkeypatch: Any,
+                                                                      refusal: int) -> None:
+    """EPERM (no hard links on this filesystem: all markers) or EMLINK (the file's link count is full: the
+    rest of the group): markers become symbolic links holding the id, and read the same. The refusal is
+    injected into the replica's link() of markers."""
+    from resilient.storage import replica
+
+    real_link, calls = os.link, []
+
+    def link(src: str, dst: str) -> None:
+        if f"{os.sep}commit{os.sep}" not in dst:  # _sink.json (create-only objects need link() locally)
+            return real_link(src, dst)
+        calls.append(dst)
+        if refusal == errno.EPERM or len(calls) > 1:
+            raise OSError(refusal, os.strerror(refusal), dst)
+        real_link(src, dst)
+
+    monkeypatch.setattr(replica.os, "link", link)
+    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST)
+    assert sink.commit_group([sink.encode(b, {"v": [b]}, epoch=0) for b in (0, 1, 2)]) == [True, True, True]
+    assert sink.commit_group([sink.encode(1, {"v": [9]}, epoch=1)]) == [False]
+    monkeypatch.undo()
+    markers = [tmp_path / "commit" / "000000" / f"{b:012d}" for b in (0, 1, 2)]
+    expect = [True, True, True] if refusal == errno.EPERM else [False, True, True]
+    assert [m.is_symlink() for m in markers] == expect
+    assert len({os.readlink(m) if m.is_symlink() else m.read_text() for m in markers}) == 1
+    assert len(calls) == (2 if refusal == errno.EPERM else 3)  # once refused, no more links in that call
+    assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))
+    assert [out["v"] for _, out in FileSink(str(tmp_path), format="jsonl").read_all()] == [[0], [1], [2]]
+
+
+def test_writer_killed_between_markers_commits_only_those_made(tmp_path: Any) -> None:
+    """A process SIGKILLed after the first of a group's markers: that batch is committed, the others are
+    not, the markers' temporary is an orphan (and only it); the rest commit later, exactly once."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, signal
+        from resilient.io import FileSink
+        from resilient.storage import replica
+        real_link, n = os.link, []
+        def link(src, dst):
+            if "/commit/" in dst:
+                if n:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                n.append(dst)
+            real_link(src, dst)
+        replica.os.link = link
+        sink = FileSink({str(tmp_path)!r}, format="jsonl", shard_width=4)
+        sink.commit_group([sink.encode(b, {{"v": [b]}}, epoch=0) for b in (1, 2, 5)])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST, shard_width=4)
+    assert list(sink.committed_from(0)) == [1]
+    (tmp,) = sink.orphans()
+    assert tmp.startswith("commit/000000/.tmp-")
+    assert sink.commit_group([sink.encode(b, {"v": [-b]}, epoch=1) for b in (1, 2, 5)]) == [False, True, True]
+    assert sink.orphans() == [tmp]
+    sink.delete([tmp])
+    assert sink.orphans() == []
+    assert [(b, out["v"]) for b, out in sink.read_all()] == [(1, [1]), (2, [-2]), (5, [-5])]
 
 
 def test_interrupted_group_commit_leaves_only_orphans(make_sink: Any) -> None:
@@ -503,10 +596,10 @@ def test_interrupted_group_commit_leaves_only_orphans(make_sink: Any) -> None:
     class Died(Exception):
         pass
 
-    def die(rel: str, gid: str) -> bool:
+    def die(*args: Any) -> bool:
         raise Died()
 
-    sink._point = die  # type: ignore[method-assign]
+    sink._point = sink._point_all = die  # type: ignore[method-assign]
     with pytest.raises(Died):
         sink.commit_group([sink.encode(b, {"v": [b, -1]}, epoch=0) for b in (1, 5)])
     fresh = make_sink(shard_width=4)

@@ -13,15 +13,18 @@ commits them in groups (`commit_group`), in this order:
    its offset, length, xxh3, epoch and rows; written with the part (both fsynced, renamed, then one
    fsync of their directory).
 3. **Markers**: per batch, a create-only pointer ``commit/<shard>/<batch:012d>`` whose content is the
-   index's id (``<first:012d>-<8 hex>``): a symbolic link locally (one atomic metadata operation; the
-   commit directories are fsynced once per group), an ``If-None-Match: *`` upload on S3 (a group's
-   uploads are sent concurrently, `MARKER_WRITERS` at a time: one request each). The first
-   marker wins: a batch is never committed twice and a marker is never overwritten. A batch is
-   committed once its marker is durable; the driver reports it done only then.
-   A crash before a marker leaves the part and index unreferenced: invisible, collected as orphans.
+   index's id (``<first:012d>-<8 hex>``). Locally, one small file holding the id is written and
+   fsynced, each marker is a hard link to it (``link()`` is create-only and atomic; a name costs a
+   directory entry, no inode), its temporary name is removed, and the commit directories are fsynced
+   once per group (symbolic links holding the id where the filesystem has no hard links; sinks
+   written before hard links are read the same way). On S3, an ``If-None-Match: *`` upload per marker
+   (a group's uploads are sent concurrently, `MARKER_WRITERS` at a time). The first marker wins: a
+   batch is never committed twice and a marker is never overwritten. A batch is committed once its
+   marker is durable; the driver reports it done only then. A crash before a marker leaves the part
+   and index unreferenced: invisible, collected as orphans (with the markers' temporary, locally).
 
-So a group of any size costs two fsynced files and one fsync per directory it touches, instead of two
-fsynced objects per batch.
+So a group of any size costs two fsynced files (three locally, with the markers' file) and one fsync per
+directory it touches, instead of two fsynced objects per batch.
 
 **Per batch.** A worker may also stage one output durably itself (`stage`, under a fresh, never-reused name
 ``data/<shard>/<batch:012d>-e<epoch>-<8 hex>.<ext>``) and the driver commit it (`commit`) with a
@@ -416,12 +419,32 @@ class FileSink:
         self._call(self._store().write_objects, [(part, [o.data for o in outputs]), (self._index_path(gid), [index])],
                    path=part)
         markers = [self._marker(b) for b in ids]
-        if self._store().protocol == "file" or len(markers) == 1:
-            created = [self._point(rel, gid) for rel in markers]
+        if self._store().protocol == "file":  # hard links to one file: see the module docstring
+            created = self._point_all(markers, gid)
+        elif len(markers) == 1:
+            created = [self._point(markers[0], gid)]
         else:  # one request per marker on an object store: send them concurrently
             created = list(_markers().map(lambda rel: self._point(rel, gid), markers))
         self._call(self._store().sync_dirs, markers, path=f"{COMMIT}/")
         return created
+
+    def _point_all(self, markers: list[str], gid: str) -> list[bool]:
+        """Create markers pointing to group `gid` together (`LocalReplica.create_pointers`), with retries;
+        per marker, True if this call made it. A retry skips the markers made already, and a marker that
+        an interrupted attempt may have made is this call's if it names `gid` (a fresh id)."""
+        store = self._store()
+        made: dict[str, bool] = {}
+        attempts = 0
+
+        def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            todo = [rel for rel in markers if rel not in made]
+            made.update(zip(todo, store.create_pointers(todo, gid)))
+
+        self._call(attempt, path=markers[0])
+        return [made[rel] or (attempts > 1 and self._call(store.read_pointer, rel, path=rel) == gid)
+                for rel in markers]
 
     def _point(self, rel: str, gid: str) -> bool:
         """Create marker `rel` pointing to group `gid` (see `_create_once`)."""
@@ -530,7 +553,8 @@ class FileSink:
 
     def orphans(self) -> list[str]:
         """Objects no commit marker refers to: staged outputs, parts and group indexes of interrupted or
-        superseded commits, and leftover temporaries of interrupted local writes.
+        superseded commits, and leftover temporaries of interrupted local writes (under data/ and
+        commit/).
 
         Call it only when no batch is between stage (or encode) and commit, i.e. after the job completed:
         an output awaiting its commit is an orphan too. Reads a marker only for a committed batch staged
@@ -554,7 +578,9 @@ class FileSink:
                 elif n.startswith(TMP_PREFIX):
                     out.append(f"{d}/{n}")
             c = f"{COMMIT}/{shard:06d}"
-            committed = {int(n) for n in self._call(self._store().listdir, c, path=c) if _MARKER.fullmatch(n)}
+            names = self._call(self._store().listdir, c, path=c)
+            committed = {int(n) for n in names if _MARKER.fullmatch(n)}
+            out.extend(f"{c}/{n}" for n in names if n.startswith(TMP_PREFIX))  # of an interrupted commit
             for b, names in sorted(staged.items()):
                 if b not in committed:
                     out.extend(names)
@@ -584,9 +610,10 @@ class FileSink:
             m = _DATA_NAME.fullmatch(name)
             part = _PART_NAME.fullmatch(name)
             index = _INDEX_NAME.fullmatch(name)
-            tmp = re.fullmatch(r"data/\d{6,}/" + re.escape(TMP_PREFIX) + r"[^/]+", name)
+            tmp = re.fullmatch(r"(data|commit)/\d{6,}/" + re.escape(TMP_PREFIX) + r"[^/]+", name)
             if m is None and part is None and index is None and tmp is None:
-                raise ConfigError("names", redact_url(name), "object names under data/ (see orphans())")
+                raise ConfigError("names", redact_url(name),
+                                  "object names under data/, and temporaries under commit/ (see orphans())")
             if m is not None:
                 rec = self._record(int(m[2]))
                 if rec is not None and rec["name"] == name:

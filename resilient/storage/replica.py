@@ -7,7 +7,9 @@ Two backends share one small interface:
   data objects are written to ``.tmp-*`` in their final directory, fsynced, renamed over the final name,
   and the directory fsynced; create-only objects (manifests, epoch claims) are written to a temporary,
   fsynced, then ``link()``-ed to their name, which fails if the name exists: an atomic
-  create-if-absent with complete content.
+  create-if-absent with complete content. Many small create-only names with the same content (a
+  group's commit markers, `create_pointers`) are all hard links to one such file: a directory entry
+  each, no inode or data of their own.
 * `FsspecReplica` (every other protocol) goes through fsspec. Object stores have no rename; an object
   upload becomes visible whole or not at all, so data objects are uploaded under their final,
   never-reused name, and a failed upload is discarded rather than closed. Create-only objects use
@@ -66,6 +68,22 @@ def _fsync_dirs(paths: Iterable[str]) -> None:
     """fsync each distinct directory holding one of `paths`, once."""
     for d in sorted({os.path.dirname(p) for p in paths}):
         _fsync_dir(d)
+
+
+# link() errors that mean "no hard link here" (the filesystem has none, or the file's link count is full)
+_NO_LINKS = frozenset({errno.EPERM, errno.EMLINK, errno.EXDEV, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def _link_or_refuse(src: str, dst: str) -> bool:
+    """Hard-link ``dst`` to ``src``: True if linked, False if the filesystem cannot (see `_NO_LINKS`);
+    FileExistsError if ``dst`` exists."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError as e:
+        if e.errno in _NO_LINKS:
+            return False
+        raise
 
 
 class LocalReplica:
@@ -146,15 +164,61 @@ class LocalReplica:
         self.write_object(rel, [data])
 
     def create_pointer(self, rel: str, target: str) -> None:
-        """Create-only name ``rel`` holding the short string ``target``, as a symbolic link: one atomic
-        metadata operation (no data block to flush), FileExistsError if the name is taken. Not durable
-        until `sync_dirs` covers its directory."""
-        path = self._abs(rel)
+        """Create-only name ``rel`` holding the short string ``target`` (as `create_pointers` makes it);
+        FileExistsError if the name is taken. Not durable until `sync_dirs` covers its directory."""
+        if not self.create_pointers([rel], target)[0]:
+            raise FileExistsError(errno.EEXIST, "already exists", self._abs(rel))
+
+    def create_pointers(self, rels: list[str], target: str) -> list[bool]:
+        """Create-only names ``rels``, each holding the short string ``target``; per name, True if this call
+        created it, False if the name was taken (it is left as it is).
+
+        One temporary file holding ``target`` is written and fsynced, next to the first name; each name is
+        then a hard link to it (``link()`` fails if the name exists: atomic and create-only), and the
+        temporary's own name is removed. A name costs one directory entry: no inode of its own and no
+        data to flush, so many pointers cost one small file. Where the filesystem has no hard links, or
+        the file's link count is full, the remaining names are symbolic links holding ``target`` (what
+        `create_pointer` makes). Not durable until `sync_dirs` covers their directories (the
+        temporary's directory is the first name's). An interrupted call can leave the temporary
+        (``.tmp-*``) behind."""
+        if not rels:
+            return []
+        first = os.path.dirname(self._abs(rels[0]))
         try:
-            os.symlink(target, path)
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=first)
         except FileNotFoundError:
-            self._makedirs(os.path.dirname(path))
-            os.symlink(target, path)
+            self._makedirs(first)
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=first)
+        try:
+            try:
+                _write_all(fd, target.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            links = True
+
+            def make(path: str) -> None:
+                nonlocal links
+                links = links and _link_or_refuse(tmp, path)
+                if not links:
+                    os.symlink(target, path)
+
+            created = []
+            for rel in rels:
+                path = self._abs(rel)
+                try:
+                    try:
+                        make(path)
+                    except FileNotFoundError:  # the directory of another shard, not made yet
+                        self._makedirs(os.path.dirname(path))
+                        make(path)
+                except FileExistsError:
+                    created.append(False)
+                    continue
+                created.append(True)
+            return created
+        finally:
+            _unlink_quietly(tmp)
 
     def sync_dirs(self, rels: Iterable[str]) -> None:
         """Make the entries created in these directories durable: one fsync per distinct directory."""
