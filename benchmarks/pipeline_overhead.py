@@ -49,7 +49,7 @@ every per-round ratio (``rounds``), the ratio of the median rates (``*_of_median
 Targets: >= 0.97 and >= 1.2. Timings on a shared or loaded machine are noisy: check ``load_avg``.
 
 Usage:
-    python benchmarks/pipeline_overhead.py [--batches 1000] [--batch-rows 256] [--actors 2] [--repeat 5]
+    python benchmarks/pipeline_overhead.py [--batches 1000] [--batch-rows 256] [--actors 2] [--repeat 7]
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=1000)
     p.add_argument("--batch-rows", type=int, default=256)
     p.add_argument("--actors", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--features", type=int, default=256)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--seed", type=int, default=0)
