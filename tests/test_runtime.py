@@ -81,6 +81,16 @@ def test_stateless_function_exactly_once(tmp_path):
     assert (rerun.committed, rerun.resumed_from, rerun.restarts) == (100, 100, 0) and again.events() == []
 
 
+def test_batches_given_as_object_refs_reach_the_pipeline_as_values(tmp_path):
+    import ray
+
+    refs = [ray.put({"id": list(range(i * 4, i * 4 + 4))}) for i in range(6)]
+    handle = resilient.pipeline(simple.square).run(refs, str(tmp_path / "out"), job_id="refs",
+                                                  settings=settings_for(tmp_path))
+    assert handle.wait(120).committed == 6
+    assert square_rows(outputs(handle)) == simple.expected_square(range(24))
+
+
 @pytest.mark.timeout(900)
 def test_chaos_stateless_sigkill_every_few_hundred_ms(tmp_path):
     n_batches = 2000

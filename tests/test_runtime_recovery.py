@@ -88,7 +88,7 @@ def test_zombie_incarnation_can_commit_neither_output_nor_checkpoint(tmp_path):
         old = actor_cls.remote(spec, 0, e1)
         pid = ray.get(old.ready.remote())["pid"]
         assert ray.get(old.restore.remote()) == 0
-        ray.get(old.process.remote(*batches[0], False, INF))
+        ray.get(old.process.remote((*batches[0], False, INF)))
         os.kill(pid, signal.SIGSTOP)  # paused: the supervisor gives up on it and replaces it
         e2 = store.claim_epoch("zombie/slot-0")
         new = actor_cls.remote(spec, 0, e2)
@@ -97,7 +97,7 @@ def test_zombie_incarnation_can_commit_neither_output_nor_checkpoint(tmp_path):
         os.kill(pid, signal.SIGCONT)  # the zombie wakes up and carries on
         before = store.generations("zombie/slot-0")
         fenced = []
-        for call in (lambda: old.process.remote(*batches[1], False, INF), lambda: old.finish.remote(INF)):
+        for call in (lambda: old.process.remote((*batches[1], False, INF)), lambda: old.finish.remote(INF)):
             try:  # encodes an output and tries to checkpoint; then flushes its checkpoint
                 ray.get(call())
             except ray.exceptions.RayTaskError as e:

@@ -508,7 +508,7 @@ class Supervisor:
                     b, batch = self.ready_queue.popleft()
                     replay = False
                     self.outstanding[slot.index].add(b)
-                ref = slot.actor.process.remote(b, batch, replay, self._commit_floor(slot))
+                ref = slot.actor.process.remote((b, batch, replay, self._commit_floor(slot)))
                 if not slot.inflight:
                     slot.head_since = now
                 slot.inflight.append((ref, b))
