@@ -25,7 +25,7 @@ during the next run):
                  actor_cpus=0.25; the environment is ignored), a local Parquet `FileSink` and one local
                  checkpoint directory. Workers encode each output and send it back; the driver commits
                  them in groups (one part file and its index, fsynced, then a marker per batch) at most
-                 every 0.25 s, and saves the progress record every second (in the background).
+                 every 0.1 s, and saves the progress record every second (in the background).
   ray_data       ``ray.data.range -> map_batches(actor pool of N, num_cpus=0.5) -> write_parquet``, with
                  Ray Data's own checkpointing on (``DataContext.checkpoint_config = CheckpointConfig(
                  id_column="id", checkpoint_path=..., delete_checkpoint_on_success=False)``: checkpoint

@@ -514,10 +514,9 @@ FIELDS: tuple[Field, ...] = (
     Field("commit_group_size", "RESILIENT_COMMIT_GROUP_SIZE", _Integer(1, 100_000), 256,
           "most batch outputs the driver commits together (one part file, one sync); 1 writes one file per "
           "batch", "64"),
-    Field("commit_interval_seconds", "RESILIENT_COMMIT_INTERVAL_SECONDS", _Number(allow_zero=True), 0.25,
+    Field("commit_interval_seconds", "RESILIENT_COMMIT_INTERVAL_SECONDS", _Number(allow_zero=True), 0.1,
           "the driver starts at most one group commit per this many seconds (an output waits at most about "
-          "this long to be committed; a group costs a few fsyncs whatever its size, so a longer interval "
-          "costs less CPU per batch); 0: whenever the committer is idle", "0.1"),
+          "this long to be committed); 0: whenever the committer is idle", "0.5"),
 )
 
 _BY_ATTR = {f.attr: f for f in FIELDS}
