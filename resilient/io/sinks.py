@@ -16,8 +16,8 @@ commits them in groups (`commit_group`), in this order:
    index's id (``<first:012d>-<8 hex>``). Locally, one small file holding the id is written and
    fsynced, each marker is a hard link to it (``link()`` is create-only and atomic; a name costs a
    directory entry, no inode), its temporary name is removed, and the commit directories are fsynced
-   once per group (symbolic links holding the id where the filesystem has no hard links; sinks
-   written before hard links are read the same way). On S3, an ``If-None-Match: *`` upload per marker
+   once per group (symbolic links holding the id where ``link()`` is refused, e.g. past the file's
+   link limit; sinks written with symbolic-link markers are read the same way). On S3, an ``If-None-Match: *`` upload per marker
    (a group's uploads are sent concurrently, `MARKER_WRITERS` at a time). The first marker wins: a
    batch is never committed twice and a marker is never overwritten. A batch is committed once its
    marker is durable; the driver reports it done only then. A crash before a marker leaves the part

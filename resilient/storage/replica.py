@@ -176,9 +176,9 @@ class LocalReplica:
         One temporary file holding ``target`` is written and fsynced, next to the first name; each name is
         then a hard link to it (``link()`` fails if the name exists: atomic and create-only), and the
         temporary's own name is removed. A name costs one directory entry: no inode of its own and no
-        data to flush, so many pointers cost one small file. Where the filesystem has no hard links, or
-        the file's link count is full, the remaining names are symbolic links holding ``target`` (what
-        `create_pointer` makes). Not durable until `sync_dirs` covers their directories (the
+        data to flush, so many pointers cost one small file. Where ``link()`` is refused (the file's link
+        count is full; a filesystem without hard links, though `create_exclusive` needs them too), the
+        remaining names are symbolic links holding ``target``. Not durable until `sync_dirs` covers their directories (the
         temporary's directory is the first name's). An interrupted call can leave the temporary
         (``.tmp-*``) behind."""
         if not rels:
