@@ -35,12 +35,6 @@ class DirtyWorkerError(ResilientError):
     """The worker's state is suspect after an exception; it processes nothing until rolled back."""
 
 
-def _object_ref() -> type:
-    from ray import ObjectRef
-
-    return ObjectRef
-
-
 @dataclass(frozen=True)
 class JobSpec:
     """What every worker of a job needs; plain data, pickled to the actors (URLs and options, no handles)."""
@@ -156,10 +150,10 @@ class Worker:
         """Apply the pipeline to one batch, ``work = (batch_id, batch, replay, commit_floor)``; encode its
         output unless `replay` (already committed). One argument, not four: Ray serializes each argument of
         a call on its own, and one tuple costs the driver about 50 us less per batch."""
-        batch_id, batch, replay, commit_floor = work
-        if isinstance(batch, _object_ref()):  # Ray resolves a ref passed as an argument, not inside one
-            import ray
+        import ray
 
+        batch_id, batch, replay, commit_floor = work
+        if isinstance(batch, ray.ObjectRef):  # Ray resolves a ref passed as an argument, not inside one
             batch = ray.get(batch)
         if self.dirty:
             raise DirtyWorkerError(f"slot {self.slot} epoch {self.epoch} needs rollback before batch {batch_id}")

@@ -143,21 +143,31 @@ class LocalReplica:
                 _unlink_quietly(tmp)
             raise
 
-    def create_exclusive(self, rel: str, data: bytes) -> None:
-        path = self._abs(rel)
-        d = os.path.dirname(path)
-        self._makedirs(d)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=d)
+    def _durable_temp(self, d: str, data: bytes) -> str:
+        """A new ``.tmp-*`` file in directory ``d`` (made if missing) holding ``data``, fsynced; its path."""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=d)
+        except FileNotFoundError:
+            self._makedirs(d)
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=d)
         try:
             _write_all(fd, data)
             os.fsync(fd)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        finally:
             os.close(fd)
-            fd = -1
+        return tmp
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        path = self._abs(rel)
+        d = os.path.dirname(path)
+        tmp = self._durable_temp(d, data)
+        try:
             os.link(tmp, path)  # FileExistsError if the name is taken
             _fsync_dir(d)
         finally:
-            if fd >= 0:
-                os.close(fd)
             _unlink_quietly(tmp)
 
     def overwrite(self, rel: str, data: bytes) -> None:
@@ -178,23 +188,13 @@ class LocalReplica:
         temporary's own name is removed. A name costs one directory entry: no inode of its own and no
         data to flush, so many pointers cost one small file. Where ``link()`` is refused (the file's link
         count is full; a filesystem without hard links, though `create_exclusive` needs them too), the
-        remaining names are symbolic links holding ``target``. Not durable until `sync_dirs` covers their directories (the
-        temporary's directory is the first name's). An interrupted call can leave the temporary
-        (``.tmp-*``) behind."""
+        remaining names are symbolic links holding ``target``. Not durable until `sync_dirs` covers their
+        directories (the temporary's directory is the first name's). An interrupted call can leave the
+        temporary (``.tmp-*``) behind."""
         if not rels:
             return []
-        first = os.path.dirname(self._abs(rels[0]))
+        tmp = self._durable_temp(os.path.dirname(self._abs(rels[0])), target.encode())
         try:
-            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=first)
-        except FileNotFoundError:
-            self._makedirs(first)
-            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=first)
-        try:
-            try:
-                _write_all(fd, target.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             links = True
 
             def make(path: str) -> None:
