@@ -294,6 +294,23 @@ class _Quorum(_Parser):
         return raw
 
 
+class _PerCall(_Parser):
+    kind = "`auto` | integer 1..64"
+    accepted = '"auto", or an integer from 1 to 64'
+
+    def parse(self, raw: Any) -> int | str:
+        if isinstance(raw, str):
+            text = raw.strip().lower()
+            if text == "auto":
+                return text
+            if not _INTEGER.match(text):
+                raise _Refused()
+            raw = int(text)
+        if not isinstance(raw, int) or isinstance(raw, bool) or not 1 <= raw <= 64:
+            raise _Refused()
+        return raw
+
+
 class _Storage(_Parser):
     kind = "comma-separated URLs"
     accepted = (
@@ -500,13 +517,17 @@ FIELDS: tuple[Field, ...] = (
     Field("standby", "RESILIENT_STANDBY", _Integer(0, 64), 1,
           "spare worker actors started ahead, model loaded, to replace a failed one at once", "2"),
     Field("queue_depth", "RESILIENT_QUEUE_DEPTH", _Integer(1, 64), 2,
-          "batches queued on one worker actor at a time", "4"),
+          "actor calls queued on one worker actor at a time", "4"),
+    Field("batches_per_call", "RESILIENT_BATCHES_PER_CALL", _PerCall(), "auto",
+          "batches one actor call carries; `auto`: several when batches are short (a call's batches "
+          "together under about 50 ms and a quarter of the batch timeout), else 1", "1"),
     Field("checkpoint_every", "RESILIENT_CHECKPOINT_EVERY", _Integer(1), 100,
           "stateful pipelines: checkpoint a slot's state every N batches", "500"),
     Field("checkpoint_interval_seconds", "RESILIENT_CHECKPOINT_INTERVAL_SECONDS", _Number(), 60.0,
           "stateful pipelines: checkpoint a slot's state at least this often", "30"),
     Field("batch_timeout_seconds", "RESILIENT_BATCH_TIMEOUT_SECONDS", _Number(), 600.0,
-          "a batch running longer is a hang: its actor is killed and replaced", "120"),
+          "a batch (or a call of several, see RESILIENT_BATCHES_PER_CALL) running longer is a hang: its actor "
+          "is killed and replaced", "120"),
     Field("max_attempts", "RESILIENT_MAX_ATTEMPTS", _Integer(1), 3,
           "attempts per batch (exceptions, crashes, hangs) before it is a poison batch", "5"),
     Field("on_poison", "RESILIENT_ON_POISON", _Choice("dead-letter", "fail"), "dead-letter",
@@ -567,6 +588,7 @@ class Settings:
     actor_gpus: float
     standby: int
     queue_depth: int
+    batches_per_call: int | str
     checkpoint_every: int
     checkpoint_interval_seconds: float
     batch_timeout_seconds: float

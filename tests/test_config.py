@@ -87,6 +87,8 @@ PRECEDENCE = [
     ("retry_backoff_max_seconds", "30", 30.0, 0.5, 0.5),
     ("degraded_after", "+4", 4, 1, 1),
     ("allow_pickle", "YES", True, True, True),
+    ("batches_per_call", " AUTO ", "auto", 4, 4),
+    ("batches_per_call", "64", 64, "auto", "auto"),
 ]
 
 
@@ -148,6 +150,8 @@ BAD_TEXT = [
     ("RESILIENT_RETRY_BACKOFF_SECONDS", "0"), ("RESILIENT_RETRY_BACKOFF_MAX_SECONDS", "-0.5"),
     ("RESILIENT_DEGRADED_AFTER", "0"), ("RESILIENT_DEGRADED_AFTER", "x"),
     ("RESILIENT_ALLOW_PICKLE", "maybe"), ("RESILIENT_ALLOW_PICKLE", "2"), ("RESILIENT_ALLOW_PICKLE", ""),
+    ("RESILIENT_BATCHES_PER_CALL", "0"), ("RESILIENT_BATCHES_PER_CALL", "65"), ("RESILIENT_BATCHES_PER_CALL", "2.5"),
+    ("RESILIENT_BATCHES_PER_CALL", "automatic"),
 ]
 
 
@@ -173,6 +177,7 @@ BAD_NATIVE = [
     ("retry_attempts", 0), ("retry_max_seconds", 0), ("retry_max_seconds", float("inf")),
     ("retry_backoff_seconds", -1.0), ("retry_backoff_max_seconds", False),
     ("degraded_after", -1), ("allow_pickle", 1), ("allow_pickle", "sometimes"),
+    ("batches_per_call", 0), ("batches_per_call", True), ("batches_per_call", 2.0), ("batches_per_call", "many"),
 ]
 
 

@@ -317,6 +317,90 @@ def test_hang_detected_and_actor_replaced(tmp_path):
     assert square_rows(outputs(handle)) == simple.expected_square(range(200))
 
 
+def test_calls_of_several_batches_keep_failures_per_batch(tmp_path):
+    """Four batches per call: exceptions are charged to their own batch, a crash or hang in a call of
+    several makes each of them run alone until the next failure names its batch."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    faults = {300: "raise-once", 1300: "raise-always", 1700: "crash-always", 1010: "crash-once", 450: "hang-once"}
+    job = resilient.pipeline(simple.FaultySquare, batches_per_call=4, batch_timeout_seconds=3)
+    handle = job.run(RangeSource(2000, 10), str(tmp_path / "out"), job_id="per-call", settings=settings_for(tmp_path),
+                     init_args=(faults, str(markers)))
+    result = handle.wait(300)
+    dead = {d.batch_id: d for d in result.dead_letters}
+    assert sorted(dead) == [130, 170]
+    assert "ValueError: poison batch starting 1300" in dead[130].error and dead[130].attempts == 3
+    assert "ValueError" in dead[130].traceback and dead[170].attempts == 3
+    assert square_rows(outputs(handle)) == simple.expected_square(i for i in range(2000) if i // 10 not in (130, 170))
+    assert 200 / 4 <= result.calls < 200 / 2  # 200 batches; with one batch per call it is 200 or more
+    assert any(kind == "restart" and "hung" in info["reason"] for kind, info in handle.events())
+
+
+def test_one_batch_per_call_when_configured(tmp_path):
+    handle = resilient.pipeline(simple.square, batches_per_call=1).run(
+        RangeSource(400, 10), str(tmp_path / "out"), job_id="one-per-call", settings=settings_for(tmp_path))
+    result = handle.wait(120)
+    assert result.calls == 40 and square_rows(outputs(handle)) == simple.expected_square(range(400))
+
+
+def test_stateful_calls_of_several_batches_roll_back_and_replay_exactly(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    faults = {1000: "raise-once-after-mutating", 2330: "crash-once", 3010: "raise-once"}
+    job = resilient.pipeline(simple.FaultySum, checkpoint_every=5, batches_per_call=4)
+    handle = job.run(RangeSource(4000, 10), str(tmp_path / "out"), job_id="per-call-state",
+                     settings=settings_for(tmp_path), init_args=(faults, str(markers)))
+    result = handle.wait(300)
+    assert result.dead_letters == [] and result.retries >= 2 and result.restarts >= 1
+    assert outputs(handle) == expected_running(4000, 10, 2)
+    assert result.calls < 400 / 2
+
+
+def test_call_size_decisions():
+    import doctest
+
+    from resilient.runtime import calls
+
+    assert doctest.testmod(calls).failed == 0
+    assert calls.batches_per_call(3, 100.0, 1.0) == 3  # a fixed setting is taken as it is
+    assert calls.batches_per_call("auto", None, 600.0) == 1  # nothing timed yet
+    assert calls.batches_per_call("auto", 0.0, 600.0) == calls.AUTO_MAX
+    assert calls.batches_per_call("auto", calls.AUTO_CALL_SECONDS / 3.5, 600.0) == 3
+    assert calls.batches_per_call("auto", 0.001, 0.014) == 3  # a quarter of the timeout: 3.5 ms
+    assert calls.batches_per_call("auto", 10.0, 1.0) == 1  # slower than the timeout: still one
+    assert [calls.most_per_call(s) for s in ("auto", 1, 5)] == [calls.AUTO_MAX, 1, 5]
+
+
+def test_worker_answers_each_batch_of_a_call(tmp_path):
+    """In process: a stateless worker goes on after a batch raises; a stateful one stops there, refuses
+    the next call until rolled back, and its state holds nothing of the failed batch."""
+    from resilient.io.sinks import FileSink
+    from resilient.runtime.supervisor import INF
+    from resilient.runtime.worker import DirtyWorkerError, Failure, JobSpec, Result, Worker
+
+    batches = list(RangeSource(60, 10).read(0))
+    settings = settings_for(tmp_path, checkpoint_every=1)
+    items = [(b, batch, False) for b, batch in batches]
+    stateless = Worker(JobSpec("w", simple.FaultySquare, ({20: "raise-always"}, str(tmp_path)), {}, False,
+                               FileSink(str(tmp_path / "o1")), settings, 1), 0, 1)
+    answers = stateless.process((INF, items[:4]))
+    assert [type(a) for a in answers] == [Result, Result, Failure, Result]
+    assert [a.batch_id for a in answers] == [0, 1, 2, 3]
+    assert answers[2].error == "ValueError: poison batch starting 20" and "fault" in answers[2].traceback
+
+    stateful = Worker(JobSpec("w", simple.FaultySum, ({30: "raise-always"}, str(tmp_path)), {}, True,
+                              FileSink(str(tmp_path / "o2")), settings, 1), 0, 1)
+    assert stateful.restore() == 0
+    answers = stateful.process((INF, items[:5]))
+    assert [type(a) for a in answers] == [Result, Result, Result, Failure]  # batch 4 was not run
+    with pytest.raises(DirtyWorkerError):
+        stateful.process((INF, items[4:5]))
+    stateful.rollback()
+    assert stateful.cursor == 3 and stateful.fn.total == sum(range(30))
+    stateful.store.close()
+    stateless.store.close()
+
+
 def test_same_job_id_different_pipeline_is_refused(tmp_path):
     settings = settings_for(tmp_path)
     resilient.pipeline(simple.square).run(RangeSource(50, 10), str(tmp_path / "out"), job_id="j1",

@@ -88,7 +88,7 @@ def test_zombie_incarnation_can_commit_neither_output_nor_checkpoint(tmp_path):
         old = actor_cls.remote(spec, 0, e1)
         pid = ray.get(old.ready.remote())["pid"]
         assert ray.get(old.restore.remote()) == 0
-        ray.get(old.process.remote((*batches[0], False, INF)))
+        assert [type(a) for a in ray.get(old.process.remote((INF, [(*batches[0], False)])))] == [Result]
         os.kill(pid, signal.SIGSTOP)  # paused: the supervisor gives up on it and replaces it
         e2 = store.claim_epoch("zombie/slot-0")
         new = actor_cls.remote(spec, 0, e2)
@@ -96,20 +96,24 @@ def test_zombie_incarnation_can_commit_neither_output_nor_checkpoint(tmp_path):
         assert ray.get(new.restore.remote()) == 0
         os.kill(pid, signal.SIGCONT)  # the zombie wakes up and carries on
         before = store.generations("zombie/slot-0")
-        fenced = []
-        for call in (lambda: old.process.remote((*batches[1], False, INF)), lambda: old.finish.remote(INF)):
-            try:  # encodes an output and tries to checkpoint; then flushes its checkpoint
-                ray.get(call())
-            except ray.exceptions.RayTaskError as e:
-                fenced.append(e.cause)
-        assert fenced and all(isinstance(c, FencedError) for c in fenced), fenced
+        # encodes an output and tries to checkpoint (a fenced save answers the batch as a Failure, or
+        # surfaces at the next wait for it); then flushes its checkpoint
+        answers = ray.get(old.process.remote((INF, [(*batches[1], False)])))
+        assert len(answers) == 1 and (isinstance(answers[0], Result) or answers[0].error.startswith("FencedError"))
+        with pytest.raises(ray.exceptions.RayTaskError) as e:
+            ray.get(old.finish.remote(INF))
+        assert isinstance(e.value.cause, FencedError), e.value
         assert store.generations("zombie/slot-0") == before  # no checkpoint of the zombie landed
         # its answers never reach a commit: the supervisor drops answers from any epoch but the slot's
         sup = Supervisor(spec, RangeSource(40, 10))
         sup.slots[0].epoch = e2
         encoded = sink.encode(1, {"id": [0], "running": [0], "n": [0]}, epoch=e1)
-        ref = ray.put(Result(1, 0, e1, encoded, 0.0, 2))
-        sup.refs[ref] = (0, 1, e1)
+        ref = ray.put([Result(1, 0, e1, encoded, 0.0, 2)])
+        sup.refs[ref] = (0, (1,), e1)  # a call made to the old incarnation
+        sup._handle(ref, ledger=None)
+        assert sup.group == [] and sup.commits == {} and not sink.is_committed(1)
+        ref = ray.put([Result(1, 0, e1, encoded, 0.0, 2)])
+        sup.refs[ref] = (0, (1,), e2)  # booked under the new epoch, answered by the old one
         sup._handle(ref, ledger=None)
         assert sup.group == [] and sup.commits == {} and not sink.is_committed(1)
         sup.store.close()

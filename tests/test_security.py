@@ -492,7 +492,7 @@ def test_ray_actor_gets_settings_without_secrets_and_uses_storage(ray_session, s
         try:
             assert ray.get(actor.restore.remote(), timeout=120) == 0
             for b, batch in batches:
-                result = ray.get(actor.process.remote((b, batch, False, INF)), timeout=120)
+                [result] = ray.get(actor.process.remote((INF, [(b, batch, False)])), timeout=120)
                 assert sink.commit_group([result.output]) == [True]
             assert ray.get(actor.finish.remote(INF), timeout=120)["cursor"] == 2
         finally:

@@ -16,6 +16,9 @@ Exactly-once protocol
 * Progress (the ledger's watermark and the few done ids above it) is persisted after the commits it
   describes, never before. A re-run with the same job id reads it, scans commit markers from the
   watermark up, and continues: nothing done is redone, nothing is held per completed batch.
+* Batches travel to workers in actor calls of one batch or several (`resilient.runtime.calls`: short
+  batches share a call's fixed cost); at most `queue_depth` calls are in flight per actor. A worker
+  answers each batch of a call with its result or its error.
 * Stateful pipelines route batch ``b`` to slot ``b % slots`` and apply each slot's batches in id order.
   A slot checkpoint (state + cursor) is persisted only once every output it covers is committed. A
   replacement restores the newest checkpoint and replays the slot's batches from its cursor: batches
@@ -29,7 +32,10 @@ Failures
   `SPARE_DELAY_S` after the hand-over at the latest, so that building it does not slow the recovery.
 * Exception in user code: retried with exponential backoff and jitter; a stateful slot is first rolled
   back to its last checkpoint and replayed, so a half-applied batch never leaks into the state.
-* Hang: a batch running past `batch_timeout_seconds` gets its actor killed and replaced.
+* Hang: a call running past `batch_timeout_seconds` gets its actor killed and replaced.
+* Attribution: a death or hang with one batch in flight is that batch's failed attempt. With several (in
+  one call or in several), each of them is a *suspect* and is retried alone, so the next failure names
+  its batch; only named failures count towards the poison limit.
 * Poison: a batch failing `max_attempts` times (exceptions, crashes or hangs) becomes a dead letter
   (batch id, error, traceback, attempts) and the job goes on, or the job fails (``on_poison="fail"``).
 """
@@ -51,8 +57,9 @@ from typing import Any
 
 from resilient.errors import NoCheckpointError, ResilientError
 from resilient.retry import RetryPolicy
+from resilient.runtime.calls import BatchTimer, batches_per_call, most_per_call
 from resilient.runtime.ledger import Ledger, slot_of
-from resilient.runtime.worker import DirtyWorkerError, JobSpec, Result, Worker, slot_key
+from resilient.runtime.worker import DirtyWorkerError, Failure, JobSpec, Result, Worker, slot_key
 from resilient.storage import CheckpointStore
 
 __all__ = ["DeadLetter", "JobFailedError", "JobResult", "JobMismatchError", "Supervisor"]
@@ -80,6 +87,11 @@ def _death_cause(actor: Any, error: BaseException, timeout: float = 10.0) -> Bas
         return error
     return error
 
+def _inflight_ids(slot: _Slot) -> list[int]:
+    """The batches of the slot's calls in flight, in the order the actor runs them."""
+    return [b for _, ids in slot.inflight for b in ids]
+
+
 class JobFailedError(ResilientError):
     """The job stopped: a poison batch with ``on_poison="fail"``, or an unrecoverable error."""
 
@@ -101,6 +113,10 @@ class DeadLetter:
 
 @dataclass
 class JobResult:
+    """How a run ended: batches in all and committed (all runs), its dead letters, actor replacements
+    and failed attempts (this run), seconds, the watermark it resumed from, and the actor calls that
+    carried its batches (one or several batches each: ``RESILIENT_BATCHES_PER_CALL``)."""
+
     job_id: str
     total: int
     committed: int
@@ -109,6 +125,7 @@ class JobResult:
     retries: int
     seconds: float
     resumed_from: int
+    calls: int = 0
 
 
 @dataclass
@@ -119,7 +136,7 @@ class _Slot:
     pid: int | None = None
     node_id: str | None = None
     cursor: int = 0
-    inflight: collections.deque = field(default_factory=collections.deque)  # (ref, batch_id)
+    inflight: collections.deque = field(default_factory=collections.deque)  # calls: (ref, batch ids)
     queue: collections.deque = field(default_factory=collections.deque)  # (batch_id, batch, replay)
     head_since: float = 0.0
     running: bool = False
@@ -149,7 +166,7 @@ class Supervisor:
         self.rng = rng or random.Random()
         self.total = len(source)
         self.slots = [_Slot(i) for i in range(spec.slots)]
-        self.refs: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, batch id, epoch)
+        self.refs: dict[Any, tuple[int, tuple[int, ...], int]] = {}  # call ref -> (slot, batch ids, epoch)
         self.ready_queue: collections.deque = collections.deque()  # stateless: (batch_id, batch)
         self.delayed: list[tuple[float, int, Any]] = []  # stateless retries: (ready_at, batch_id, batch)
         self.outstanding: dict[int, set[int]] = {s.index: set() for s in self.slots}
@@ -166,6 +183,8 @@ class Supervisor:
         self.failures: dict[int, list[tuple[str, str]]] = {}  # batch -> (error, traceback) per failed attempt
         self.restarts = 0
         self.retries = 0
+        self.calls = 0  # actor calls that carried batches
+        self.timer = BatchTimer()  # seconds per batch on the workers: sizes calls (`batches_per_call`)
         self.read_pos = 0
         self._reader = None
         self._last_progress = 0.0
@@ -214,7 +233,7 @@ class Supervisor:
         check_fingerprint(existing["source"], record["source"])
 
     def _resume(self) -> Ledger:
-        window = max(64, 4 * self.spec.slots * self.settings.queue_depth)
+        window = max(64, 4 * self.spec.slots * self.settings.queue_depth * most_per_call(self.settings.batches_per_call))
         try:
             progress = self.store.load(f"{self.spec.job_id}/progress").state
         except NoCheckpointError:
@@ -394,7 +413,7 @@ class Supervisor:
     def _replace(self, slot: _Slot, ledger: Ledger, reason: str, culprit: int | None, error: str = "") -> None:
         import ray
 
-        lost = [b for _, b in slot.inflight]
+        lost = _inflight_ids(slot)
         self.urgent.update(b for b in lost if not ledger.is_done(b))
         for ref, _ in slot.inflight:
             self.refs.pop(ref, None)
@@ -443,11 +462,12 @@ class Supervisor:
     def _pending_ids(self) -> set[int]:
         ids = {b for b, _ in self.ready_queue} | {b for _, b, _ in self.delayed} | self.committing
         for s in self.slots:
-            ids |= {b for b, _, _ in s.queue} | {b for _, b in s.inflight}
+            ids |= {b for b, _, _ in s.queue} | set(_inflight_ids(s))
         return ids
 
     def _fill(self, ledger: Ledger) -> None:
-        while self.read_pos < self.total and ledger.may_read(self.read_pos) and self._room():
+        room = 2 * self.spec.slots * self.settings.queue_depth * self._per_call()  # batches queued at most
+        while self.read_pos < self.total and ledger.may_read(self.read_pos) and self._queued() < room:
             b, batch = next(self._reader)
             if b != self.read_pos:
                 raise JobFailedError(f"source yielded batch {b} where {self.read_pos} was expected")
@@ -463,9 +483,12 @@ class Supervisor:
             elif not ledger.is_done(b):
                 self.ready_queue.append((b, batch))
 
-    def _room(self) -> bool:
-        queued = len(self.ready_queue) + sum(len(s.queue) for s in self.slots)
-        return queued < 2 * self.spec.slots * self.settings.queue_depth
+    def _queued(self) -> int:
+        return len(self.ready_queue) + sum(len(s.queue) for s in self.slots)
+
+    def _per_call(self) -> int:
+        s = self.settings
+        return batches_per_call(s.batches_per_call, self.timer.seconds, s.batch_timeout_seconds)
 
     def _rebuild_slot_queue(self, slot: _Slot, ledger: Ledger) -> None:
         """After a restore or rollback: every batch of the slot from its cursor up to the read position, in
@@ -489,30 +512,33 @@ class Supervisor:
         while self.delayed and self.delayed[0][0] <= now:
             _, b, batch = heapq.heappop(self.delayed)
             self.ready_queue.appendleft((b, batch))
-        depth = self.settings.queue_depth
+        depth, per_call = self.settings.queue_depth, self._per_call()
         for slot in self.slots:
-            while slot.running and len(slot.inflight) < depth:
-                if self.suspects and any(x in self.suspects for _, x in slot.inflight):
+            queue = slot.queue if self.spec.stateful else self.ready_queue
+            while slot.running and len(slot.inflight) < depth and queue:
+                if self.suspects and any(x in self.suspects for x in _inflight_ids(slot)):
                     break  # a suspect runs alone on its actor
-                if self.spec.stateful:
-                    if not slot.queue:
-                        break
-                    if slot.inflight and slot.queue[0][0] in self.suspects:
-                        break
-                    b, batch, replay = slot.queue.popleft()
-                else:
-                    if not self.ready_queue:
-                        break
-                    if slot.inflight and self.ready_queue[0][0] in self.suspects:
-                        break
-                    b, batch = self.ready_queue.popleft()
-                    replay = False
-                    self.outstanding[slot.index].add(b)
-                ref = slot.actor.process.remote((b, batch, replay, self._commit_floor(slot)))
+                alone = queue[0][0] in self.suspects
+                if slot.inflight and alone:
+                    break
+                items = [self._take(slot, queue)]
+                while not alone and len(items) < per_call and queue and queue[0][0] not in self.suspects:
+                    items.append(self._take(slot, queue))
+                ref = slot.actor.process.remote((self._commit_floor(slot), items))
+                self.calls += 1
                 if not slot.inflight:
                     slot.head_since = now
-                slot.inflight.append((ref, b))
-                self.refs[ref] = (slot.index, b, slot.epoch)
+                ids = tuple(b for b, _, _ in items)
+                slot.inflight.append((ref, ids))
+                self.refs[ref] = (slot.index, ids, slot.epoch)
+
+    def _take(self, slot: _Slot, queue: collections.deque) -> tuple[int, Any, bool]:
+        """The next batch for `slot` from `queue` (its own, or the stateless ready queue)."""
+        if self.spec.stateful:
+            return queue.popleft()
+        b, batch = queue.popleft()
+        self.outstanding[slot.index].add(b)
+        return b, batch, False
 
     # ------------------------------------------------------------------ answers
 
@@ -556,37 +582,52 @@ class Supervisor:
         meta = self.refs.get(ref)
         if meta is None:
             return  # from a replaced incarnation or a rolled-back run: dropped
-        s, b, epoch = meta
+        s, ids, epoch = meta
         slot = self.slots[s]
         try:
-            result: Result = ray.get(ref)
+            answers: list[Result | Failure] = ray.get(ref)
         except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
             # with one batch in flight, it killed the actor; with several, any of them may have (an answer
             # can be lost when the process dies right after sending it): each is retried alone
             # (`suspects`), so the next death names its batch
-            culprit = slot.inflight[0][1] if len(slot.inflight) == 1 else None
+            lost = _inflight_ids(slot)
+            culprit = lost[0] if len(lost) == 1 else None
             if culprit is None:
-                self.suspects.update(x for _, x in slot.inflight)
+                self.suspects.update(lost)
             self._replace(slot, ledger, "died", culprit, f"{type(e).__name__}")
             return
         except RayTaskError as e:
             self._forget(slot, ref)
-            self.suspects.discard(b)
+            self.suspects.difference_update(ids)
             cause = e.cause if hasattr(e, "cause") else e
             if isinstance(cause, DirtyWorkerError):
                 return  # queued behind the failing batch; redelivered after the rollback
-            self._on_exception(slot, b, ledger, cause, str(e))
+            # the worker answers its user's exceptions batch by batch (`Failure`); what escapes it (a
+            # BaseException other than Exception) is put on the call's first batch
+            own = "".join(traceback.format_exception(cause)) if isinstance(cause, BaseException) else ""
+            tb = str(e) if "Traceback" in str(e) else own  # the remote traceback is in Ray's wrapper's text
+            self._on_exception(slot, ids[0], ledger, f"{type(cause).__name__}: {cause}", tb)
             return
         self._forget(slot, ref)
-        if epoch != slot.epoch or result.epoch != slot.epoch:
+        if epoch != slot.epoch:
             return  # a zombie's answer: never committed
-        self.suspects.discard(b)
-        self._checkpoint_events(s, result.checkpoints)
-        self._replica_events(f"slot-{s}-e{epoch}", result.replicas)
-        if result.output is None or b in self.committing:  # a replay, or an output already on its way
-            return
-        self.committing.add(b)
-        self.group.append((s, result.output))
+        for answer in answers:
+            if answer.epoch != slot.epoch:
+                return  # a zombie's answer: never committed
+            b = answer.batch_id
+            self.suspects.discard(b)
+            if isinstance(answer, Failure):
+                self._on_exception(slot, b, ledger, answer.error, answer.traceback)
+                if self.spec.stateful:
+                    return  # rolled back: the call's later batches were not run; they are queued again
+                continue
+            self.timer.add(answer.seconds)
+            self._checkpoint_events(s, answer.checkpoints)
+            self._replica_events(f"slot-{s}-e{epoch}", answer.replicas)
+            if answer.output is None or b in self.committing:  # a replay, or an output already on its way
+                continue
+            self.committing.add(b)
+            self.group.append((s, answer.output))
 
     def _replica_events(self, process: str, health: Any) -> None:
         """Replica health reported by one process (the driver, a worker incarnation), folded into one
@@ -624,7 +665,7 @@ class Supervisor:
         self.commits[fut] = group
 
     def _forget(self, slot: _Slot, ref: Any) -> None:
-        """An answer arrived: the ref leaves the books, and the next batch in flight becomes the head."""
+        """An answer arrived: the call leaves the books, and the next call in flight becomes the head."""
         self.refs.pop(ref, None)
         if slot.inflight and slot.inflight[0][0] == ref:
             slot.inflight.popleft()
@@ -632,13 +673,11 @@ class Supervisor:
         else:
             slot.inflight = collections.deque(x for x in slot.inflight if x[0] != ref)
 
-    def _on_exception(self, slot: _Slot, b: int, ledger: Ledger, cause: BaseException, text: str) -> None:
+    def _on_exception(self, slot: _Slot, b: int, ledger: Ledger, error: str, tb: str) -> None:
+        """Batch `b` raised `error` ("Type: message") with traceback `tb`: count the attempt, then retry
+        it after a backoff (a stateful slot is rolled back and replays) or dead-letter it."""
         import ray
 
-        # the remote traceback is in the text of Ray's wrapper (the cause Ray rebuilds here has none)
-        own = "".join(traceback.format_exception(cause)) if isinstance(cause, BaseException) else ""
-        tb = text if "Traceback" in text else own
-        error = f"{type(cause).__name__}: {cause}"
         attempts = ledger.attempts.get(b, 0) + 1
         dead = self._count_failure(b, ledger, error, tb)
         log.warning("batch %d raised %s (attempt %d)%s", b, error, attempts, "; dead-lettered" if dead else "")
@@ -701,8 +740,12 @@ class Supervisor:
         now = self.clock()
         for slot in self.slots:
             if slot.running and slot.inflight and now - slot.head_since > self.settings.batch_timeout_seconds:
-                b = slot.inflight[0][1]
-                self._replace(slot, ledger, f"hung on batch {b} for > {self.settings.batch_timeout_seconds:g}s", b)
+                ids = slot.inflight[0][1]  # the call running: when it carries several, each is retried alone
+                if len(ids) > 1:
+                    self.suspects.update(ids)
+                what = f"batch {ids[0]}" if len(ids) == 1 else f"a call of batches {list(ids)}"
+                self._replace(slot, ledger, f"hung on {what} for > {self.settings.batch_timeout_seconds:g}s",
+                              ids[0] if len(ids) == 1 else None)
 
     # ------------------------------------------------------------------ the loop
 
@@ -792,4 +835,5 @@ class Supervisor:
             retries=self.retries,
             seconds=time.perf_counter() - t0,
             resumed_from=resumed_from,
+            calls=self.calls,
         )

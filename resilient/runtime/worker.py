@@ -11,15 +11,18 @@ created). It never commits anything visible itself:
   output it covers as committed (``commit_floor``): a checkpoint is never ahead of committed outputs, so a
   restore never skips a batch whose output was lost. Saves are fenced by the epoch in the store.
 
-After an exception in user code the state may be half-updated: the worker turns *dirty* and refuses
-further batches until `rollback()` reloads the last persisted checkpoint; the supervisor then replays
-the slot's batches from that checkpoint's cursor.
+One call carries one batch or several (`resilient.runtime.calls`); the worker runs them in order and
+answers each with a `Result` or, if it raised, a `Failure` (error and traceback). After an exception the
+state of a stateful slot may be half-updated: the worker stops the call there, turns *dirty* and refuses
+further calls until `rollback()` reloads the last persisted checkpoint; the supervisor then replays the
+slot's batches from that checkpoint's cursor. A stateless worker goes on with the call's next batch.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +31,7 @@ from resilient.config import Settings
 from resilient.errors import ResilientError
 from resilient.storage import CheckpointStore
 
-__all__ = ["DirtyWorkerError", "JobSpec", "Result", "Worker"]
+__all__ = ["DirtyWorkerError", "Failure", "JobSpec", "Result", "Worker"]
 
 
 class DirtyWorkerError(ResilientError):
@@ -61,6 +64,17 @@ class Result:
     cursor: int
     checkpoints: tuple = ()  # {"op", "seconds", "bytes", "generation"} of checkpoint saves finished since
     replicas: tuple = ()  # (url, degraded, failures so far) of this worker's replicas, when they changed
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A worker's answer for a batch that raised: the error ("Type: message") and its traceback."""
+
+    batch_id: int
+    slot: int
+    epoch: int
+    error: str
+    traceback: str
 
 
 def slot_key(job_id: str, slot: int) -> str:
@@ -146,24 +160,39 @@ class Worker:
             self._saving = None
         return self.restore()
 
-    def process(self, work: tuple[int, Any, bool, int]) -> Result:
-        """Apply the pipeline to one batch, ``work = (batch_id, batch, replay, commit_floor)``; encode its
-        output unless `replay` (already committed). One argument, not four: Ray serializes each argument of
-        a call on its own, and one tuple costs the driver about 50 us less per batch."""
+    def process(self, work: tuple[int, list]) -> list[Result | Failure]:
+        """Apply the pipeline to the batches of one call, in order: ``work = (commit_floor, items)`` with
+        items ``(batch_id, batch, replay)``; an output is encoded unless `replay` (already committed).
+
+        Answers one `Result` or `Failure` per batch run. An exception in user code (or in encoding the
+        output, or in a checkpoint save) is that batch's `Failure`; a stateless worker goes on with the next
+        batch, a stateful one stops there (its state is rolled back and replayed). One argument: Ray
+        serializes each argument of a call on its own."""
         import ray
 
-        batch_id, batch, replay, commit_floor = work
-        if isinstance(batch, ray.ObjectRef):  # Ray resolves a ref passed as an argument, not inside one
-            batch = ray.get(batch)
+        commit_floor, items = work
         if self.dirty:
-            raise DirtyWorkerError(f"slot {self.slot} epoch {self.epoch} needs rollback before batch {batch_id}")
+            raise DirtyWorkerError(f"slot {self.slot} epoch {self.epoch} needs rollback before batch {items[0][0]}")
+        answers: list[Result | Failure] = []
+        for batch_id, batch, replay in items:
+            if isinstance(batch, ray.ObjectRef):  # Ray resolves a ref passed as an argument, not inside one
+                batch = ray.get(batch)
+            try:
+                answers.append(self._one(batch_id, batch, replay, commit_floor))
+            except BaseException as e:  # the supervisor retries the batch or dead-letters it
+                if self.spec.stateful:
+                    self.dirty = True  # until rollback(): the state may hold half of this batch
+                if not isinstance(e, Exception):
+                    raise
+                answers.append(Failure(batch_id, self.slot, self.epoch, f"{type(e).__name__}: {e}",
+                                       "".join(traceback.format_exception(e))))
+                if self.spec.stateful:
+                    break
+        return answers
+
+    def _one(self, batch_id: int, batch: Any, replay: bool, commit_floor: int) -> Result:
         t0 = time.perf_counter()
-        try:
-            out = self.fn(batch)
-        except BaseException:
-            if self.spec.stateful:
-                self.dirty = True
-            raise
+        out = self.fn(batch)
         encoded = None
         if not replay:
             encoded = self.spec.sink.encode(batch_id, out, epoch=self.epoch)
