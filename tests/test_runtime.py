@@ -322,7 +322,8 @@ def test_calls_of_several_batches_keep_failures_per_batch(tmp_path):
     several makes each of them run alone until the next failure names its batch."""
     markers = tmp_path / "markers"
     markers.mkdir()
-    faults = {300: "raise-once", 1300: "raise-always", 1700: "crash-always", 1010: "crash-once", 450: "hang-once"}
+    faults = {300: "raise-once", 1300: "raise-always", 1700: "crash-always", 1010: "crash-once", 450: "hang-once",
+              610: "raise-base-once"}
     job = resilient.pipeline(simple.FaultySquare, batches_per_call=4, batch_timeout_seconds=3)
     handle = job.run(RangeSource(2000, 10), str(tmp_path / "out"), job_id="per-call", settings=settings_for(tmp_path),
                      init_args=(faults, str(markers)))
@@ -333,7 +334,10 @@ def test_calls_of_several_batches_keep_failures_per_batch(tmp_path):
     assert "ValueError" in dead[130].traceback and dead[170].attempts == 3
     assert square_rows(outputs(handle)) == simple.expected_square(i for i in range(2000) if i // 10 not in (130, 170))
     assert 200 / 4 <= result.calls < 200 / 2  # 200 batches; with one batch per call it is 200 or more
-    assert any(kind == "restart" and "hung" in info["reason"] for kind, info in handle.events())
+    events = handle.events()
+    assert any(kind == "restart" and "hung" in info["reason"] for kind, info in events)
+    retried = {info["batch_id"]: info["error"] for kind, info in events if kind == "retry"}
+    assert retried[30].startswith("RuntimeError: transient failure") and retried[61].startswith("Interrupted")
 
 
 def test_one_batch_per_call_when_configured(tmp_path):

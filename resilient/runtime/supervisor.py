@@ -87,6 +87,7 @@ def _death_cause(actor: Any, error: BaseException, timeout: float = 10.0) -> Bas
         return error
     return error
 
+
 def _inflight_ids(slot: _Slot) -> list[int]:
     """The batches of the slot's calls in flight, in the order the actor runs them."""
     return [b for _, ids in slot.inflight for b in ids]
@@ -233,7 +234,8 @@ class Supervisor:
         check_fingerprint(existing["source"], record["source"])
 
     def _resume(self) -> Ledger:
-        window = max(64, 4 * self.spec.slots * self.settings.queue_depth * most_per_call(self.settings.batches_per_call))
+        s = self.settings
+        window = max(64, 4 * self.spec.slots * s.queue_depth * most_per_call(s.batches_per_call))
         try:
             progress = self.store.load(f"{self.spec.job_id}/progress").state
         except NoCheckpointError:
@@ -602,10 +604,16 @@ class Supervisor:
             cause = e.cause if hasattr(e, "cause") else e
             if isinstance(cause, DirtyWorkerError):
                 return  # queued behind the failing batch; redelivered after the rollback
-            # the worker answers its user's exceptions batch by batch (`Failure`); what escapes it (a
-            # BaseException other than Exception) is put on the call's first batch
+            # the worker answers its user's exceptions batch by batch (`Failure`); what escapes it anyway
+            # is put on the call's first batch, and the call's other batches go again (a stateful slot
+            # replays them after its rollback)
             own = "".join(traceback.format_exception(cause)) if isinstance(cause, BaseException) else ""
             tb = str(e) if "Traceback" in str(e) else own  # the remote traceback is in Ray's wrapper's text
+            if not self.spec.stateful:
+                for b in reversed(ids[1:]):
+                    self.outstanding[s].discard(b)
+                    if not ledger.is_done(b):
+                        self.ready_queue.appendleft((b, self._batch(b)))
             self._on_exception(slot, ids[0], ledger, f"{type(cause).__name__}: {cause}", tb)
             return
         self._forget(slot, ref)

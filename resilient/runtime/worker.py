@@ -175,15 +175,15 @@ class Worker:
             raise DirtyWorkerError(f"slot {self.slot} epoch {self.epoch} needs rollback before batch {items[0][0]}")
         answers: list[Result | Failure] = []
         for batch_id, batch, replay in items:
-            if isinstance(batch, ray.ObjectRef):  # Ray resolves a ref passed as an argument, not inside one
-                batch = ray.get(batch)
             try:
+                if isinstance(batch, ray.ObjectRef):  # Ray resolves a ref passed as an argument, not inside one
+                    batch = ray.get(batch)
                 answers.append(self._one(batch_id, batch, replay, commit_floor))
             except BaseException as e:  # the supervisor retries the batch or dead-letters it
                 if self.spec.stateful:
                     self.dirty = True  # until rollback(): the state may hold half of this batch
-                if not isinstance(e, Exception):
-                    raise
+                if isinstance(e, (SystemExit, KeyboardInterrupt)):
+                    raise  # the actor exits, or Ray cancels the call: not an answer
                 answers.append(Failure(batch_id, self.slot, self.epoch, f"{type(e).__name__}: {e}",
                                        "".join(traceback.format_exception(e))))
                 if self.spec.stateful:

@@ -63,7 +63,13 @@ def fault(first: int, faults: dict, markers: str) -> str | None:
         time.sleep(3600)
     if mode == "raise-once" and first_time(markers, first):
         raise RuntimeError(f"transient failure on batch starting {first}")
+    if mode == "raise-base-once" and first_time(markers, first):
+        raise Interrupted(f"interrupted on batch starting {first}")
     return mode
+
+
+class Interrupted(BaseException):
+    """Raised by user code that is not an `Exception` (like `KeyboardInterrupt`, but not Ray's)."""
 
 
 class FaultySquare:
