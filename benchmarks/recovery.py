@@ -50,6 +50,11 @@ The last line printed is one JSON object with at least ``failover_s``, ``failove
 
 Usage:
     python benchmarks/recovery.py [--batches 600] [--batch-rows 256] [--actors 2] [--repeat 3]
+                                  [--batches-per-call auto|N]
+
+``--batches-per-call`` sets ``RESILIENT_BATCHES_PER_CALL`` for the failover jobs (default ``auto``, as
+resilient's default): with calls of several batches a slot's persisted checkpoint trails further behind,
+and ``failover_replayed`` grows.
 """
 
 from __future__ import annotations
@@ -142,7 +147,7 @@ def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int
     work = tempfile.mkdtemp(prefix=f"failover-s{standby}-{rep}-", dir=root)
     out = os.path.join(work, "out")
     settings = settings_for(os.path.join(work, "ckpt"), num_actors=args.actors, standby=standby,
-                            checkpoint_every=args.checkpoint_every)
+                            checkpoint_every=args.checkpoint_every, batches_per_call=args.batches_per_call)
     handle = resilient.pipeline(StatefulScorer).run(
         RangeSource(args.batches * args.batch_rows, args.batch_rows), FileSink(out, format="parquet"),
         job_id=f"failover-s{standby}-{rep}", settings=settings, init_args=(args.features, args.hidden, args.seed))
@@ -398,6 +403,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="failover jobs and bare restarts per mode (median)")
     p.add_argument("--kill-after", type=int, default=100, help="committed batches before the kill")
     p.add_argument("--checkpoint-every", type=int, default=10, help="slot checkpoint every N batches")
+    p.add_argument("--batches-per-call", default="auto", help="RESILIENT_BATCHES_PER_CALL of the failover jobs")
     p.add_argument("--features", type=int, default=256)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--seed", type=int, default=0)
@@ -500,7 +506,8 @@ def main() -> None:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
     report.update({"batches": args.batches, "batch_rows": args.batch_rows, "actors": args.actors,
-                   "repeat": args.repeat, "checkpoint_every": args.checkpoint_every, "kill_after": args.kill_after,
+                   "repeat": args.repeat, "checkpoint_every": args.checkpoint_every,
+                   "batches_per_call": args.batches_per_call, "kill_after": args.kill_after,
                    "num_cpus": args.num_cpus, "load_avg": [round(x, 2) for x in os.getloadavg()]})
     print(json.dumps(report))
 
