@@ -80,6 +80,7 @@ def job(ray_session, tmp_path_factory) -> dict[str, Any]:
     settings = resilient.Settings.from_env(
         {}, storage=[str(d) for d in dirs], write_quorum=1, num_actors=2, actor_cpus=0.25, checkpoint_every=2,
         max_attempts=2, retry_backoff_seconds=0.01, retry_backoff_max_seconds=0.05,
+        batches_per_call=1,  # every batch before the gate answers on its own (a call would wait for all of its)
     )
     handle = resilient.pipeline(GatedSum).run(
         RangeSource(TOTAL, BATCH), str(tmp / "out"), job_id=JOB, settings=settings,
