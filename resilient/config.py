@@ -277,38 +277,30 @@ class _Flag(_Parser):
         return "true" if value else "false"
 
 
-class _Quorum(_Parser):
-    kind = "`majority` | `all` | integer"
-    accepted = '"majority", "all", or an integer from 1 to the number of storage URLs'
+class _WordOrInteger(_Parser):
+    """One of a few words (any case), or an integer from `lo` up to `hi` (None: no upper bound)."""
+
+    def __init__(self, words: tuple[str, ...], lo: int, hi: int | None, kind: str, accepted: str) -> None:
+        self.words, self.lo, self.hi, self.kind, self.accepted = words, lo, hi, kind, accepted
 
     def parse(self, raw: Any) -> int | str:
         if isinstance(raw, str):
             text = raw.strip().lower()
-            if text in ("majority", "all"):
+            if text in self.words:
                 return text
             if not _INTEGER.match(text):
                 raise _Refused()
             raw = int(text)
-        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise _Refused()
+        if raw < self.lo or (self.hi is not None and raw > self.hi):
             raise _Refused()
         return raw
 
 
-class _PerCall(_Parser):
-    kind = "`auto` | integer 1..64"
-    accepted = '"auto", or an integer from 1 to 64'
-
-    def parse(self, raw: Any) -> int | str:
-        if isinstance(raw, str):
-            text = raw.strip().lower()
-            if text == "auto":
-                return text
-            if not _INTEGER.match(text):
-                raise _Refused()
-            raw = int(text)
-        if not isinstance(raw, int) or isinstance(raw, bool) or not 1 <= raw <= 64:
-            raise _Refused()
-        return raw
+_QUORUM = _WordOrInteger(("majority", "all"), 1, None, "`majority` | `all` | integer",
+                         '"majority", "all", or an integer from 1 to the number of storage URLs')
+_PER_CALL = _WordOrInteger(("auto",), 1, 64, "`auto` | integer 1..64", '"auto", or an integer from 1 to 64')
 
 
 class _Storage(_Parser):
@@ -486,7 +478,7 @@ FIELDS: tuple[Field, ...] = (
           "fsspec options per protocol or URL prefix", '{"s3": {"endpoint_url": "http://127.0.0.1:5000"}}'),
     Field("redundancy", "RESILIENT_REDUNDANCY", _Choice("replicate", "parity"), "replicate",
           "full copies on every replica, or XOR parity across them (needs 3+)", "parity"),
-    Field("write_quorum", "RESILIENT_WRITE_QUORUM", _Quorum(), "majority",
+    Field("write_quorum", "RESILIENT_WRITE_QUORUM", _QUORUM, "majority",
           "replicas that must acknowledge a write before it counts", "2"),
     Field("keep", "RESILIENT_KEEP", _Integer(1), 3, "checkpoint generations retained per key", "5"),
     Field("compression", "RESILIENT_COMPRESSION", _Choice("auto", "zstd", "off"), "auto",
@@ -518,7 +510,7 @@ FIELDS: tuple[Field, ...] = (
           "spare worker actors started ahead, model loaded, to replace a failed one at once", "2"),
     Field("queue_depth", "RESILIENT_QUEUE_DEPTH", _Integer(1, 64), 2,
           "actor calls queued on one worker actor at a time", "4"),
-    Field("batches_per_call", "RESILIENT_BATCHES_PER_CALL", _PerCall(), "auto",
+    Field("batches_per_call", "RESILIENT_BATCHES_PER_CALL", _PER_CALL, "auto",
           "batches one actor call carries; `auto`: several when batches are short (a call's batches "
           "together under about 50 ms and a quarter of the batch timeout), else 1", "1"),
     Field("checkpoint_every", "RESILIENT_CHECKPOINT_EVERY", _Integer(1), 100,
