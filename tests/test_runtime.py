@@ -333,7 +333,8 @@ def test_calls_of_several_batches_keep_failures_per_batch(tmp_path):
     assert "ValueError: poison batch starting 1300" in dead[130].error and dead[130].attempts == 3
     assert "ValueError" in dead[130].traceback and dead[170].attempts == 3
     assert square_rows(outputs(handle)) == simple.expected_square(i for i in range(2000) if i // 10 not in (130, 170))
-    assert 200 / 4 <= result.calls < 200 / 2  # 200 batches; with one batch per call it is 200 or more
+    # 200 batches, 4 per call, some alone after a crash or hang; with one batch per call it is 200 or more
+    assert 200 / 4 <= result.calls < 150, result.calls
     events = handle.events()
     assert any(kind == "restart" and "hung" in info["reason"] for kind, info in events)
     retried = {info["batch_id"]: info["error"] for kind, info in events if kind == "retry"}
