@@ -17,8 +17,9 @@ commits them in groups (`commit_group`), in this order:
    fsynced, each marker is a hard link to it (``link()`` is create-only and atomic; a name costs a
    directory entry, no inode), its temporary name is removed, and the commit directories are fsynced
    once per group (symbolic links holding the id where ``link()`` is refused, e.g. past the file's
-   link limit; sinks written with symbolic-link markers are read the same way). On S3, an ``If-None-Match: *`` upload per marker
-   (a group's uploads are sent concurrently, `MARKER_WRITERS` at a time). The first marker wins: a
+   link limit; sinks written with symbolic-link markers are read the same way). On S3, an
+   ``If-None-Match: *`` upload per marker (a group's uploads are sent concurrently, `MARKER_WRITERS` at
+   a time). The first marker wins: a
    batch is never committed twice and a marker is never overwritten. A batch is committed once its
    marker is durable; the driver reports it done only then. A crash before a marker leaves the part
    and index unreferenced: invisible, collected as orphans (with the markers' temporary, locally).

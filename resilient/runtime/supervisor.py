@@ -49,7 +49,7 @@ import random
 import time
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -437,15 +437,9 @@ class Supervisor:
         self._start_slot(slot)
         self.restarts += 1
         if not self.spec.stateful:
-            requeue = [(b, batch) for b, batch, _ in slot.queue]
+            queued = [(b, batch) for b, batch, _ in slot.queue]
             slot.queue.clear()
-            pending = self._pending_ids()
-            for b in reversed(lost):
-                self.outstanding[slot.index].discard(b)
-                if not ledger.is_done(b) and b not in pending:
-                    requeue.insert(0, (b, self._batch(b)))
-            for item in reversed(requeue):
-                self.ready_queue.appendleft(item)
+            self._send_again(slot.index, lost, ledger, then=queued)
         log.warning(
             "slot %d: actor pid %s (epoch %d) %s; replacing it (epoch %d, %s); redelivering %s",
             slot.index, old_pid, old_epoch, reason, slot.epoch,
@@ -460,6 +454,17 @@ class Supervisor:
         for b, batch in self.source.read(batch_id):
             return batch
         raise JobFailedError(f"source has no batch {batch_id}")
+
+    def _send_again(self, s: int, lost: Sequence[int], ledger: Ledger, then: Sequence[tuple[int, Any]] = ()) -> None:
+        """Stateless: batches `lost` on slot `s` (they will not answer) go to the front of the ready queue,
+        in order and followed by `then`, unless done already or on their way again."""
+        pending = self._pending_ids()
+        items = []
+        for b in lost:
+            self.outstanding[s].discard(b)
+            if not ledger.is_done(b) and b not in pending:
+                items.append((b, self._batch(b)))
+        self.ready_queue.extendleft(reversed(items + list(then)))
 
     def _pending_ids(self) -> set[int]:
         ids = {b for b, _ in self.ready_queue} | {b for _, b, _ in self.delayed} | self.committing
@@ -610,10 +615,7 @@ class Supervisor:
             own = "".join(traceback.format_exception(cause)) if isinstance(cause, BaseException) else ""
             tb = str(e) if "Traceback" in str(e) else own  # the remote traceback is in Ray's wrapper's text
             if not self.spec.stateful:
-                for b in reversed(ids[1:]):
-                    self.outstanding[s].discard(b)
-                    if not ledger.is_done(b):
-                        self.ready_queue.appendleft((b, self._batch(b)))
+                self._send_again(s, ids[1:], ledger)
             self._on_exception(slot, ids[0], ledger, f"{type(cause).__name__}: {cause}", tb)
             return
         self._forget(slot, ref)
