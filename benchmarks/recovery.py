@@ -32,7 +32,7 @@
 2. Resume at 1M. A job directory as the runtime leaves it after committing batches ``0..999,999`` of a
    1M-batch job and dying before its last progress save: the job record (written by the supervisor's own
    ``_open_job``), a progress record with the watermark ``--resume-lag`` batches behind (written by the
-   supervisor's own ``_save_progress``), the sink's layout record and one real committed output (through
+   driver's own ``_progress_record``), the sink's layout record and one real committed output (through
    ``FileSink.commit_group``), and the commit markers ``commit/<b // 10000:06d>/<b:012d>`` (pointers to
    groups of 256, as the runtime writes them). By default
    only the markers resume can read are written: every marker of the shards from the watermark's shard up
@@ -172,20 +172,20 @@ def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int
         deadline = t_kill + args.failover_timeout
         while time.monotonic() < deadline:
             now = time.monotonic()
-            for kind, info in handle.events()[base:]:
+            for event in handle.events()[base:]:
                 base += 1
-                if info.get("slot") != 0:
+                if getattr(event, "slot", None) != 0:
                     continue
-                if kind == "restart" and "detect_s" not in r:
+                if event.kind == "restart" and "detect_s" not in r:
                     r["detect_s"] = now - t_kill
-                    redelivered = sorted(info["redelivered"])
+                    redelivered = sorted(event.redelivered)
                     r["redelivered"] = redelivered
-                elif kind == "started" and "started_s" not in r:
+                elif event.kind == "started" and "started_s" not in r:
                     r["started_s"] = now - t_kill
-                    r["cursor"] = info["cursor"]
-                    r["new_pid"] = info["pid"]
+                    r["cursor"] = event.cursor
+                    r["new_pid"] = event.pid
                     if not redelivered:  # nothing was in flight: the slot's first batch not yet committed
-                        b = info["cursor"]
+                        b = event.cursor
                         while b < args.batches and probe.is_committed(b):
                             b += args.actors
                         redelivered = [b] if b < args.batches else []
@@ -293,6 +293,7 @@ def resume_parts(job_dir: str, total: int, args: argparse.Namespace):
 
 def build_resume_dir(job_dir: str, total: int, args: argparse.Namespace) -> dict:
     from resilient.io import SHARD_WIDTH
+    from resilient.runtime import records
     from resilient.runtime.ledger import Ledger
     from resilient.runtime.supervisor import Supervisor
 
@@ -323,7 +324,10 @@ def build_resume_dir(job_dir: str, total: int, args: argparse.Namespace) -> dict
             if b == last - 1 or b % 256 == 255:
                 os.unlink(group)
         # the last progress record the runtime saved before it died: the watermark lags the markers
-        sup._save_progress(Ledger(total, max(64, 4 * spec.slots * spec.settings.queue_depth), watermark=watermark))
+        ledger = Ledger(total, max(64, 4 * spec.slots * spec.settings.queue_depth), watermark=watermark)
+        fields = {**ledger.snapshot(), "dead": [], "restarts": 0, "retries": 0, "actors": [], "state": "running",
+                  "error": None}
+        sup.store.save(records.progress_key(spec.job_id), sup._progress_record(fields))
     finally:
         sup.store.close()
         sup.committer.shutdown()
@@ -347,7 +351,7 @@ def resume_child(args: argparse.Namespace) -> None:
     t2 = time.perf_counter()
     sup._open_job()
     t3 = time.perf_counter()
-    ledger = sup._resume()
+    ledger, _ = sup._resume()
     t4 = time.perf_counter()
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sup.store.close()

@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
                                   init_kwargs={"tokens": args.tokens})
             victim = kill_after_checkpoint(handle, store, int(len(batches) * 0.4), say)
             result = handle.wait()
-        starts = [info["cursor"] for kind, info in handle.events() if kind == "started" and info["slot"] == victim]
+        starts = [e.cursor for e in handle.events() if e.kind == "started" and e.slot == victim]
     finally:
         if owns_ray:
             ray.shutdown()

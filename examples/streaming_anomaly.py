@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
             victim = kill_after_checkpoint(handle, store, int(len(batches) * 0.4), say)
             result = handle.wait()
             final = [store.load(f"sensor-anomalies/slot-{s}").state["user"] for s in range(SLOTS)]
-        restored = [info["cursor"] for kind, info in handle.events() if kind == "started" and info["slot"] == victim]
+        restored = [e.cursor for e in handle.events() if e.kind == "started" and e.slot == victim]
     finally:
         if owns_ray:
             ray.shutdown()

@@ -24,6 +24,7 @@ from resilient.config import Settings
 from resilient.errors import ConfigError
 from resilient.metrics import JobMetrics
 from resilient.progress import ProgressReporter
+from resilient.runtime.events import BatchesCommitted, CheckpointDone, JobEvent
 from resilient.runtime.supervisor import JobResult, Supervisor
 from resilient.runtime.worker import JobSpec
 
@@ -57,16 +58,15 @@ class JobHandle:
         self._thread.start()
         self._reporter.start()
 
-    def _on_event(self, kind: str, info: dict) -> None:
-        self._metrics.on_event(kind, info)
-        if kind == "commit":
+    def _on_event(self, event: JobEvent) -> None:
+        self._metrics.on_event(event)
+        if isinstance(event, BatchesCommitted):
             # counted, not kept: a handle's memory does not grow with the job; a group commit counts each
-            ids = info.get("batch_ids")
-            self._committed += len(ids) if ids is not None else 1
-            if self._stream is not None and info.get("outputs"):
-                self._stream.put(info["outputs"])  # blocks the job while the consumer is behind
-        elif kind != "checkpoint":  # routine: kept out so failures stay in the window
-            self._events.append((kind, info))
+            self._committed += len(event.batch_ids)
+            if self._stream is not None and event.outputs:
+                self._stream.put(event.outputs)  # blocks the job while the consumer is behind
+        elif not isinstance(event, CheckpointDone):  # routine: kept out so failures stay in the window
+            self._events.append(event)
 
     def progress(self) -> dict:
         """Committed batches (this run), total, rate, restarts, retries and dead letters so far, and
@@ -111,16 +111,13 @@ class JobHandle:
 
     def actors(self) -> list[dict]:
         """The worker actors now serving the job: slot, pid, node id, epoch."""
-        return [
-            {"slot": s.index, "pid": s.pid, "node_id": s.node_id, "epoch": s.epoch}
-            for s in self._supervisor.slots
-            if s.pid is not None
-        ]
+        return self._supervisor.actors()
 
-    def events(self) -> list[tuple[str, dict]]:
-        """Failures and recoveries seen so far (the last 10,000), as ``(kind, info)``: "started",
-        "restart", "rollback", "retry", "dead_letter", "replica" (commits are counted in `progress`; commits and checkpoints
-        are recorded as metrics)."""
+    def events(self) -> list[JobEvent]:
+        """Failures and recoveries seen so far (the last 10,000), as typed events
+        (`resilient.runtime.events`): `ActorStarted`, `ActorReplaced`, `SlotRolledBack`, `BatchRetried`,
+        `BatchDeadLettered`, `ReplicaChanged`. Commits are counted in `progress`; commits and checkpoints
+        are recorded as metrics."""
         return list(self._events)
 
     def results(self, start: int = 0) -> Iterator[tuple[int, Any]]:

@@ -524,6 +524,15 @@ FIELDS: tuple[Field, ...] = (
           "attempts per batch (exceptions, crashes, hangs) before it is a poison batch", "5"),
     Field("on_poison", "RESILIENT_ON_POISON", _Choice("dead-letter", "fail"), "dead-letter",
           "what a poison batch does: recorded as a dead letter (job goes on), or fails the job", "fail"),
+    Field("fail_fast_after", "RESILIENT_FAIL_FAST_AFTER", _Integer(0, 1_000_000), 3,
+          "fail the job at once when this many distinct batches raise the same error (type and line) before "
+          "any batch succeeds; 0: never, every batch gets its attempts", "5"),
+    Field("start_deaths", "RESILIENT_START_DEATHS", _Integer(1, 1_000_000), 20,
+          "actors of one slot that may die in a row while starting (killed, out of memory, node lost: not an "
+          "exception of the pipeline) before the job fails; each is retried after a growing backoff", "50"),
+    Field("start_timeout_seconds", "RESILIENT_START_TIMEOUT_SECONDS", _Number(), 600.0,
+          "an actor that has not built the pipeline and restored its state within this long is killed and "
+          "started again (counts as a death while starting)", "1800"),
     Field("commit_group_size", "RESILIENT_COMMIT_GROUP_SIZE", _Integer(1, 100_000), 256,
           "most batch outputs the driver commits together (one part file, one sync); 1 writes one file per "
           "batch", "64"),
@@ -586,6 +595,9 @@ class Settings:
     batch_timeout_seconds: float
     max_attempts: int
     on_poison: str
+    fail_fast_after: int
+    start_deaths: int
+    start_timeout_seconds: float
     commit_group_size: int
     commit_interval_seconds: float
     #: attribute -> "keyword" | "environment" | "default"; not part of equality.

@@ -1,12 +1,12 @@
 """Read-only views of what a checkpoint store holds: jobs, their progress, replica reachability.
 
 The ``resilient`` command (`resilient.cli`) shows these; nothing here writes to storage. A job run by
-the runtime leaves these keys in the checkpoint store (see `resilient.runtime.supervisor`):
+the runtime leaves these keys in the checkpoint store (their schemas: `resilient.runtime.records`):
 
 * ``<job>/job``: the job record, ``{"job": {pipeline, stateful, slots, sink, total}, "source": ...}``,
   written once, when the job first starts;
 * ``<job>/progress``: the progress record, rewritten while the job runs and when it ends (its fields
-  are documented on ``Supervisor._save_progress``; records written by older versions lack some);
+  are documented in `resilient.runtime.records`; records written by older versions lack some);
 * ``<job>/slot-<n>``: the checkpoints of a stateful job's slots;
 * ``<job>/retry``: a request to process dead-lettered batches again on the next run.
 
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from resilient.config import redact_url
 from resilient.errors import NoCheckpointError
+from resilient.runtime import records
 from resilient.storage import layout
 from resilient.storage.manifest import Manifest, choose_manifest
 from resilient.storage.parity import placement
@@ -45,10 +46,9 @@ __all__ = [
     "status_view",
 ]
 
-JOB_RECORD = "job"
-PROGRESS = "progress"
-RETRY = "retry"
-_SLOT = re.compile(r"slot-(\d+)")
+JOB_RECORD = records.JOB
+PROGRESS = records.PROGRESS
+RETRY = records.RETRY
 
 
 def group_keys(keys: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -83,9 +83,9 @@ def slot_generations(store: "CheckpointStore", job: str, keys: list[str], slots:
 
     Slots come from the job record (``slots``) and from the ``<job>/slot-<n>`` keys found.
     """
-    found = {int(m[1]) for k in keys if (m := _SLOT.fullmatch(k[len(job) + 1 :])) and k.startswith(job + "/")}
+    found = {i for k in keys if k.startswith(job + "/") and (i := records.slot_index(k[len(job) + 1 :])) is not None}
     wanted = sorted(found | set(range(slots or 0)))
-    return {s: store.latest(f"{job}/slot-{s}") for s in wanted}
+    return {s: store.latest(records.slot_key(job, s)) for s in wanted}
 
 
 def _get(record: dict[str, Any] | None, name: str) -> Any:

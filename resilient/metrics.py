@@ -1,7 +1,7 @@
 """Job metrics through Ray's metrics system: counters, histograms and gauges tagged with the job id.
 
-The supervisor reports what happens to a job as events (``on_event(kind, info)``, see
-`resilient.runtime.supervisor`); `JobMetrics.on_event` turns each event into measurements and records
+The job reports what happens to it as typed events (`resilient.runtime.events`, each with a ``kind``
+and its fields); `JobMetrics.on_event` turns each event into measurements and records
 them with `ray.util.metrics`. Ray exports them, with its own ``ray_`` prefix, from every node's metrics
 agent in Prometheus text format (``ray.init(_metrics_export_port=...)`` or ``ray start
 --metrics-export-port``); a counter gets the ``_total`` suffix:
@@ -40,7 +40,7 @@ never reaches the job.
 
 Example:
     >>> m = JobMetrics("score-v1")
-    >>> m.on_event("commit", {"batch_ids": [7, 8, 9]})   # no-op until Ray is initialized
+    >>> m.record("commit", {"batch_ids": [7, 8, 9]})   # no-op until Ray is initialized
     >>> [x.metric for x in measurements("commit", {"batch_id": 7}, {})[0]]
     ['resilient_batches_committed']
 """
@@ -182,8 +182,8 @@ class JobMetrics:
 
     Example:
         >>> metrics = JobMetrics("score-v1")
-        >>> metrics.on_event("checkpoint", {"slot": 0, "op": "save", "seconds": 0.2, "bytes": 4096,
-        ...                                 "generation": 3})
+        >>> from resilient.runtime.events import CheckpointDone
+        >>> metrics.on_event(CheckpointDone(slot=0, op="save", seconds=0.2, bytes=4096, generation=3))
     """
 
     def __init__(self, job_id: str, *, ray_ready: Callable[[], bool] = _ray_initialized) -> None:
@@ -193,8 +193,13 @@ class JobMetrics:
         self._lock = threading.Lock()
         self._warned: set[str] = set()
 
-    def on_event(self, kind: str, info: Mapping[str, Any]) -> None:
-        """Record what event `kind` (with its `info`) means for the job's metrics. Never raises."""
+    def on_event(self, event: Any) -> None:
+        """Record what a job event (`resilient.runtime.events.JobEvent`) means for the job's metrics.
+        Never raises."""
+        self.record(event.kind, event.info())
+
+    def record(self, kind: str, info: Mapping[str, Any]) -> None:
+        """Record what an event of `kind` with fields `info` means for the job's metrics. Never raises."""
         try:
             with self._lock:
                 found, self._replicas = measurements(kind, info, self._replicas)

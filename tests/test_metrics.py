@@ -94,8 +94,8 @@ def test_without_ray_nothing_is_recorded_and_nothing_raises():
         return False
 
     m = JobMetrics("j", ray_ready=ray_ready)
-    m.on_event("commit", {"batch_id": 1})
-    m.on_event("started", {"slot": 0})  # nothing to record: Ray is not even asked
+    m.record("commit", {"batch_id": 1})
+    m.record("started", {"slot": 0})  # nothing to record: Ray is not even asked
     assert calls == [1]
 
 
@@ -113,7 +113,7 @@ from tests.pipelines import simple
 
 tmp, events, expected = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 metrics = JobMetrics("synthetic")
-metrics.on_event("commit", {"batch_id": 0})  # before ray.init: recorded nowhere, and no error
+metrics.record("commit", {"batch_id": 0})  # before ray.init: recorded nowhere, and no error
 assert not ray.is_initialized()
 
 sock = socket.socket()
@@ -125,7 +125,7 @@ ray.init(
     _system_config={"metrics_report_interval_ms": 200, "timeout_ms_task_wait_for_death_info": 0},
 )
 for kind, info in events:
-    metrics.on_event(kind, info)
+    metrics.record(kind, info)
 
 settings = resilient.Settings.from_env(
     {}, storage=[tmp + "/ckpt-a", tmp + "/ckpt-b"], write_quorum=1, num_actors=2, actor_cpus=0.25,

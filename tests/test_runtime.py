@@ -130,12 +130,11 @@ def test_standby_takes_over_and_is_rebuilt_once_recovery_is_done(tmp_path):
     assert victim is not None
     started = None
     while started is None and time.monotonic() < deadline:
-        started = next((info for kind, info in handle.events() if kind == "started" and info["pid"] == spare_pid),
-                       None)
+        started = next((e for e in handle.events() if e.kind == "started" and e.pid == spare_pid), None)
         time.sleep(0.01)
-    assert started is not None and started["slot"] == victim["slot"], handle.events()
+    assert started is not None and started.slot == victim["slot"], handle.events()
     seen_started = time.monotonic()
-    redelivered = next(info["redelivered"] for kind, info in handle.events() if kind == "restart")
+    redelivered = next(e.redelivered for e in handle.events() if e.kind == "restart")
     while not (sup.spares and sup.spares[0] is not spare) and time.monotonic() < deadline:
         time.sleep(0.005)
     waited = time.monotonic() - seen_started
@@ -266,9 +265,11 @@ def test_actors_that_never_start_fail_the_job_with_their_error(tmp_path):
     job = resilient.pipeline(simple.BrokenInit)
     handle = job.run(RangeSource(100, 10), str(tmp_path / "out"), job_id="broken",
                      settings=settings_for(tmp_path, standby=0, max_attempts=2))
-    with pytest.raises(resilient.runtime.supervisor.JobFailedError, match="died while starting") as e:
+    with pytest.raises(resilient.runtime.supervisor.JobFailedError, match="constructor or restore raised 2 times") as e:
         handle.wait(300)
-    assert "model weights not found" in str(e.value)
+    # the user's error in the message, and the user's traceback (their file and line) with it
+    assert "the last time: OSError: model weights not found at /models/missing.pt" in str(e.value)
+    assert 'tests/pipelines/simple.py", line' in e.value.traceback
 
 
 def test_secrets_given_in_code_are_refused_before_any_actor_starts(tmp_path):
@@ -313,7 +314,7 @@ def test_hang_detected_and_actor_replaced(tmp_path):
     result = handle.wait(120)
     assert time.monotonic() - t0 < 60
     assert result.restarts == 1 and result.dead_letters == []
-    assert any(kind == "restart" and "hung" in info["reason"] for kind, info in handle.events())
+    assert any(e.kind == "restart" and "hung" in e.reason for e in handle.events())
     assert square_rows(outputs(handle)) == simple.expected_square(range(200))
 
 
@@ -336,8 +337,8 @@ def test_calls_of_several_batches_keep_failures_per_batch(tmp_path):
     # 200 batches, 4 per call, some alone after a crash or hang; with one batch per call it is 200 or more
     assert 200 / 4 <= result.calls < 150, result.calls
     events = handle.events()
-    assert any(kind == "restart" and "hung" in info["reason"] for kind, info in events)
-    retried = {info["batch_id"]: info["error"] for kind, info in events if kind == "retry"}
+    assert any(e.kind == "restart" and "hung" in e.reason for e in events)
+    retried = {e.batch_id: e.error for e in events if e.kind == "retry"}
     assert retried[30].startswith("RuntimeError: transient failure") and retried[61].startswith("Interrupted")
 
 
@@ -419,8 +420,9 @@ def test_same_job_id_different_pipeline_is_refused(tmp_path):
 
 
 def test_failed_background_progress_save_stops_the_job_and_is_recorded(tmp_path, monkeypatch):
-    """The periodic progress save runs in the background; its failure (here: no replica acknowledged it)
-    stops the job with that error, and the failed state is still recorded by the final save."""
+    """The periodic progress save runs in the background; its permanent failure (here: no replica
+    acknowledged it) stops the job with that error, and the failed state is still recorded by the final
+    save."""
     from concurrent.futures import Future
 
     from resilient.errors import QuorumError
@@ -442,7 +444,8 @@ def test_failed_background_progress_save_stops_the_job_and_is_recorded(tmp_path,
     settings = settings_for(tmp_path)
     handle = job.run(RangeSource(4000, 4), str(tmp_path / "out"), job_id="progress-lost", settings=settings,
                      init_args=(0.01,))
-    with pytest.raises(QuorumError, match="progress lost"):
+    with pytest.raises(resilient.runtime.supervisor.JobFailedError, match="progress could not be saved: QuorumError: "
+                       "progress lost"):
         handle.wait(120)
     assert failed, "no periodic progress save was attempted"
     with resilient.CheckpointStore(settings) as store:

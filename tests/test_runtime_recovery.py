@@ -17,7 +17,9 @@ import resilient
 from resilient.errors import FencedError
 from resilient.io.sinks import FileSink
 from resilient.io.sources import RangeSource
-from resilient.runtime.supervisor import INF, Supervisor
+from resilient.runtime.ledger import Ledger
+from resilient.runtime.protocol import ActorDown, ActorUp, CallAnswered, Cause, CommitGroup, SendCall
+from resilient.runtime.scheduler import INF, Policy, Scheduler
 from resilient.runtime.worker import JobSpec, Result, Worker
 from tests.pipelines import simple
 from tests.test_runtime import expected_running
@@ -104,20 +106,19 @@ def test_zombie_incarnation_can_commit_neither_output_nor_checkpoint(tmp_path):
             ray.get(old.finish.remote(INF))
         assert isinstance(e.value.cause, FencedError), e.value
         assert store.generations("zombie/slot-0") == before  # no checkpoint of the zombie landed
-        # its answers never reach a commit: the supervisor drops answers from any epoch but the slot's
-        sup = Supervisor(spec, RangeSource(40, 10))
-        sup.slots[0].epoch = e2
-        encoded = sink.encode(1, {"id": [0], "running": [0], "n": [0]}, epoch=e1)
-        ref = ray.put([Result(1, 0, e1, encoded, 0.0, 2)])
-        sup.refs[ref] = (0, (1,), e1)  # a call made to the old incarnation
-        sup._handle(ref, ledger=None)
-        assert sup.group == [] and sup.commits == {} and not sink.is_committed(1)
-        ref = ray.put([Result(1, 0, e1, encoded, 0.0, 2)])
-        sup.refs[ref] = (0, (1,), e2)  # booked under the new epoch, answered by the old one
-        sup._handle(ref, ledger=None)
-        assert sup.group == [] and sup.commits == {} and not sink.is_committed(1)
-        sup.store.close()
-        sup.committer.shutdown()
+        # its answers never reach a commit: the scheduler drops answers from any epoch but the slot's
+        sched = Scheduler(Policy(slots=1, stateful=True, standby=0), Ledger(4, 64))
+        inc = sched.start(0.0)[0].inc
+        call = next(c for c in sched.handle(ActorUp(0, inc, epoch=e2), 0.0) if isinstance(c, SendCall))
+        encoded = sink.encode(call.items[0][0], {"id": [0], "running": [0], "n": [0]}, epoch=e1)
+        out = sched.handle(CallAnswered(call.call, (Result(0, 0, e1, encoded, 0.0, 1),)), 1.0)
+        assert sched.group == [] and not any(isinstance(c, CommitGroup) for c in out)
+        # a call made to an incarnation that was replaced since: forgotten, whatever its answer says
+        calls = [c for c in sched.handle(ActorDown(0, inc, Cause.PROCESS), 2.0) if isinstance(c, SendCall)]
+        assert calls == [] and sched.slots[0].inc != inc
+        out = sched.handle(CallAnswered(call.call, (Result(0, 0, e2, encoded, 0.0, 1),)), 3.0)
+        assert sched.group == [] and not any(isinstance(c, CommitGroup) for c in out)
+        assert not sink.is_committed(0)
         ray.kill(old)
         ray.kill(new)
 

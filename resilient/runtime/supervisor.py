@@ -1,115 +1,88 @@
-"""The supervisor: drives a job from its source through worker actors to committed outputs.
+"""The Ray driver of a job: turns Ray refs and storage futures into scheduler inputs, and commands into Ray
+calls and storage writes.
 
-Exactly-once protocol
----------------------
-* Every input batch has a stable id (its position in the source). A batch is *done* when its output is
-  committed in the sink (a create-only commit marker, written only here, by the driver) or recorded as a
-  dead letter. At-least-once delivery + create-only commits = exactly one committed output per batch.
-* Workers send their encoded outputs back; the driver commits them in groups (`FileSink.commit_group`:
-  one part object, one index, a marker per batch). A group starts when the committer is idle and the
-  previous group started at least `commit_interval_seconds` ago (or it is full: `commit_group_size`), so
-  it holds what arrived meanwhile: the cost of durable writes is shared by the batches of an interval,
-  and an output waits about one interval at most. Batches count as done only when their group's markers
-  are durable.
-* Worker incarnations are fenced by epochs: an answer from an incarnation that is not the slot's current
-  one is dropped, so a zombie's output is never committed.
-* Progress (the ledger's watermark and the few done ids above it) is persisted after the commits it
-  describes, never before. A re-run with the same job id reads it, scans commit markers from the
-  watermark up, and continues: nothing done is redone, nothing is held per completed batch.
-* Batches travel to workers in actor calls of one batch or several (`resilient.runtime.calls`: short
-  batches share a call's fixed cost); at most `queue_depth` calls are in flight per actor. A worker
-  answers each batch of a call with its result or its error.
-* Stateful pipelines route batch ``b`` to slot ``b % slots`` and apply each slot's batches in id order.
-  A slot checkpoint (state + cursor) is persisted only once every output it covers is committed. A
-  replacement restores the newest checkpoint and replays the slot's batches from its cursor: batches
-  already committed are applied again to rebuild the state but their outputs are not staged again.
+Every decision is the scheduler's (`resilient.runtime.scheduler`, where the exactly-once protocol and the
+failure handling are written down). This module only does what the scheduler cannot: I/O. It never
+blocks on one actor or one write while the job runs:
 
-Failures
---------
-* Actor death (crash, SIGKILL, node loss): a replacement with a new epoch takes the slot; its in-flight and
-  queued batches are redelivered (stateless: to any slot at once). The replacement is a standby when one
-  is built (a hand-over); the standby is rebuilt once the redelivered batches are committed, or
-  `SPARE_DELAY_S` after the hand-over at the latest, so that building it does not slow the recovery.
-* Exception in user code: retried with exponential backoff and jitter; a stateful slot is first rolled
-  back to its last checkpoint and replayed, so a half-applied batch never leaks into the state.
-* Hang: a call running past `batch_timeout_seconds` gets its actor killed and replaced.
-* Attribution: a death or hang with one batch in flight is that batch's failed attempt. With several (in
-  one call or in several), each of them is a *suspect* and is retried alone, so the next failure names
-  its batch; only named failures count towards the poison limit.
-* Poison: a batch failing `max_attempts` times (exceptions, crashes or hangs) becomes a dead letter
-  (batch id, error, traceback, attempts) and the job goes on, or the job fails (``on_poison="fail"``).
+* actor operations (activation, calls, rollback, final save, a probe of a start that Ray reports as
+  "unavailable") are refs waited on together in one ``ray.wait`` loop; every ref is kept until it
+  resolves and is read once, so no Ray "unhandled error" is ever logged for it;
+* storage writes (claiming an epoch before an activation, group commits, progress saves) run on
+  threads; each finished one is put on a queue that the loop drains;
+* time is the scheduler's timers: the loop waits at most until the next one is due.
+
+Why an actor died is read from Ray's error (`death_cause`): the constructor's or a restore's exception,
+preemption, a lost node, the memory monitor, or a plain process death.
+
+At the start, the job record is checked (`resilient.runtime.records`), the progress record read, and
+retry requests for dead letters taken; at the end the progress record is written last and the sink
+marked complete. A failed job still writes its progress record (state "failed", with the error).
 """
 
 from __future__ import annotations
 
-import collections
-import heapq
 import logging
+import queue
 import random
 import time
-import traceback
-import types
-from collections.abc import Callable, Sequence
-from concurrent import futures
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from resilient.errors import NoCheckpointError, ResilientError
-from resilient.retry import RetryPolicy
-from resilient.runtime.calls import BatchTimer, batches_per_call, most_per_call
-from resilient.runtime.ledger import Ledger, slot_of
-from resilient.runtime.worker import DirtyWorkerError, Failure, JobSpec, Result, Worker, slot_key
+from resilient.retry import is_transient
+from resilient.runtime import events as ev
+from resilient.runtime import records
+from resilient.runtime.calls import most_per_call
+from resilient.runtime.ledger import Ledger
+from resilient.runtime.protocol import (
+    ActorDown,
+    ActorUp,
+    CallAnswered,
+    Cause,
+    CommitDone,
+    CommitFailed,
+    CommitGroup,
+    CompleteJob,
+    Emit,
+    FailJob,
+    Failure,
+    FinishActor,
+    FinishDone,
+    KillActor,
+    ProgressDone,
+    ProgressFailed,
+    RollbackActor,
+    RollbackDone,
+    SaveProgress,
+    SendCall,
+    StartActor,
+    StartSpare,
+)
+from resilient.runtime.reader import BatchReader
+from resilient.runtime.scheduler import INF, SPARE_DELAY_S, DeadLetter, Policy, Scheduler
+from resilient.runtime.worker import JobSpec, Worker
 from resilient.storage import CheckpointStore
 
-__all__ = ["DeadLetter", "JobFailedError", "JobResult", "JobMismatchError", "Supervisor"]
+__all__ = ["DeadLetter", "JobFailedError", "JobMismatchError", "JobResult", "Supervisor", "death_cause"]
 
 log = logging.getLogger("resilient.runtime")
-INF = 1 << 62
-SPARE_DELAY_S = 1.0  # the longest a hand-over defers rebuilding the standby it used
-
-
-
-def _death_cause(actor: Any, error: BaseException, timeout: float = 10.0) -> BaseException:
-    """Why `actor` died, as well as Ray can tell. A call can fail as "temporarily unavailable" before Ray
-    knows the actor died in its constructor; asked once more, the dead actor's answer names the error
-    its constructor raised. Any other error is returned as it is."""
-    import ray
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    if not isinstance(error, ActorUnavailableError):
-        return error
-    try:
-        ray.get(actor.ready.remote(), timeout=timeout)
-    except RayActorError as e:
-        return e
-    except Exception:  # noqa: BLE001 - a timeout or anything else: the first error is what we know
-        return error
-    return error
-
-
-def _inflight_ids(slot: _Slot) -> list[int]:
-    """The batches of the slot's calls in flight, in the order the actor runs them."""
-    return [b for _, ids in slot.inflight for b in ids]
+_ = (INF, SPARE_DELAY_S)  # re-exported for callers of the driver
 
 
 class JobFailedError(ResilientError):
-    """The job stopped: a poison batch with ``on_poison="fail"``, or an unrecoverable error."""
+    """The job stopped: a poison batch with ``on_poison="fail"``, a systematic error, a crash loop, or a
+    storage failure. ``traceback`` holds the user's traceback when the pipeline raised."""
+
+    def __init__(self, message: str, traceback: str = "") -> None:
+        self.traceback = traceback
+        super().__init__(message + (f"\n\nThe pipeline's traceback:\n{traceback.rstrip()}" if traceback else ""))
 
 
 class JobMismatchError(ResilientError):
     """A job id was reused with a different pipeline, configuration or source; refused, not resumed."""
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A poison batch: its id, every attempt's error ("attempt 1: ...; attempt 2: ..."), the last user
-    traceback, and how many attempts it had."""
-
-    batch_id: int
-    error: str
-    traceback: str
-    attempts: int
 
 
 @dataclass
@@ -129,24 +102,54 @@ class JobResult:
     calls: int = 0
 
 
-@dataclass
-class _Slot:
-    index: int
-    actor: Any = None
-    epoch: int = 0
-    pid: int | None = None
-    node_id: str | None = None
-    cursor: int = 0
-    inflight: collections.deque = field(default_factory=collections.deque)  # calls: (ref, batch ids)
-    queue: collections.deque = field(default_factory=collections.deque)  # (batch_id, batch, replay)
-    head_since: float = 0.0
-    running: bool = False
-    pending: Any = None  # the activation in flight while the slot starts
-    start_failures: int = 0  # actors in a row that died before serving
+def death_cause(error: BaseException) -> Cause:
+    """Why an actor died, from the error Ray raised for one of its calls.
+
+    >>> class ActorDiedError(Exception):
+    ...     actor_init_failed, preempted = False, False
+    >>> death_cause(ActorDiedError("The actor died because its node has died. Node Id: 12ab"))
+    <Cause.NODE: 'node'>
+    >>> death_cause(ActorDiedError("...its worker process has died. Worker exit type: NODE_OUT_OF_MEMORY"))
+    <Cause.OOM: 'oom'>
+    >>> death_cause(ActorDiedError("The actor is dead because its worker process has died."))
+    <Cause.PROCESS: 'process'>
+    """
+    if getattr(error, "actor_init_failed", False):
+        return Cause.USER
+    if getattr(error, "preempted", False):
+        return Cause.PREEMPTED
+    name, text = type(error).__name__, str(error)
+    if name == "OutOfMemoryError" or "OUT_OF_MEMORY" in text or "low on memory" in text:
+        return Cause.OOM
+    if name in ("NodeDiedError", "LocalRayletDiedError") or "node has died" in text or "node was preempted" in text:
+        return Cause.PREEMPTED if "preempted" in text else Cause.NODE
+    return Cause.PROCESS
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _raised(text: str) -> str:
+    """The exception line ("Type: message") at the end of a remote traceback's text.
+
+    >>> _raised("Traceback ...\n  File \"p.py\", line 3, in f\nOSError: no weights\n")
+    'OSError: no weights'
+    """
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else text
 
 
 class Supervisor:
-    """Runs one job to completion (or resumes it). Driver side; not thread-safe; one per job run."""
+    """Runs one job to completion (or resumes it). Driver side; one per job run.
+
+    Args:
+        spec: the job (pipeline, sink, settings, slots).
+        source: a replayable source (`resilient.io.sources`).
+        clock: monotonic seconds (the scheduler's time).
+        on_event: called with each `resilient.runtime.events.JobEvent`.
+        rng: jitter of retry backoffs.
+    """
 
     def __init__(
         self,
@@ -154,7 +157,7 @@ class Supervisor:
         source: Any,
         *,
         clock: Callable[[], float] = time.monotonic,
-        on_event: Callable[[str, dict], None] | None = None,
+        on_event: Callable[[Any], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.spec = spec
@@ -163,45 +166,57 @@ class Supervisor:
         self.store = CheckpointStore(spec.settings)
         self.sink = spec.sink
         self.clock = clock
-        self.on_event = on_event or (lambda kind, info: None)
+        self.on_event = on_event or (lambda event: None)
         self.rng = rng or random.Random()
         self.total = len(source)
-        self.slots = [_Slot(i) for i in range(spec.slots)]
-        self.refs: dict[Any, tuple[int, tuple[int, ...], int]] = {}  # call ref -> (slot, batch ids, epoch)
-        self.ready_queue: collections.deque = collections.deque()  # stateless: (batch_id, batch)
-        self.delayed: list[tuple[float, int, Any]] = []  # stateless retries: (ready_at, batch_id, batch)
-        self.outstanding: dict[int, set[int]] = {s.index: set() for s in self.slots}
-        self.commits: dict[Future, list[tuple[int, Any]]] = {}  # group commit -> [(slot, EncodedOutput)]
-        self.group: list[tuple[int, Any]] = []  # answers waiting for the next group commit
-        self.committing: set[int] = set()  # batch ids in `group` or in a group commit in flight
-        self.suspects: set[int] = set()  # in flight together when an actor died: each now runs alone
-        self.urgent: set[int] = set()  # redelivered after an actor died: committed without waiting
-        self._last_flush = -float("inf")
-        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-commit")
-        self._replica_seen: dict[tuple[str, str], int] = {}  # (process, url) -> failures it last reported
-        self._replica_state: dict[str, list] = {}  # url -> [errors, {process: degraded}]
-        self.dead: dict[int, DeadLetter] = {}
-        self.failures: dict[int, list[tuple[str, str]]] = {}  # batch -> (error, traceback) per failed attempt
-        self.restarts = 0
-        self.retries = 0
-        self.calls = 0  # actor calls that carried batches
-        self.timer = BatchTimer()  # seconds per batch on the workers: sizes calls (`batches_per_call`)
-        self.read_pos = 0
-        self._reader = None
-        self._last_progress = 0.0
-        self._progress_saving = None  # the periodic progress save in flight (a PendingSave)
-        self._actor_cls = None
-        self.spares: list[Any] = []
-        self._spares_due: float | None = None  # when the standbys used up by a hand-over are rebuilt
-        self.finishing: dict[Any, int] = {}  # final-state save ref -> slot
-        self.finished_slots: set[int] = set()
-        self.starting: dict[Any, int] = {}  # activation ref -> slot
-        self._started_at = time.time()
+        self.sched: Scheduler | None = None
         self.resumed_done = 0
-        self._state = "running"
-        self._retry_seen = -1  # generation of the last retry request acted on
-        self._retried = False  # this run retries dead letters: the job's completion summary changes
-        self._error: str | None = None
+        self._dead_before: dict[int, DeadLetter] = {}
+        self._retry_seen = -1
+        self._retried = False
+        self._started_at = time.time()
+        self._refs: dict[Any, tuple] = {}  # every ref not yet read: what it answers
+        self._done: queue.SimpleQueue = queue.SimpleQueue()  # inputs from finished storage futures
+        self._futures = 0  # storage futures not finished yet
+        self._incs: dict[int, Any] = {}  # incarnation -> actor handle
+        self._spares: dict[int, Any] = {}
+        self._epochs: dict[int, int] = {}
+        self._actor_cls: Any = None
+        self._reader: BatchReader | None = None
+        self._replica_seen: dict[tuple[str, str], int] = {}
+        self._replica_state: dict[str, list] = {}
+        self._progress_future: Future | None = None
+        self._outcome: str | None = None
+        self._failure: FailJob | None = None
+        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="resilient-io")
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-commit")
+
+    # ------------------------------------------------------------------ what the handle shows
+
+    @property
+    def restarts(self) -> int:
+        return self.sched.restarts if self.sched else 0
+
+    @property
+    def retries(self) -> int:
+        return self.sched.retries if self.sched else 0
+
+    @property
+    def calls(self) -> int:
+        return self.sched.calls_sent if self.sched else 0
+
+    @property
+    def dead(self) -> dict[int, DeadLetter]:
+        return self.sched.dead if self.sched else self._dead_before
+
+    @property
+    def spares(self) -> list[Any]:
+        """The standby actors built and not used yet, oldest first."""
+        return list(self._spares.values())
+
+    def actors(self) -> list[dict]:
+        """The worker actors now serving the job: slot, pid, node id, epoch."""
+        return list(self.sched.progress_fields()["actors"]) if self.sched else []
 
     # ------------------------------------------------------------------ job record and resume
 
@@ -216,7 +231,7 @@ class Supervisor:
         }
 
     def _open_job(self) -> None:
-        key = f"{self.spec.job_id}/job"
+        key = records.job_key(self.spec.job_id)
         record = {"job": self._fingerprint(), "source": self.source.fingerprint()}
         try:
             existing = self.store.load(key).state
@@ -233,37 +248,36 @@ class Supervisor:
             )
         check_fingerprint(existing["source"], record["source"])
 
-    def _resume(self) -> Ledger:
+    def _resume(self) -> tuple[Ledger, set[int]]:
         s = self.settings
         window = max(64, 4 * self.spec.slots * s.queue_depth * most_per_call(s.batches_per_call))
         try:
-            progress = self.store.load(f"{self.spec.job_id}/progress").state
+            saved = self.store.load(records.progress_key(self.spec.job_id)).state
         except NoCheckpointError:
-            progress = {"watermark": 0, "dead": []}
-        for d in progress.get("dead", []):
-            self.dead[d["batch_id"]] = DeadLetter(**d)
-        watermark = int(progress["watermark"])
-        redo = set(progress.get("redo", []))
-        self._retry_seen = int(progress.get("retry_generation", -1))
+            saved = None
+        resume = records.read_progress(saved)
+        self._dead_before = {d["batch_id"]: DeadLetter(**d) for d in resume.dead}
+        watermark = resume.watermark
+        redo = set(resume.redo)
+        self._retry_seen = resume.retry_generation
         for b in self._retry_requested():
             if self.spec.stateful:
                 log.error("job %s: dead letters cannot be retried in a stateful pipeline (its slots' state "
                           "is past them); request for %s ignored", self.spec.job_id, b)
                 break
-            if self.dead.pop(b, None) is not None:
+            if self._dead_before.pop(b, None) is not None:
                 self._retried = True
                 if b < watermark:
                     redo.add(b)
-        done = {b for b in self.sink.committed_from(watermark)}
-        done |= {b for b in self.dead if b >= watermark}
+        done = set(self.sink.committed_from(watermark))
+        done |= {b for b in self._dead_before if b >= watermark}
         redo = {b for b in redo if not self.sink.is_committed(b)}  # a few ids: one marker read each
-        return Ledger(self.total, window, watermark=watermark, done_above=done, redo=redo)
+        return Ledger(self.total, window, watermark=watermark, done_above=done, redo=set(redo)), redo
 
     def _retry_requested(self) -> list[int]:
-        """Dead letters a user asked to retry (``resilient dead-letters JOB --retry``: the ``<job>/retry``
-        record), once per request."""
+        """Dead letters a user asked to retry (``resilient dead-letters JOB --retry``), once per request."""
         try:
-            request = self.store.load(f"{self.spec.job_id}/retry")
+            request = self.store.load(records.retry_key(self.spec.job_id))
         except NoCheckpointError:
             return []
         if request.generation <= self._retry_seen:
@@ -273,70 +287,144 @@ class Supervisor:
         log.warning("job %s: retrying dead letters %s on request", self.spec.job_id, ids)
         return ids
 
-    def _save_progress(self, ledger: Ledger) -> None:
-        """Save the job's progress record now (after the periodic save in flight, if any, so the record
-        never goes back). The record (``<job_id>/progress`` in the checkpoint store) is what a re-run resumes
-        from (watermark, done_above, dead) and what ``resilient status`` shows while the job runs and after.
+    def _progress_record(self, fields: dict) -> dict:
+        return records.progress_record(fields, started_at=self._started_at, now=time.time(),
+                                       resumed_done=self.resumed_done, retry_generation=self._retry_seen)
 
-        Fields: ``watermark`` (every batch below is done), ``done_above`` (done ids at or above it),
-        ``total``, ``dead`` (dead letters as dicts: batch_id, error, traceback, attempts), ``committed``
-        (batches with a committed output, all runs), ``rate_per_s`` (commits per second in this run),
-        ``restarts``, ``retries`` (this run), ``actors`` (slot, pid, node_id, epoch of each running slot),
-        ``started_at`` / ``updated_at`` (Unix time of this run's start and of this record), ``state``
-        ("running", "complete" or "failed"), ``error`` (why it failed, or None), ``redo`` (retried dead
-        letters below the watermark, not committed yet) and ``retry_generation`` (the last retry request
-        acted on).
-        """
-        self._settle_progress()
-        self.store.save(self._progress_key(), self._progress_record(ledger))
-        self._last_progress = self.clock()
-        self._driver_replica_events()
+    # ------------------------------------------------------------------ the loop
 
-    def _save_progress_soon(self, ledger: Ledger) -> None:
-        """The periodic progress save, in the background: the loop only builds the record (a save takes
-        5-10 ms on a local disk, more on an object store, and would hold up dispatching). One at a time;
-        the record describes only commits already durable, so it may land whenever it lands."""
-        if self._progress_saving is not None:
-            if not self._progress_saving.done():
+    def run(self) -> JobResult:
+        import ray
+
+        t0 = time.perf_counter()
+        self._open_job()  # a mismatched job raises here, before anything of it is written
+        ledger, redo = self._resume()
+        resumed_from = ledger.watermark
+        self.resumed_done = ledger.watermark + len(ledger.done_above)
+        policy = Policy.from_settings(self.settings, self.spec.slots, self.spec.stateful)
+        self.sched = Scheduler(policy, ledger, dead=self._dead_before, redo=redo, rng=self.rng, now=self.clock())
+        self._reader = BatchReader(self.source, ledger.watermark)
+        try:
+            if ledger.finished and self.sink.is_complete() is not None:
+                log.info("job %s is complete already: nothing to run", self.spec.job_id)
+                return self._job_result(t0, resumed_from)
+            self._apply(self.sched.start(self.clock()))
+            while self._outcome is None:
+                self._turn(ray)
+            if self._outcome == "failed":
+                assert self._failure is not None
+                raise JobFailedError(self._failure.error, self._failure.traceback)
+            summary = {"total": self.total, "dead_letters": sorted(self.dead), "restarts": self.restarts}
+            self.sink.mark_complete(summary, replace=self._retried)
+        except BaseException as e:
+            self._save_failed(e)
+            raise
+        finally:
+            self._shutdown(ray)
+        return self._job_result(t0, resumed_from)
+
+    def _turn(self, ray: Any) -> None:
+        """One turn of the loop: wait for a ref (or a storage future, or the next timer), feed what came
+        in to the scheduler, carry out its commands."""
+        sched = self.sched
+        assert sched is not None
+        now = self.clock()
+        wake = sched.next_wakeup()
+        wait = 0.05 if wake is None else min(0.05, max(0.0, wake - now))
+        if self._futures:
+            wait = min(wait, 0.005)  # a storage future may finish meanwhile: look again soon
+        if self._refs:
+            ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=wait)
+            for ref in ready:
+                self._on_ref(ref)
+        elif not self._done.qsize():
+            time.sleep(wait)
+        while not self._done.empty() and self._outcome is None:
+            self._futures -= 1
+            item = self._done.get()
+            if isinstance(item, tuple):  # an epoch claimed and the activation sent: wait for it
+                _, c, epoch, ref = item
+                self._refs[ref] = ("up", c.slot, c.inc, epoch)
+            elif isinstance(item, FailJob):
+                self._c_fail(item)
+            else:
+                self._feed(item)
+        if self._outcome is None:
+            self._apply(sched.tick(self.clock()))
+
+    def _feed(self, item: Any) -> None:
+        if item is None or self._outcome is not None:
+            return
+        assert self.sched is not None
+        self._apply(self.sched.handle(item, self.clock()))
+
+    # ------------------------------------------------------------------ refs -> inputs
+
+    def _on_ref(self, ref: Any) -> None:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+        tag = self._refs.pop(ref)
+        kind, slot, inc = tag[0], tag[1], tag[2]
+        try:
+            value = ray.get(ref)
+        except RayActorError as e:
+            if kind == "up" and isinstance(e, ActorUnavailableError) and inc in self._incs:
+                # Ray may report a constructor that raised as "unavailable" before it knows the actor died:
+                # ask again; the dead actor's answer names the error (`_on_ref` of the probe)
+                self._refs[self._incs[inc].ready.remote()] = ("probe", slot, inc, e)
                 return
-            self._settle_progress()
-        self._progress_saving = self.store.save_async(self._progress_key(), self._progress_record(ledger), copy=False)
-        self._last_progress = self.clock()
+            cause = death_cause(e)
+            if cause is Cause.USER:  # the constructor raised: its exception and traceback
+                self._feed(ActorDown(slot, inc, cause, _raised(str(e)), str(e)))
+            else:
+                self._feed(ActorDown(slot, inc, cause, _first_line(str(e))))
+            return
+        except RayTaskError as e:
+            self._feed(self._task_error(tag, e))
+            return
+        except Exception as e:  # noqa: BLE001 - lost objects, owner errors: the incarnation is not to be trusted
+            self._feed(ActorDown(slot, inc, Cause.PROCESS, f"{type(e).__name__}: {e}"))
+            return
+        if kind == "call":
+            self._worker_reports(slot, inc, value)
+            self._feed(CallAnswered(tag[3], tuple(value)))
+        elif kind == "up":
+            self._checkpoint_events(slot, value.get("checkpoints", ()))
+            self._feed(ActorUp(slot, inc, tag[3], value["pid"], value["node_id"], value["cursor"],
+                               value.get("generation")))
+        elif kind == "rollback":
+            self._feed(RollbackDone(slot, inc, int(value)))
+        elif kind == "finish":
+            self._checkpoint_events(slot, value.get("checkpoints", ()))
+            self._feed(FinishDone(slot, inc))
+        elif kind == "probe":  # the actor answers after all: its activation was lost, start another
+            self._feed(ActorDown(slot, inc, Cause.PROCESS, str(tag[3])))
 
-    def _settle_progress(self) -> None:
-        """Wait for the periodic save in flight; raise its error (a storage failure stops the job)."""
-        saving, self._progress_saving = self._progress_saving, None
-        if saving is not None:
-            saving.wait()
-            self._driver_replica_events()
+    def _task_error(self, tag: tuple, e: Any) -> Any:
+        """An actor method raised (the actor lives): what it means for the scheduler."""
+        from resilient.runtime.worker import DirtyWorkerError
 
-    def _driver_replica_events(self) -> None:
-        self._replica_events("driver", [(h.url, h.degraded, h.failures) for h in self.store.health()])
+        kind, slot, inc = tag[0], tag[1], tag[2]
+        cause = getattr(e, "cause", None)
+        text = str(e)
+        if kind == "call":
+            if isinstance(cause, DirtyWorkerError):
+                return None  # queued behind a failed batch: the scheduler forgot this call at the rollback
+            ids, epoch = tag[4], tag[5]
+            error = f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(text)
+            return CallAnswered(tag[3], (Failure(ids[0], slot, epoch, error, text),))
+        if kind in ("up", "rollback"):  # the restore raised: the user's state does not load
+            error = f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(text)
+            return ActorDown(slot, inc, Cause.USER, error, text)
+        return ActorDown(slot, inc, Cause.PROCESS, _first_line(text))  # the final save failed: try again
 
-    def _progress_key(self) -> str:
-        return f"{self.spec.job_id}/progress"
+    # ------------------------------------------------------------------ commands -> Ray and storage
 
-    def _progress_record(self, ledger: Ledger) -> dict:
-        snap = ledger.snapshot()
-        snap["dead"] = [d.__dict__ for d in self.dead.values()]
-        snap["retry_generation"] = self._retry_seen
-        now = time.time()
-        done = ledger.watermark + len(ledger.done_above)
-        snap.update(
-            committed=done - len(self.dead),
-            rate_per_s=round((done - self.resumed_done) / max(1e-9, now - self._started_at), 3),
-            restarts=self.restarts,
-            retries=self.retries,
-            actors=[{"slot": s.index, "pid": s.pid, "node_id": s.node_id, "epoch": s.epoch}
-                    for s in self.slots if s.pid is not None],
-            started_at=self._started_at,
-            updated_at=now,
-            state=self._state,
-            error=self._error,
-        )
-        return snap
-
-    # ------------------------------------------------------------------ actors
+    def _apply(self, commands: list) -> None:
+        for c in commands:
+            handler = _COMMANDS[type(c)]
+            handler(self, c)
 
     def _new_actor(self) -> Any:
         import ray
@@ -347,297 +435,152 @@ class Supervisor:
             num_cpus=self.settings.actor_cpus, num_gpus=self.settings.actor_gpus
         ).remote(self.spec)
 
-    def _top_up_spares(self) -> None:
-        """Keep `standby` actors constructed ahead (model loaded), so a replacement is a hand-over."""
-        self._spares_due = None
-        while len(self.spares) < self.settings.standby:
-            self.spares.append(self._new_actor())
+    def _c_spare(self, c: StartSpare) -> None:
+        self._spares[c.spare] = self._new_actor()
 
-    def _maybe_top_up_spares(self) -> None:
-        """Rebuild standbys after a hand-over once the redelivered batches are committed, or at the latest
-        `SPARE_DELAY_S` after it: building one (a process start, imports, the model) takes a core for about
-        a second, which the replacement needs while it replays and redelivers."""
-        if self._spares_due is not None and (not self.urgent or self.clock() >= self._spares_due):
-            self._top_up_spares()
+    def _c_start(self, c: StartActor) -> None:
+        actor = self._spares.pop(c.spare) if c.spare is not None and c.spare in self._spares else self._new_actor()
+        self._incs[c.inc] = actor
+        key = records.slot_key(self.spec.job_id, c.slot)
 
-    def _start_slot(self, slot: _Slot) -> None:
-        """Give the slot a new incarnation: a new epoch (fencing the old one), a standby actor if one is
-        there, else a fresh one. Asynchronous: the slot runs once its activation (restore) answers."""
-        slot.actor = self.spares.pop(0) if self.spares else self._new_actor()  # starts while we claim
-        slot.epoch = self.store.claim_epoch(slot_key(self.spec.job_id, slot.index))
-        slot.running = False
-        slot.pid = slot.node_id = None
-        slot.pending = slot.actor.activate.remote(slot.index, slot.epoch)
-        self.starting[slot.pending] = slot.index
+        def activate() -> Any:
+            try:
+                epoch = self.store.claim_epoch(key)
+            except Exception as e:  # noqa: BLE001 - told to the scheduler as this start's failure
+                if not is_transient(e):
+                    return FailJob(f"slot {c.slot}: could not claim an epoch in the checkpoint store: {e}")
+                return ActorDown(c.slot, c.inc, Cause.PROCESS, f"could not claim an epoch: {type(e).__name__}: {e}")
+            self._epochs[c.inc] = epoch
+            return ("activate", c, epoch, actor.activate.remote(c.slot, epoch))
 
-    def _on_started(self, ref: Any, ledger: Ledger) -> None:
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        self._submit(self.io, activate)
 
-        slot = self.slots[self.starting.pop(ref)]
-        if slot.pending is not ref:
-            return
-        slot.pending = None
-        try:
-            info = ray.get(ref)
-        except RayActorError as e:
-            slot.start_failures += 1
-            if slot.start_failures >= self.settings.max_attempts:
-                cause = _death_cause(slot.actor, e)
-                raise JobFailedError(
-                    f"slot {slot.index}: {slot.start_failures} actors in a row died while starting "
-                    f"(building the pipeline or restoring its state); the last one: {cause}"
-                ) from cause
-            self._replace(slot, ledger, f"died while starting ({type(e).__name__})", None)
-            return
-        except RayTaskError as e:
-            raise JobFailedError(f"slot {slot.index} could not restore its state: {e}") from e
-        slot.pid, slot.node_id, slot.cursor = info["pid"], info["node_id"], info["cursor"]
-        slot.running = True
-        slot.start_failures = 0
-        slot.head_since = self.clock()
-        if self.spec.stateful and self._reader is not None:
-            self._rebuild_slot_queue(slot, ledger)
-        if len(self.spares) < self.settings.standby and self._spares_due is None:
-            self._spares_due = self.clock() + SPARE_DELAY_S  # see _maybe_top_up_spares
-        generation = info.get("generation")
-        if self.spec.stateful and (self.restarts or generation is not None):
-            log.warning(
-                "slot %d: epoch %d running on pid %s, %s; replaying its batches from %d",
-                slot.index, slot.epoch, slot.pid,
-                f"resumed from checkpoint generation {generation}" if generation is not None
-                else "no checkpoint yet (state rebuilt from the start)", slot.cursor,
-            )
-        self._checkpoint_events(slot.index, info.get("checkpoints", ()))
-        self.on_event("started", {"slot": slot.index, "pid": slot.pid, "epoch": slot.epoch, "cursor": slot.cursor,
-                                  "generation": generation})
+    def _c_send(self, c: SendCall) -> None:
+        actor = self._incs[c.inc]
+        assert self._reader is not None
+        ids = [b for b, _ in c.items]
+        batches = self._reader.get(ids)
+        work = [(b, batch, replay) for (b, replay), batch in zip(c.items, batches)]
+        ref = actor.process.remote((c.floor, work))
+        self._refs[ref] = ("call", c.slot, c.inc, c.call, tuple(ids), self._epochs.get(c.inc, -1))
+        replays = [b for b, replay in c.items if replay]
+        if replays:
+            self._reader.drop(replays)  # sent for the last time (a later replay reads them again)
 
-    def _replace(self, slot: _Slot, ledger: Ledger, reason: str, culprit: int | None, error: str = "") -> None:
+    def _c_kill(self, c: KillActor) -> None:
         import ray
 
-        lost = _inflight_ids(slot)
-        self.urgent.update(b for b in lost if not ledger.is_done(b))
-        for ref, _ in slot.inflight:
-            self.refs.pop(ref, None)
-        slot.inflight.clear()
-        if slot.pending is not None:
-            self.starting.pop(slot.pending, None)
-            slot.pending = None
-        for ref in [r for r, i in self.finishing.items() if i == slot.index]:
-            del self.finishing[ref]
-        try:
-            ray.kill(slot.actor)
-        except Exception:  # noqa: BLE001 - it may be gone already
-            pass
-        old_pid, old_epoch = slot.pid, slot.epoch
+        actor = self._incs.pop(c.inc, None)
+        self._epochs.pop(c.inc, None)
         for state in self._replica_state.values():  # the dead incarnation's view of the replicas goes
-            state[1].pop(f"slot-{slot.index}-e{old_epoch}", None)
-        if culprit is not None and not ledger.is_done(culprit):
-            self._count_failure(culprit, ledger, f"{reason}: {error}".strip(": "), "")
-        self._start_slot(slot)
-        self.restarts += 1
-        if not self.spec.stateful:
-            queued = [(b, batch) for b, batch, _ in slot.queue]
-            slot.queue.clear()
-            self._send_again(slot.index, lost, ledger, then=queued)
-        log.warning(
-            "slot %d: actor pid %s (epoch %d) %s; replacing it (epoch %d, %s); redelivering %s",
-            slot.index, old_pid, old_epoch, reason, slot.epoch,
-            "restoring its last checkpoint" if self.spec.stateful else "stateless", lost or "nothing",
-        )
-        self.on_event("restart", {"slot": slot.index, "reason": reason, "redelivered": lost})
+            state[1].pop(f"inc-{c.inc}", None)
+        if actor is not None:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - it may be gone already
+                pass
 
-    # ------------------------------------------------------------------ reading and routing
+    def _c_rollback(self, c: RollbackActor) -> None:
+        self._refs[self._incs[c.inc].rollback.remote()] = ("rollback", c.slot, c.inc)
 
-    def _batch(self, batch_id: int) -> Any:
-        """Re-read one batch (retries, redelivery): sources are replayable by offset."""
-        for b, batch in self.source.read(batch_id):
-            return batch
-        raise JobFailedError(f"source has no batch {batch_id}")
+    def _c_finish(self, c: FinishActor) -> None:
+        self._refs[self._incs[c.inc].finish.remote(INF)] = ("finish", c.slot, c.inc)
 
-    def _send_again(self, s: int, lost: Sequence[int], ledger: Ledger, then: Sequence[tuple[int, Any]] = ()) -> None:
-        """Stateless: batches `lost` on slot `s` (they will not answer) go to the front of the ready queue,
-        in order and followed by `then`, unless done already or on their way again."""
-        pending = self._pending_ids()
-        items = []
-        for b in lost:
-            self.outstanding[s].discard(b)
-            if not ledger.is_done(b) and b not in pending:
-                items.append((b, self._batch(b)))
-        self.ready_queue.extendleft(reversed(items + list(then)))
+    def _c_commit(self, c: CommitGroup) -> None:
+        outputs = list(c.outputs)
 
-    def _pending_ids(self) -> set[int]:
-        ids = {b for b, _ in self.ready_queue} | {b for _, b, _ in self.delayed} | self.committing
-        for s in self.slots:
-            ids |= {b for b, _, _ in s.queue} | set(_inflight_ids(s))
-        return ids
+        def commit() -> Any:
+            try:
+                self.sink.commit_group(outputs)
+            except Exception as e:  # noqa: BLE001 - told to the scheduler: retried or the job fails
+                return CommitFailed(c.group, f"{type(e).__name__}: {e}", is_transient(e))
+            return CommitDone(c.group)
 
-    def _fill(self, ledger: Ledger) -> None:
-        room = 2 * self.spec.slots * self.settings.queue_depth * self._per_call()  # batches queued at most
-        while self.read_pos < self.total and ledger.may_read(self.read_pos) and self._queued() < room:
-            b, batch = next(self._reader)
-            if b != self.read_pos:
-                raise JobFailedError(f"source yielded batch {b} where {self.read_pos} was expected")
-            self.read_pos += 1
-            if self.spec.stateful:
-                slot = self.slots[slot_of(b, self.spec.slots)]
-                if b < slot.cursor or b in self.dead:
-                    continue
-                done = ledger.is_done(b)
-                slot.queue.append((b, batch, done))
-                if not done:
-                    self.outstanding[slot.index].add(b)
-            elif not ledger.is_done(b):
-                self.ready_queue.append((b, batch))
+        self._submit(self.committer, commit)
 
-    def _queued(self) -> int:
-        return len(self.ready_queue) + sum(len(s.queue) for s in self.slots)
-
-    def _per_call(self) -> int:
-        s = self.settings
-        return batches_per_call(s.batches_per_call, self.timer.seconds, s.batch_timeout_seconds)
-
-    def _rebuild_slot_queue(self, slot: _Slot, ledger: Ledger) -> None:
-        """After a restore or rollback: every batch of the slot from its cursor up to the read position, in
-        order; committed ones as replays."""
-        slot.queue.clear()
-        if slot.cursor >= self.read_pos:
+    def _c_progress(self, c: SaveProgress) -> None:
+        key = records.progress_key(self.spec.job_id)
+        record = self._progress_record(c.fields)
+        if c.final:  # the last word of the run: after any save still in flight, and inline
+            self._settle_progress()
+            self.store.save(key, record)
+            self._driver_replica_events()
             return
-        for b, batch in self.source.read(slot.cursor):
-            if b >= self.read_pos:
-                break
-            if slot_of(b, self.spec.slots) != slot.index or b in self.dead:
+
+        def save() -> Any:
+            try:
+                self.store.save_async(key, record, copy=False).wait()
+            except Exception as e:  # noqa: BLE001 - told to the scheduler
+                return ProgressFailed(c.seq, f"{type(e).__name__}: {e}", is_transient(e))
+            self._driver_replica_events()
+            return ProgressDone(c.seq)
+
+        self._progress_future = self._submit(self.io, save)
+
+    def _c_emit(self, c: Emit) -> None:
+        e = c.event
+        if isinstance(e, ev.BatchesCommitted):
+            assert self._reader is not None and self.sched is not None
+            self._reader.drop(e.batch_ids)
+            self._reader.drop_below(self.sched.ledger.watermark)
+        elif isinstance(e, ev.BatchDeadLettered):
+            assert self._reader is not None
+            self._reader.drop([e.batch_id])
+            log.error("batch %d is a poison batch after %d attempts; dead-lettered: %s", e.batch_id, e.attempts,
+                      e.error)
+        elif isinstance(e, ev.BatchRetried):
+            log.warning("batch %d failed (attempt %d): %s", e.batch_id, e.attempts, _first_line(e.error))
+        elif isinstance(e, ev.ActorReplaced):
+            log.warning("slot %d: actor %s; replacing it%s", e.slot, e.reason,
+                        f"; redelivering {list(e.redelivered)}" if e.redelivered else "")
+        elif isinstance(e, ev.SlotRolledBack):
+            log.warning("slot %d: rolled back to its checkpoint at batch %d after batch %d raised", e.slot,
+                        e.cursor, e.batch_id)
+        elif isinstance(e, ev.ActorStarted) and (self.restarts or e.generation is not None) and self.spec.stateful:
+            log.warning("slot %d: epoch %d running on pid %s, %s; replaying its batches from %d", e.slot, e.epoch,
+                        e.pid, f"resumed from checkpoint generation {e.generation}" if e.generation is not None
+                        else "no checkpoint yet (state rebuilt from the start)", e.cursor)
+        self.on_event(e)
+
+    def _c_fail(self, c: FailJob) -> None:
+        self._outcome, self._failure = "failed", c
+
+    def _c_complete(self, c: CompleteJob) -> None:
+        self._outcome = "complete"
+
+    def _submit(self, pool: ThreadPoolExecutor, fn: Callable[[], Any]) -> Future:
+        self._futures += 1
+
+        def run() -> Any:
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - a bug in I/O glue must not hang the loop
+                result = FailJob(f"{type(e).__name__}: {e}")
+            self._done.put(result)
+            return result
+
+        return pool.submit(run)
+
+    def _settle_progress(self) -> None:
+        if self._progress_future is not None:
+            self._progress_future.result()
+            self._progress_future = None
+
+    # ------------------------------------------------------------------ what workers report
+
+    def _worker_reports(self, slot: int, inc: int, answers: list) -> None:
+        for a in answers:
+            if isinstance(a, Failure):
                 continue
-            slot.queue.append((b, batch, ledger.is_done(b) or b in self.committing))
+            self._checkpoint_events(slot, a.checkpoints)
+            self._replica_events(f"inc-{inc}", a.replicas)
 
-    def _commit_floor(self, slot: _Slot) -> int:
-        pending = self.outstanding[slot.index]
-        return min(pending) if pending else INF
+    def _checkpoint_events(self, slot: int, outcomes: Any) -> None:
+        for c in outcomes:
+            self.on_event(ev.CheckpointDone(slot, c["op"], c["seconds"], c.get("bytes"), c.get("generation")))
 
-    def _dispatch(self) -> None:
-        now = self.clock()
-        while self.delayed and self.delayed[0][0] <= now:
-            _, b, batch = heapq.heappop(self.delayed)
-            self.ready_queue.appendleft((b, batch))
-        depth, per_call = self.settings.queue_depth, self._per_call()
-        for slot in self.slots:
-            queue = slot.queue if self.spec.stateful else self.ready_queue
-            while slot.running and len(slot.inflight) < depth and queue:
-                if self.suspects and any(x in self.suspects for x in _inflight_ids(slot)):
-                    break  # a suspect runs alone on its actor
-                alone = queue[0][0] in self.suspects
-                if slot.inflight and alone:
-                    break
-                items = [self._take(slot, queue)]
-                while not alone and len(items) < per_call and queue and queue[0][0] not in self.suspects:
-                    items.append(self._take(slot, queue))
-                ref = slot.actor.process.remote((self._commit_floor(slot), items))
-                self.calls += 1
-                if not slot.inflight:
-                    slot.head_since = now
-                ids = tuple(b for b, _, _ in items)
-                slot.inflight.append((ref, ids))
-                self.refs[ref] = (slot.index, ids, slot.epoch)
-
-    def _take(self, slot: _Slot, queue: collections.deque) -> tuple[int, Any, bool]:
-        """The next batch for `slot` from `queue` (its own, or the stateless ready queue)."""
-        if self.spec.stateful:
-            return queue.popleft()
-        b, batch = queue.popleft()
-        self.outstanding[slot.index].add(b)
-        return b, batch, False
-
-    # ------------------------------------------------------------------ answers
-
-    def _count_failure(self, b: int, ledger: Ledger, error: str, tb: str) -> bool:
-        """Count a failed attempt; dead-letter the batch when it has had enough. True if it is now dead."""
-        attempts = ledger.failed_attempt(b)
-        self.retries += 1
-        history = self.failures.setdefault(b, [])
-        history.append((error, tb))
-        if attempts < self.settings.max_attempts:
-            self.on_event("retry", {"batch_id": b, "attempts": attempts, "error": error})
-            return False
-        # every attempt's error, so a reader sees how it failed each time (raised, killed its actor, hung)
-        del self.failures[b]
-        error = "; ".join(f"attempt {i}: {e}" for i, (e, _) in enumerate(history, 1))
-        tb = next((t for _, t in reversed(history) if t), "")
-        letter = DeadLetter(b, error, tb, attempts)
-        if self.settings.on_poison == "fail":
-            raise JobFailedError(f"batch {b} failed {attempts} times (poison): {error}")
-        self.dead[b] = letter
-        self.urgent.discard(b)
-        for pending in self.outstanding.values():
-            pending.discard(b)
-        ledger.mark_done(b)
-        self._save_progress(ledger)
-        log.error("batch %d is a poison batch after %d attempts; dead-lettered: %s", b, attempts, error)
-        self.on_event("dead_letter", {"batch_id": b, "error": error, "attempts": attempts})
-        return True
-
-    def _backoff(self, attempts: int) -> float:
-        """Delay before retrying a batch after its `attempts`-th failure: the tenacity policy's
-        exponential backoff with jitter (a stateless retry is scheduled, not slept for; a stateful slot
-        waits this long before its rollback replay)."""
-        wait = RetryPolicy.from_settings(self.settings).retrying().wait
-        return float(wait(types.SimpleNamespace(attempt_number=attempts, outcome=None, seconds_since_start=0.0)))
-
-    def _handle(self, ref: Any, ledger: Ledger) -> None:
-        import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-
-        meta = self.refs.get(ref)
-        if meta is None:
-            return  # from a replaced incarnation or a rolled-back run: dropped
-        s, ids, epoch = meta
-        slot = self.slots[s]
-        try:
-            answers: list[Result | Failure] = ray.get(ref)
-        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-            # with one batch in flight, it killed the actor; with several, any of them may have (an answer
-            # can be lost when the process dies right after sending it): each is retried alone
-            # (`suspects`), so the next death names its batch
-            lost = _inflight_ids(slot)
-            culprit = lost[0] if len(lost) == 1 else None
-            if culprit is None:
-                self.suspects.update(lost)
-            self._replace(slot, ledger, "died", culprit, f"{type(e).__name__}")
-            return
-        except RayTaskError as e:
-            self._forget(slot, ref)
-            self.suspects.difference_update(ids)
-            cause = e.cause if hasattr(e, "cause") else e
-            if isinstance(cause, DirtyWorkerError):
-                return  # queued behind the failing batch; redelivered after the rollback
-            # the worker answers its user's exceptions batch by batch (`Failure`); what escapes it anyway
-            # is put on the call's first batch, and the call's other batches go again (a stateful slot
-            # replays them after its rollback)
-            own = "".join(traceback.format_exception(cause)) if isinstance(cause, BaseException) else ""
-            tb = str(e) if "Traceback" in str(e) else own  # the remote traceback is in Ray's wrapper's text
-            if not self.spec.stateful:
-                self._send_again(s, ids[1:], ledger)
-            self._on_exception(slot, ids[0], ledger, f"{type(cause).__name__}: {cause}", tb)
-            return
-        self._forget(slot, ref)
-        if epoch != slot.epoch:
-            return  # a zombie's answer: never committed
-        for answer in answers:
-            if answer.epoch != slot.epoch:
-                return  # a zombie's answer: never committed
-            b = answer.batch_id
-            self.suspects.discard(b)
-            if isinstance(answer, Failure):
-                self._on_exception(slot, b, ledger, answer.error, answer.traceback)
-                if self.spec.stateful:
-                    return  # rolled back: the call's later batches were not run; they are queued again
-                continue
-            self.timer.add(answer.seconds)
-            self._checkpoint_events(s, answer.checkpoints)
-            self._replica_events(f"slot-{s}-e{epoch}", answer.replicas)
-            if answer.output is None or b in self.committing:  # a replay, or an output already on its way
-                continue
-            self.committing.add(b)
-            self.group.append((s, answer.output))
+    def _driver_replica_events(self) -> None:
+        self._replica_events("driver", [(h.url, h.degraded, h.failures) for h in self.store.health()])
 
     def _replica_events(self, process: str, health: Any) -> None:
         """Replica health reported by one process (the driver, a worker incarnation), folded into one
@@ -650,190 +593,54 @@ class Supervisor:
             state[0] += max(0, failures - seen)
             state[1][process] = degraded
             if (state[0], any(state[1].values())) != before:
-                self.on_event("replica", {"url": url, "degraded": any(state[1].values()), "errors": state[0]})
+                self.on_event(ev.ReplicaChanged(url, any(state[1].values()), state[0]))
 
-    def _checkpoint_events(self, slot: int, outcomes: Any) -> None:
-        for c in outcomes:
-            self.on_event("checkpoint", {"slot": slot, **c})
+    # ------------------------------------------------------------------ the end
 
-    def _flush(self, *, force: bool = False) -> None:
-        """Start the next group commit when the committer is idle and the last one started at least
-        `commit_interval_seconds` ago (or the group is full, or `force`)."""
-        if not self.group:
+    def _save_failed(self, error: BaseException) -> None:
+        """A failed run still records where it stands (state "failed", with the error)."""
+        if self.sched is None:
             return
-        full = len(self.group) >= self.settings.commit_group_size
-        now = self.clock()
-        # a redelivered batch (recovery) commits as soon as the committer is free: failover time counts;
-        # so does the tail of a job, when no answer is on its way to share the group with
-        urgent = not self.refs or (self.urgent and any(o.batch_id in self.urgent for _, o in self.group))
-        if not (force or full) and (self.commits or (
-                not urgent and now - self._last_flush < self.settings.commit_interval_seconds)):
-            return
-        self._last_flush = now
-        group, self.group = self.group[: self.settings.commit_group_size], self.group[self.settings.commit_group_size:]
-        fut = self.committer.submit(self.sink.commit_group, [o for _, o in group])
-        self.commits[fut] = group
-
-    def _forget(self, slot: _Slot, ref: Any) -> None:
-        """An answer arrived: the call leaves the books, and the next call in flight becomes the head."""
-        self.refs.pop(ref, None)
-        if slot.inflight and slot.inflight[0][0] == ref:
-            slot.inflight.popleft()
-            slot.head_since = self.clock()
-        else:
-            slot.inflight = collections.deque(x for x in slot.inflight if x[0] != ref)
-
-    def _on_exception(self, slot: _Slot, b: int, ledger: Ledger, error: str, tb: str) -> None:
-        """Batch `b` raised `error` ("Type: message") with traceback `tb`: count the attempt, then retry
-        it after a backoff (a stateful slot is rolled back and replays) or dead-letter it."""
-        import ray
-
-        attempts = ledger.attempts.get(b, 0) + 1
-        dead = self._count_failure(b, ledger, error, tb)
-        log.warning("batch %d raised %s (attempt %d)%s", b, error, attempts, "; dead-lettered" if dead else "")
-        if self.spec.stateful:
-            for r, _ in slot.inflight:
-                self.refs.pop(r, None)
-            slot.inflight.clear()
-            slot.cursor = ray.get(slot.actor.rollback.remote())
-            if not dead:
-                time.sleep(self._backoff(attempts))
-            self._rebuild_slot_queue(slot, ledger)
-            self.on_event("rollback", {"slot": slot.index, "batch_id": b, "cursor": slot.cursor})
-        elif not dead:
-            self.outstanding[slot.index].discard(b)
-            heapq.heappush(self.delayed, (self.clock() + self._backoff(attempts), b, self._batch(b)))
-        else:
-            self.outstanding[slot.index].discard(b)
-
-    def _collect_commits(self, ledger: Ledger, *, block: bool = False) -> None:
-        for fut in list(self.commits):
-            if not (block or fut.done()):
-                continue
-            group = self.commits.pop(fut)
-            fut.result()  # a failed commit is a storage failure: the job stops, progress stays behind it
-            for s, out in group:  # committed now, or by an earlier run whose marker we had not seen
-                self.committing.discard(out.batch_id)
-                self.urgent.discard(out.batch_id)
-                self.outstanding[s].discard(out.batch_id)
-                self.failures.pop(out.batch_id, None)
-                ledger.mark_done(out.batch_id)
-            self.on_event("commit", {"batch_ids": [o.batch_id for _, o in group], "outputs": [o for _, o in group]})
-
-    def _maybe_finish(self, ledger: Ledger) -> None:
-        """Once every batch is done: each idle slot persists its final state (stateful), once."""
-        if not ledger.finished or self.commits or self.group:
-            return
-        busy = set(self.finishing.values()) | self.finished_slots
-        for slot in self.slots:
-            if slot.index in busy:
-                continue
-            if not self.spec.stateful:
-                self.finished_slots.add(slot.index)
-            elif slot.running and not slot.queue and not slot.inflight:
-                self.finishing[slot.actor.finish.remote(INF)] = slot.index
-
-    def _on_finished(self, ref: Any, ledger: Ledger) -> None:
-        import ray
-        from ray.exceptions import RayActorError
-
-        slot = self.slots[self.finishing.pop(ref)]
+        self.sched.state = "failed"
+        self.sched.error = f"{type(error).__name__}: {_first_line(str(error))}"
         try:
-            done = ray.get(ref)
-        except RayActorError as e:  # died while saving its final state: a replacement restores and replays
-            self._replace(slot, ledger, f"died while finishing ({type(e).__name__})", None)
-            return
-        self._checkpoint_events(slot.index, done["checkpoints"])
-        self.finished_slots.add(slot.index)
-
-    def _check_hangs(self, ledger: Ledger) -> None:
-        now = self.clock()
-        for slot in self.slots:
-            if slot.running and slot.inflight and now - slot.head_since > self.settings.batch_timeout_seconds:
-                ids = slot.inflight[0][1]  # the call running: when it carries several, each is retried alone
-                if len(ids) > 1:
-                    self.suspects.update(ids)
-                what = f"batch {ids[0]}" if len(ids) == 1 else f"a call of batches {list(ids)}"
-                self._replace(slot, ledger, f"hung on {what} for > {self.settings.batch_timeout_seconds:g}s",
-                              ids[0] if len(ids) == 1 else None)
-
-    # ------------------------------------------------------------------ the loop
-
-    def run(self) -> JobResult:
-        import ray
-
-        t0 = time.perf_counter()
-        self._open_job()  # a mismatched job raises here, before anything of it is written
-        ledger = self._resume()
-        resumed_from = ledger.watermark
-        self.resumed_done = ledger.watermark + len(ledger.done_above)
+            self._settle_progress()
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
         try:
-            if ledger.finished and self.sink.is_complete() is not None:
-                log.info("job %s is complete already: nothing to run", self.spec.job_id)
-                return self._job_result(t0, resumed_from)
-            for slot in self.slots:
-                self._start_slot(slot)
-            self._top_up_spares()  # built with the slots, not while the job runs: a standby costs start-up only
-            while self.starting:  # first start: every slot's cursor decides where reading begins
-                ready, _ = ray.wait(list(self.starting), num_returns=1)
-                self._on_started(ready[0], ledger)
-            start = ledger.watermark
-            if self.spec.stateful:
-                start = min([start] + [s.cursor for s in self.slots])
-            self.read_pos = start
-            self._reader = iter(self.source.read(start))
-            for b in sorted(ledger.redo):  # retried dead letters, below the watermark (stateless only)
-                self.ready_queue.append((b, self._batch(b)))
-            if ledger.redo:
-                self._save_progress(ledger)  # the request is taken: its batches are not dead any more
-            while not ledger.finished or len(self.finished_slots) < len(self.slots):
-                self._fill(ledger)
-                self._dispatch()
-                self._maybe_finish(ledger)
-                refs = list(self.refs) + list(self.starting) + list(self.finishing)
-                if refs:  # one answer per turn: the loop costs less than a second wait, and refills sooner
-                    ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
-                    for ref in ready:
-                        if ref in self.starting:
-                            self._on_started(ref, ledger)
-                        elif ref in self.finishing:
-                            self._on_finished(ref, ledger)
-                        else:
-                            self._handle(ref, ledger)
-                elif self.commits:
-                    futures.wait(list(self.commits), timeout=0.05, return_when=futures.FIRST_COMPLETED)
-                else:
-                    time.sleep(0.005)
-                self._collect_commits(ledger)
-                self._maybe_top_up_spares()
-                self._flush()
-                self._check_hangs(ledger)
-                if self.clock() - self._last_progress > 1.0:
-                    self._save_progress_soon(ledger)
-            self._flush(force=True)
-            self._collect_commits(ledger, block=True)
-            self._state = "complete"
-            self._save_progress(ledger)
-            summary = {"total": self.total, "dead_letters": sorted(self.dead), "restarts": self.restarts}
-            self.sink.mark_complete(summary, replace=self._retried)
-        except BaseException as e:
-            self._state, self._error = "failed", f"{type(e).__name__}: {e}"
-            for step in (self._settle_progress, lambda: self._save_progress(ledger)):
+            self.store.save(records.progress_key(self.spec.job_id), self._progress_record(self.sched.progress_fields()))
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _shutdown(self, ray: Any) -> None:
+        for actor in list(self._incs.values()) + list(self._spares.values()):
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001
+                pass
+        self._incs.clear()
+        self._spares.clear()
+        self.committer.shutdown(wait=True)
+        self.io.shutdown(wait=True)
+        self._drain_refs(ray)
+        self.store.close()
+
+    def _drain_refs(self, ray: Any) -> None:
+        """Read every ref still pending (its actor is killed: it resolves at once), so that Ray logs no
+        "unhandled error" for it."""
+        refs = list(self._refs)
+        self._refs.clear()
+        while not self._done.empty():
+            item = self._done.get()
+            if isinstance(item, tuple) and item and item[0] == "activate":
+                refs.append(item[3])
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+            for ref in ready:
                 try:
-                    step()
-                except Exception:  # noqa: BLE001 - the original error matters more
+                    ray.get(ref)
+                except Exception:  # noqa: BLE001
                     pass
-            raise
-        finally:
-            for actor in [slot.actor for slot in self.slots] + self.spares:
-                if actor is not None:
-                    try:
-                        ray.kill(actor)
-                    except Exception:  # noqa: BLE001
-                        pass
-            self.committer.shutdown(wait=True)
-            self.store.close()
-        return self._job_result(t0, resumed_from)
 
     def _job_result(self, t0: float, resumed_from: int) -> JobResult:
         return JobResult(
@@ -847,3 +654,18 @@ class Supervisor:
             resumed_from=resumed_from,
             calls=self.calls,
         )
+
+
+_COMMANDS = {
+    StartSpare: Supervisor._c_spare,
+    StartActor: Supervisor._c_start,
+    SendCall: Supervisor._c_send,
+    KillActor: Supervisor._c_kill,
+    RollbackActor: Supervisor._c_rollback,
+    FinishActor: Supervisor._c_finish,
+    CommitGroup: Supervisor._c_commit,
+    SaveProgress: Supervisor._c_progress,
+    Emit: Supervisor._c_emit,
+    FailJob: Supervisor._c_fail,
+    CompleteJob: Supervisor._c_complete,
+}

@@ -29,6 +29,8 @@ from typing import Any
 from resilient.codec import SnapshotBuffers
 from resilient.config import Settings
 from resilient.errors import ResilientError
+from resilient.runtime.protocol import Failure, Result
+from resilient.runtime.records import slot_key
 from resilient.storage import CheckpointStore
 
 __all__ = ["DirtyWorkerError", "Failure", "JobSpec", "Result", "Worker"]
@@ -50,35 +52,6 @@ class JobSpec:
     sink: Any  # a FileSink (pickles without live handles)
     settings: Settings
     slots: int
-
-
-@dataclass(frozen=True)
-class Result:
-    """A worker's answer for one batch."""
-
-    batch_id: int
-    slot: int
-    epoch: int
-    output: Any  # EncodedOutput, or None for a replayed batch
-    seconds: float
-    cursor: int
-    checkpoints: tuple = ()  # {"op", "seconds", "bytes", "generation"} of checkpoint saves finished since
-    replicas: tuple = ()  # (url, degraded, failures so far) of this worker's replicas, when they changed
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A worker's answer for a batch that raised: the error ("Type: message") and its traceback."""
-
-    batch_id: int
-    slot: int
-    epoch: int
-    error: str
-    traceback: str
-
-
-def slot_key(job_id: str, slot: int) -> str:
-    return f"{job_id}/slot-{slot}"
 
 
 class Worker:

@@ -1,0 +1,957 @@
+"""The scheduler: every decision of a job, as a pure state machine.
+
+``Scheduler.handle(input, now)`` and ``Scheduler.tick(now)`` return the commands to carry out
+(`resilient.runtime.protocol`). No Ray, no I/O, no clock and no global randomness here: time comes in as
+``now``, jitter from an injected ``random.Random``. The Ray driver and the simulation run this same code.
+
+Exactly-once protocol
+---------------------
+* Every batch has a stable id (its position in the source). A batch is *done* when its output is
+  committed (a group commit the driver reports durable) or it is a dead letter. At-least-once delivery
+  plus create-only commits gives exactly one committed output per batch.
+* Each batch not done is in exactly one place: the ready queue, a retry timer, a call in flight, the
+  next group, or a commit in flight (stateful: its slot's queue, a call, the group, a commit). A batch
+  that answered is taken into the group once (``committing``); a second answer is dropped.
+* Answers are fenced twice: a call whose incarnation is no longer its slot's is forgotten (its answer is
+  ignored), and an answer whose epoch is not its incarnation's is a zombie's and is dropped.
+* Group commit: one commit in flight at a time; the next starts when the committer is free and the last
+  started ``commit_interval_seconds`` ago, or the group is full, or a redelivered (urgent) batch waits,
+  or no call is in flight (the tail of a job). A commit that fails transiently is retried after a
+  backoff (markers are create-only: a retry never doubles an output), up to ``COMMIT_ATTEMPTS`` times in
+  a row; a permanent storage error fails the job.
+* Progress (watermark, done ids above it, dead letters) is saved after the commits it describes, one
+  save at a time, about every second and soon after a dead letter. A re-run resumes from it.
+* Stateful slots apply their batches in id order. A slot checkpoint is persisted by the worker only
+  below ``floor`` (the slot's smallest batch not committed), so a restore never skips a lost output. A
+  restored or rolled-back slot replays from its cursor; batches already done replay without output.
+
+Failures
+--------
+* Death while batches run (`ActorDown`): the slot gets a new incarnation (a standby when one is built).
+  ``Cause.PROCESS`` with one batch in flight charges that batch an attempt; with several, each becomes a
+  *suspect* that runs alone, so the next death names its batch. External causes (node lost,
+  preempted, OOM-killed) charge nothing. Stateless in-flight batches go back to the front of the ready
+  queue; a stateful replacement restores and replays.
+* Death while starting: ``Cause.USER`` (constructor or restore raised) counts towards
+  ``max_attempts`` starts in a row, then fails the job with the user's traceback. Any other cause is
+  not the pipeline's fault: retried after a backoff, under its own budget (``start_deaths`` in a row per
+  slot), so that only a crash loop ends the job. A start that does not answer within
+  ``start_timeout_seconds`` counts the same way.
+* Exception in user code (`Failure`): charged; a stateless batch is retried after a backoff (a timer),
+  a stateful slot is rolled back to its last checkpoint (a command, not a wait) and replays once the
+  backoff has passed.
+* Hang: a call running ``batch_timeout_seconds`` kills its actor; attributed like a death.
+* Poison: ``max_attempts`` failed attempts make a dead letter (or fail the job, ``on_poison="fail"``).
+* Systematic errors: when the first ``fail_fast_after`` distinct batches all raise the same error
+  (exception type and raising line) before any batch succeeds, the job fails at once with it.
+
+Nothing here blocks: waiting is a timer (`next_wakeup`), and every actor operation is a command whose
+answer comes back as an input.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from resilient.runtime import events as ev
+from resilient.runtime.calls import BatchTimer, batches_per_call, most_per_call
+from resilient.runtime.ledger import Ledger
+from resilient.runtime.protocol import (
+    ActorDown,
+    ActorUp,
+    CallAnswered,
+    Cause,
+    CommitDone,
+    CommitFailed,
+    CommitGroup,
+    CompleteJob,
+    Emit,
+    FailJob,
+    Failure,
+    FinishActor,
+    FinishDone,
+    KillActor,
+    ProgressDone,
+    ProgressFailed,
+    RollbackActor,
+    RollbackDone,
+    SaveProgress,
+    SendCall,
+    StartActor,
+    StartSpare,
+)
+
+__all__ = ["INF", "DeadLetter", "Policy", "Scheduler", "backoff", "failure_signature"]
+
+INF = 1 << 62
+SPARE_DELAY_S = 1.0  # the longest a hand-over defers rebuilding the standby it used
+PROGRESS_EVERY_S = 1.0  # progress saves, at most this often (and soon after a dead letter)
+COMMIT_ATTEMPTS = 10  # a group whose commit fails (transiently) this many times in a row fails the job
+
+# slot phases
+STARTING, WAITING, RUNNING, ROLLING, FINISHING, FINISHED = "starting", "waiting", "running", "rolling", \
+    "finishing", "finished"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A poison batch: its id, every attempt's error ("attempt 1: ...; attempt 2: ..."), the last user
+    traceback, and how many attempts it had."""
+
+    batch_id: int
+    error: str
+    traceback: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The settings the scheduler decides with (`Policy.from_settings`); plain data."""
+
+    slots: int
+    stateful: bool
+    queue_depth: int = 2
+    batches_per_call: int | str = "auto"
+    batch_timeout_seconds: float = 600.0
+    start_timeout_seconds: float = 600.0
+    max_attempts: int = 3
+    on_poison: str = "dead-letter"
+    start_deaths: int = 20
+    fail_fast_after: int = 3
+    standby: int = 1
+    commit_group_size: int = 256
+    commit_interval_seconds: float = 0.1
+    backoff_seconds: float = 0.2
+    backoff_max_seconds: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: Any, slots: int, stateful: bool) -> Policy:
+        s = settings
+        return cls(
+            slots=slots, stateful=stateful, queue_depth=s.queue_depth, batches_per_call=s.batches_per_call,
+            batch_timeout_seconds=s.batch_timeout_seconds, start_timeout_seconds=s.start_timeout_seconds,
+            max_attempts=s.max_attempts, on_poison=s.on_poison, start_deaths=s.start_deaths,
+            fail_fast_after=s.fail_fast_after, standby=s.standby, commit_group_size=s.commit_group_size,
+            commit_interval_seconds=s.commit_interval_seconds, backoff_seconds=s.retry_backoff_seconds,
+            backoff_max_seconds=s.retry_backoff_max_seconds,
+        )
+
+
+def backoff(attempt: int, base: float, cap: float, u: float) -> float:
+    """Seconds to wait after the `attempt`-th failure: exponential, capped, with "equal jitter" (half
+    fixed, half scaled by ``u`` in [0, 1)).
+
+    >>> [round(backoff(n, 0.2, 1.0, 0.0), 2) for n in (1, 2, 3, 4, 5)]
+    [0.1, 0.2, 0.4, 0.5, 0.5]
+    >>> backoff(1, 0.2, 1.0, 0.999) < 0.2
+    True
+    """
+    delay = min(cap, base * 2 ** min(attempt - 1, 60))
+    return delay / 2 + delay / 2 * u
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def failure_signature(error: str, traceback: str) -> tuple[str, str]:
+    """What makes two failures "the same error": the exception type and the line that raised it (the
+    message may name the batch).
+
+    >>> tb = 'Traceback (most recent call last):\\n  File "p.py", line 9, in f\\nValueError: batch 3'
+    >>> failure_signature("ValueError: batch 3", tb) == failure_signature("ValueError: batch 4", tb)
+    True
+    >>> failure_signature("KeyError: 'x'", "")
+    ('KeyError', "KeyError: 'x'")
+    """
+    kind = error.split(":", 1)[0]
+    frames = _FRAME.findall(traceback)
+    return (kind, f"{frames[-1][0]}:{frames[-1][1]}") if frames else (kind, error)
+
+
+@dataclass(slots=True)
+class _Call:
+    id: int
+    slot: int
+    inc: int
+    ids: tuple
+
+
+@dataclass(slots=True)
+class _Slot:
+    index: int
+    inc: int = -1
+    phase: str = WAITING
+    epoch: int = -1
+    pid: int | None = None
+    node: str | None = None
+    cursor: int = 0
+    started: bool = False  # some incarnation has come up in this run
+    inflight: collections.deque = field(default_factory=collections.deque)  # _Call, oldest first
+    queue: collections.deque = field(default_factory=collections.deque)  # stateful: (batch_id, replay)
+    outstanding: set = field(default_factory=set)  # stateful: queued or sent, not done
+    paused_until: float = 0.0  # stateful: replays only after the backoff of a rollback
+    resume_at: float = 0.0
+    rolled_for: int = -1  # the batch whose exception the rollback in progress is for
+    alone: int | None = None  # the call of a suspect running alone: nothing else is sent meanwhile
+    user_failures: int = 0  # constructor/restore exceptions in a row
+    start_deaths: int = 0  # other deaths while starting, in a row
+
+
+class Scheduler:
+    """One job's decisions. Feed it inputs; carry out what it returns. Not thread-safe.
+
+    Args:
+        policy: the settings it decides with.
+        ledger: which batches are done (resumed from the progress record).
+        dead: dead letters of earlier runs.
+        rng: jitter for backoffs (seeded in simulations).
+        now: the time the job starts (the driver's monotonic clock or a virtual one).
+
+    Example:
+        >>> from resilient.runtime.ledger import Ledger
+        >>> s = Scheduler(Policy(slots=1, stateful=False, standby=0), Ledger(2, 64), now=0.0)
+        >>> [type(c).__name__ for c in s.start(0.0)]
+        ['StartActor']
+        >>> cmds = s.handle(ActorUp(0, 0, epoch=1), 0.0)
+        >>> [(type(c).__name__, getattr(c, "items", None)) for c in cmds]
+        [('Emit', None), ('SendCall', ((0, False),)), ('SendCall', ((1, False),))]
+    """
+
+    def __init__(self, policy: Policy, ledger: Ledger, *, dead: dict[int, DeadLetter] | None = None,
+                 redo: Iterable[int] = (), rng: random.Random | None = None, now: float = 0.0) -> None:
+        self.policy = p = policy
+        self.ledger = ledger
+        self.dead: dict[int, DeadLetter] = dict(dead or {})
+        self.rng = rng or random.Random()
+        self.total = ledger.total
+        self.slots = [_Slot(i) for i in range(p.slots)]
+        self.calls: dict[int, _Call] = {}
+        self.ready: collections.deque[int] = collections.deque()  # stateless batches to send, in order
+        self.lone: collections.deque[int] = collections.deque()  # stateless suspects, each to run alone
+        self._reserved: int | None = None  # a slot kept empty for the next lone suspect
+        self.group: list[tuple[int, int, Any]] = []  # (slot, batch id, output) waiting for a commit
+        self.commits: dict[int, list[tuple[int, int, Any]]] = {}  # group id -> its outputs, in flight
+        self.commit_tries: dict[int, int] = {}
+        self.committing: set[int] = set()  # batch ids in `group` or in a commit in flight
+        self.suspects: set[int] = set()
+        self.urgent: set[int] = set()  # redelivered after a death: committed without waiting
+        self.failures: dict[int, list[tuple[str, str]]] = {}
+        self.timer = BatchTimer()
+        self.restarts = self.retries = self.calls_sent = self.committed = 0
+        self.read_pos = 0
+        self.reading = False
+        self.state = "running"  # then "complete" or "failed"
+        self.error: str | None = None
+        self._redo = sorted(redo)
+        self._idle: dict[int, None] = {}  # running slots that can take a call (ordered: round robin)
+        self._timers: list[tuple[float, int, str, Any]] = []
+        self._seq = 0
+        self._inc = 0
+        self._call = 0
+        self._group_id = 0
+        self._spare = 0
+        self.spares: list[int] = []  # standbys built and not used yet
+        self._spares_due: float | None = None
+        self._last_flush = -float("inf")
+        self._flush_timer = False
+        self._group_urgent = 0  # redelivered batches waiting in the group: committed without delay
+        self._to_finish: set[int] = set(range(p.slots))  # slots whose final state is not being saved
+        self._n_finished = 0
+        self._progress_seq = 0
+        self._progress_inflight: int | None = None
+        self._progress_due = now + PROGRESS_EVERY_S
+        self._progress_soon = False
+        self._progress_timer = False
+        self._successes = 0
+        self._firsts: dict[int, tuple[str, str]] = {}  # fail fast: first failing batches' signatures
+        self._fail_fast = p.fail_fast_after > 0
+        self._queued = 0
+        self._out: list = []
+        self._now = now
+        per = most_per_call(p.batches_per_call)
+        self._room = 2 * p.slots * p.queue_depth * per
+
+    # ------------------------------------------------------------------ the interface
+
+    def start(self, now: float) -> list:
+        """The first commands: an incarnation for every slot, then the standbys."""
+        for slot in self.slots:
+            self._start(slot, now, spare_ok=False)
+        for _ in range(self.policy.standby):
+            self._build_spare()
+        return self._flush_out(now)
+
+    def handle(self, item: Any, now: float) -> list:
+        """Take one input; return the commands it leads to."""
+        if self.state != "running":
+            return []
+        method = _HANDLERS.get(type(item))
+        if method is None:
+            raise TypeError(f"the scheduler takes inputs of resilient.runtime.protocol, not {item!r}")
+        method(self, item, now)
+        return self._flush_out(now)
+
+    def tick(self, now: float) -> list:
+        """Fire the timers due at `now` (hangs, backoffs, commit interval, progress)."""
+        if self.state != "running":
+            return []
+        timers = self._timers
+        while timers and timers[0][0] <= now and self.state == "running":
+            _, _, kind, arg = heapq.heappop(timers)
+            _TIMERS[kind](self, arg, now)
+        return self._flush_out(now)
+
+    def next_wakeup(self) -> float | None:
+        """When `tick` next has something to do (None: only an input can move the job)."""
+        return self._timers[0][0] if self._timers else None
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    def commit_floor(self, slot: int) -> int:
+        out = self.slots[slot].outstanding
+        return min(out) if out else INF
+
+    def progress_fields(self) -> dict:
+        """What the progress record needs from the scheduler (`resilient.runtime.records`)."""
+        return {
+            **self.ledger.snapshot(),
+            "dead": [d.__dict__ for d in self.dead.values()],
+            "restarts": self.restarts,
+            "retries": self.retries,
+            "actors": [{"slot": s.index, "pid": s.pid, "node_id": s.node, "epoch": s.epoch}
+                       for s in self.slots if s.pid is not None],
+            "state": self.state,
+            "error": self.error,
+        }
+
+    def queued(self) -> int:
+        """Batches read and waiting for a call (bounded: back-pressure)."""
+        return self._queued
+
+    # ------------------------------------------------------------------ inputs
+
+    def _on_up(self, e: ActorUp, now: float) -> None:
+        slot = self.slots[e.slot]
+        if slot.inc != e.inc or slot.phase != STARTING:
+            return
+        slot.phase, slot.epoch, slot.pid, slot.node = RUNNING, e.epoch, e.pid, e.node
+        slot.cursor = e.cursor
+        slot.user_failures = slot.start_deaths = 0
+        slot.started = True
+        slot.paused_until = 0.0
+        self._emit(ev.ActorStarted(e.slot, e.pid, e.epoch, e.cursor, e.generation, e.node))
+        if self.policy.stateful and self.reading:
+            self._rebuild_queue(slot)
+        self._idle[slot.index] = None
+        if len(self.spares) < self.policy.standby and self._spares_due is None:
+            self._spares_due = now + SPARE_DELAY_S
+            self._timer(self._spares_due, "spares", None)
+        if not self.reading and all(s.started for s in self.slots):
+            self._begin_reading()
+
+    def _on_down(self, e: ActorDown, now: float) -> None:
+        slot = self.slots[e.slot]
+        if slot.inc != e.inc or slot.phase in (WAITING, FINISHED):
+            return
+        if slot.phase == STARTING:
+            self._start_died(slot, e.cause, e.error, e.traceback, now)
+            return
+        lost = self._inflight_ids(slot)
+        culprit = None
+        if e.cause is Cause.PROCESS and slot.phase == RUNNING:
+            if len(lost) == 1:
+                culprit = lost[0]
+            else:
+                self.suspects.update(lost)
+        what = {Cause.USER: "could not restore its state", Cause.NODE: "lost its node",
+                Cause.PREEMPTED: "was preempted", Cause.OOM: "was killed for lack of memory"}.get(e.cause, "died")
+        self._replace(slot, f"{what} ({e.error.splitlines()[0] if e.error else e.cause.value})", e.cause, culprit,
+                      now, error=e.error)
+
+    def _on_answer(self, e: CallAnswered, now: float) -> None:
+        call = self.calls.pop(e.call, None)
+        if call is None:
+            return  # its incarnation was replaced or rolled back: dropped
+        slot = self.slots[call.slot]
+        if slot.inc != call.inc:
+            return
+        if slot.inflight and slot.inflight[0] is call:
+            slot.inflight.popleft()
+            if slot.inflight:
+                self._watch_head(slot, now)
+        else:
+            slot.inflight.remove(call)
+        if slot.alone == call.id:
+            slot.alone = None
+        if slot.phase == RUNNING:
+            self._idle[slot.index] = None
+        stateful = self.policy.stateful
+        for answer in e.answers:
+            b = answer.batch_id
+            if answer.epoch != slot.epoch:
+                return  # a zombie's answer: never committed
+            self.suspects.discard(b)
+            if type(answer) is Failure:
+                self._raised(slot, b, answer.error, answer.traceback, now)
+                if stateful:
+                    return  # rolled back: the call's later batches did not run; they replay
+                continue
+            self._successes += 1
+            self.timer.add(answer.seconds)
+            if answer.output is None or b in self.committing or self.ledger.is_done(b):
+                continue
+            self.committing.add(b)
+            self.group.append((slot.index, b, answer.output))
+            if b in self.urgent:
+                self._group_urgent += 1
+
+    def _on_rolled(self, e: RollbackDone, now: float) -> None:
+        slot = self.slots[e.slot]
+        if slot.inc != e.inc or slot.phase != ROLLING:
+            return
+        slot.cursor = e.cursor
+        slot.phase = RUNNING
+        self._emit(ev.SlotRolledBack(slot.index, slot.rolled_for, slot.cursor))
+        self._rebuild_queue(slot)
+        self._idle[slot.index] = None
+        if slot.resume_at > now:
+            slot.paused_until = slot.resume_at
+            self._timer(slot.resume_at, "resume", slot.index)
+
+    def _on_finished(self, e: FinishDone, now: float) -> None:
+        slot = self.slots[e.slot]
+        if slot.inc == e.inc and slot.phase == FINISHING:
+            slot.phase = FINISHED
+            self._n_finished += 1
+
+    def _on_commit(self, e: CommitDone, now: float) -> None:
+        group = self.commits.pop(e.group, None)
+        if group is None:
+            return
+        self.commit_tries.pop(e.group, None)
+        ledger, stateful = self.ledger, self.policy.stateful
+        for s, b, _ in group:  # committed now, or by an earlier run whose marker we had not seen
+            self.committing.discard(b)
+            self.urgent.discard(b)
+            if stateful:
+                self.slots[s].outstanding.discard(b)
+            self.failures.pop(b, None)
+            if ledger.mark_done(b):
+                self.committed += 1
+        self._emit(ev.BatchesCommitted(tuple(b for _, b, _ in group), tuple(o for _, _, o in group)))
+
+    def _on_commit_failed(self, e: CommitFailed, now: float) -> None:
+        if e.group not in self.commits:
+            return
+        tries = self.commit_tries.get(e.group, 0) + 1
+        self.commit_tries[e.group] = tries
+        if not e.retryable or tries >= COMMIT_ATTEMPTS:
+            self._fail(f"the sink could not commit a group of {len(self.commits[e.group])} outputs "
+                       f"({tries} attempts): {e.error}")
+            return
+        self._timer(now + self._backoff(tries), "recommit", e.group)
+
+    def _on_progress(self, e: ProgressDone, now: float) -> None:
+        if self._progress_inflight == e.seq:
+            self._progress_inflight = None
+
+    def _on_progress_failed(self, e: ProgressFailed, now: float) -> None:
+        if self._progress_inflight != e.seq:
+            return
+        self._progress_inflight = None
+        if not e.retryable:
+            self._fail(f"the job's progress could not be saved: {e.error}")
+            return
+        self._progress_soon = True  # the next one goes as soon as allowed: a record is whole or absent
+
+    # ------------------------------------------------------------------ timers
+
+    def _timer(self, when: float, kind: str, arg: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, kind, arg))
+
+    def _t_hang(self, arg: tuple[int, int], now: float) -> None:
+        s, call_id = arg
+        slot = self.slots[s]
+        if slot.phase != RUNNING or not slot.inflight or slot.inflight[0].id != call_id:
+            return
+        ids = slot.inflight[0].ids
+        if len(ids) > 1:
+            self.suspects.update(ids)
+        what = f"batch {ids[0]}" if len(ids) == 1 else f"a call of batches {list(ids)}"
+        self._replace(slot, f"hung on {what} for > {self.policy.batch_timeout_seconds:g}s", Cause.PROCESS,
+                      ids[0] if len(ids) == 1 else None, now)
+
+    def _t_stuck(self, arg: tuple[int, int, str], now: float) -> None:
+        """A rollback or a final save still running after ``batch_timeout_seconds``: a hang."""
+        s, inc, phase = arg
+        slot = self.slots[s]
+        if slot.inc == inc and slot.phase == phase:
+            what = "rolling back" if phase == ROLLING else "saving its final state"
+            self._replace(slot, f"hung {what} for > {self.policy.batch_timeout_seconds:g}s", Cause.PROCESS, None, now)
+
+    def _t_start_timeout(self, arg: tuple[int, int], now: float) -> None:
+        s, inc = arg
+        slot = self.slots[s]
+        if slot.inc == inc and slot.phase == STARTING:
+            self._start_died(slot, Cause.TIMEOUT,
+                             f"did not start within {self.policy.start_timeout_seconds:g}s", "", now)
+
+    def _t_restart(self, s: int, now: float) -> None:
+        slot = self.slots[s]
+        if slot.phase == WAITING:
+            self._start(slot, now)
+
+    def _t_retry(self, b: int, now: float) -> None:
+        if not self.ledger.is_done(b) and b not in self.dead:
+            (self.lone.append if b in self.suspects else self.ready.appendleft)(b)
+            self._queued += 1
+
+    def _t_resume(self, s: int, now: float) -> None:
+        slot = self.slots[s]
+        if slot.phase == RUNNING and slot.paused_until <= now:
+            self._idle[s] = None  # the backoff after its rollback has passed: it replays
+
+    def _t_spares(self, arg: Any, now: float) -> None:
+        if self._spares_due is not None and (not self.urgent or now >= self._spares_due):
+            self._top_up_spares()
+        elif self._spares_due is not None:
+            self._timer(self._spares_due, "spares", None)
+
+    def _t_recommit(self, group: int, now: float) -> None:
+        outputs = self.commits.get(group)
+        if outputs is not None:
+            self._out.append(CommitGroup(group, tuple(b for _, b, _ in outputs), tuple(o for _, _, o in outputs)))
+
+    def _t_flush(self, arg: Any, now: float) -> None:
+        self._flush_timer = False
+
+    def _t_progress(self, arg: Any, now: float) -> None:
+        self._progress_timer = False  # `_maybe_save_progress` runs after every tick
+
+    # ------------------------------------------------------------------ slots and actors
+
+    def _start(self, slot: _Slot, now: float, *, spare_ok: bool = True) -> None:
+        self._inc += 1
+        slot.inc, slot.phase = self._inc, STARTING
+        slot.alone = None
+        self._to_finish.add(slot.index)
+        slot.pid = slot.node = None
+        slot.epoch = -1
+        spare = self.spares.pop(0) if spare_ok and self.spares else None
+        self._out.append(StartActor(slot.index, slot.inc, spare))
+        self._timer(now + self.policy.start_timeout_seconds, "start_timeout", (slot.index, slot.inc))
+
+    def _build_spare(self) -> None:
+        self._spare += 1
+        self.spares.append(self._spare)
+        self._out.append(StartSpare(self._spare))
+
+    def _top_up_spares(self) -> None:
+        self._spares_due = None
+        while len(self.spares) < self.policy.standby:
+            self._build_spare()
+
+    def _start_died(self, slot: _Slot, cause: Cause, error: str, tb: str, now: float) -> None:
+        """An incarnation died before serving: the user's exception fails the job after `max_attempts`
+        in a row; any other death is retried after a backoff under the `start_deaths` budget."""
+        p = self.policy
+        self.restarts += 1
+        self._out.append(KillActor(slot.index, slot.inc))  # a restore that raised leaves the actor up
+        if cause is Cause.USER:
+            slot.user_failures += 1
+            n = slot.user_failures
+            if n >= p.max_attempts:
+                self._fail(f"slot {slot.index}: the pipeline's constructor or restore raised {n} times in a "
+                           f"row; the last time: {error}", tb)
+                return
+            reason = f"could not start: {error.splitlines()[0] if error else 'its constructor raised'}"
+        else:
+            slot.start_deaths += 1
+            n = slot.start_deaths
+            if n > p.start_deaths:
+                self._fail(f"slot {slot.index}: {n} actors in a row died while starting, none of them by an "
+                           f"exception of the pipeline (killed, out of memory, node lost); the last one: "
+                           f"{error or cause.value}", tb)
+                return
+            reason = f"died while starting ({error.splitlines()[0] if error else cause.value})"
+        slot.phase = WAITING
+        self._idle.pop(slot.index, None)
+        self._emit(ev.ActorReplaced(slot.index, reason, cause.value, ()))
+        self._timer(now + self._backoff(n), "restart", slot.index)
+
+    def _replace(self, slot: _Slot, reason: str, cause: Cause, culprit: int | None, now: float,
+                 error: str = "") -> None:
+        """The slot's incarnation is gone (died, hung, could not restore): forget its calls, charge the
+        culprit if there is one, start the next incarnation, and send stateless batches again."""
+        lost = self._inflight_ids(slot)
+        ledger = self.ledger
+        self.urgent.update(b for b in lost if not ledger.is_done(b))
+        for call in slot.inflight:
+            self.calls.pop(call.id, None)
+        slot.inflight.clear()
+        self._idle.pop(slot.index, None)
+        self._out.append(KillActor(slot.index, slot.inc))
+        self.restarts += 1
+        self._emit(ev.ActorReplaced(slot.index, reason, cause.value, tuple(lost)))
+        if culprit is not None and not ledger.is_done(culprit):
+            self._charge(culprit, f"{reason}: {error}".strip(": ") if error else reason, "")
+            if self.state != "running":
+                return
+        if not self.policy.stateful:
+            again = [b for b in lost if not ledger.is_done(b) and b not in self.dead]
+            self.ready.extendleft(reversed([b for b in again if b not in self.suspects]))
+            self.lone.extend(b for b in again if b in self.suspects)
+            self._queued += len(again)
+        else:
+            self._queued -= len(slot.queue)
+            slot.queue.clear()
+        self._start(slot, now)
+
+    def _rebuild_queue(self, slot: _Slot) -> None:
+        """After a restore or a rollback: every batch of the slot from its cursor up to the read position,
+        in order; those done (or on their way to a commit) as replays."""
+        self._queued -= len(slot.queue)
+        slot.queue.clear()
+        ledger, committing, dead = self.ledger, self.committing, self.dead
+        for b in range(slot.cursor, self.read_pos, self.policy.slots):
+            if b in dead:
+                continue
+            slot.queue.append((b, ledger.is_done(b) or b in committing))
+        self._queued += len(slot.queue)
+
+    @staticmethod
+    def _inflight_ids(slot: _Slot) -> list[int]:
+        return [b for call in slot.inflight for b in call.ids]
+
+    def _watch_head(self, slot: _Slot, now: float) -> None:
+        self._timer(now + self.policy.batch_timeout_seconds, "hang", (slot.index, slot.inflight[0].id))
+
+    # ------------------------------------------------------------------ failures
+
+    def _raised(self, slot: _Slot, b: int, error: str, tb: str, now: float) -> None:
+        if self._fail_fast and self._systematic(b, error, tb):
+            return
+        dead = self._charge(b, error, tb)
+        if self.state != "running":
+            return
+        attempts = len(self.failures.get(b, ())) or (self.dead[b].attempts if b in self.dead else 1)
+        if self.policy.stateful:
+            for call in slot.inflight:
+                self.calls.pop(call.id, None)
+            slot.inflight.clear()
+            slot.alone = None
+            self._idle.pop(slot.index, None)
+            self._queued -= len(slot.queue)
+            slot.queue.clear()
+            slot.phase = ROLLING
+            slot.resume_at = now if dead else now + self._backoff(attempts)
+            slot.rolled_for = b
+            self._out.append(RollbackActor(slot.index, slot.inc))
+            self._timer(now + self.policy.batch_timeout_seconds, "stuck", (slot.index, slot.inc, ROLLING))
+        elif not dead:
+            self._timer(now + self._backoff(attempts), "retry", b)
+
+    def _systematic(self, b: int, error: str, tb: str) -> bool:
+        """Fail fast: True (and the job failed) when the first distinct failing batches all raised the
+        same error before any batch succeeded."""
+        if self._successes:
+            self._fail_fast = False
+            return False
+        sig = failure_signature(error, tb)
+        if b not in self._firsts:
+            if self._firsts and sig != next(iter(self._firsts.values())):
+                self._fail_fast = False
+                return False
+            self._firsts[b] = sig
+        if len(self._firsts) >= self.policy.fail_fast_after:
+            ids = sorted(self._firsts)
+            self._fail(f"the first {len(ids)} batches that ran ({', '.join(map(str, ids))}) all raised the same "
+                       f"error and none succeeded: {error}", tb)
+            return True
+        return False
+
+    def _charge(self, b: int, error: str, tb: str) -> bool:
+        """Count a failed attempt of batch `b`; dead-letter it when it has had enough. True if dead."""
+        attempts = self.ledger.failed_attempt(b)
+        self.retries += 1
+        history = self.failures.setdefault(b, [])
+        history.append((error, tb))
+        if attempts < self.policy.max_attempts:
+            self._emit(ev.BatchRetried(b, attempts, error))
+            return False
+        del self.failures[b]
+        every = "; ".join(f"attempt {i}: {e}" for i, (e, _) in enumerate(history, 1))
+        last_tb = next((t for _, t in reversed(history) if t), "")
+        if self.policy.on_poison == "fail":
+            self._fail(f"batch {b} failed {attempts} times (poison): {every}", last_tb)
+            return True
+        self.dead[b] = DeadLetter(b, every, last_tb, attempts)
+        self.urgent.discard(b)
+        self.suspects.discard(b)
+        if self.policy.stateful:
+            self.slots[b % self.policy.slots].outstanding.discard(b)
+        self.ledger.mark_done(b)
+        self._progress_soon = True
+        self._emit(ev.BatchDeadLettered(b, every, attempts))
+        return True
+
+    def _backoff(self, attempt: int) -> float:
+        p = self.policy
+        return backoff(attempt, p.backoff_seconds, p.backoff_max_seconds, self.rng.random())
+
+    def _fail(self, error: str, tb: str = "") -> None:
+        self.state, self.error = "failed", error
+        self._out.append(FailJob(error, tb))
+
+    def _emit(self, event: Any) -> None:
+        self._out.append(Emit(event))
+
+    # ------------------------------------------------------------------ reading, dispatch, commits
+
+    def _begin_reading(self) -> None:
+        self.reading = True
+        start = self.ledger.watermark
+        if self.policy.stateful:
+            start = min([start] + [s.cursor for s in self.slots])
+        self.read_pos = start
+        for b in self._redo:  # retried dead letters below the watermark (stateless only)
+            self.ready.append(b)
+            self._queued += 1
+        if self._redo:
+            self._progress_soon = True  # the request is taken: its batches are not dead any more
+
+    def _fill(self) -> None:
+        """Read ahead (ids only) within the ledger's window and the queue room."""
+        ledger, total, stateful, slots = self.ledger, self.total, self.policy.stateful, self.slots
+        n = self.policy.slots
+        pos = self.read_pos
+        limit = min(total, ledger.watermark + ledger.window)
+        while pos < limit and self._queued < self._room:
+            b = pos
+            pos += 1
+            if stateful:
+                slot = slots[b % n]
+                if b < slot.cursor or b in self.dead:
+                    continue
+                done = ledger.is_done(b)
+                slot.queue.append((b, done))
+                self._queued += 1
+                if not done:
+                    slot.outstanding.add(b)
+                if slot.phase == RUNNING and len(slot.inflight) < self.policy.queue_depth:
+                    self._idle[slot.index] = None
+            elif not ledger.is_done(b):
+                self.ready.append(b)
+                self._queued += 1
+        self.read_pos = pos
+
+    def _per_call(self) -> int:
+        p = self.policy
+        return batches_per_call(p.batches_per_call, self.timer.seconds, p.batch_timeout_seconds)
+
+    def _dispatch(self, now: float) -> None:
+        if self.policy.stateful:
+            self._dispatch_own(now)
+            return
+        if self.lone:
+            self._dispatch_lone(now)
+        self._dispatch_shared(now)
+
+    def _dispatch_shared(self, now: float) -> None:
+        """Stateless: batches of the ready queue to the slots with room, in turn."""
+        ready, idle = self.ready, self._idle
+        if not ready or not idle:
+            return
+        depth, per_call = self.policy.queue_depth, self._per_call()
+        for s in list(idle):
+            if not ready:
+                return
+            slot = self.slots[s]
+            if slot.phase != RUNNING or slot.alone is not None or s == self._reserved:
+                del idle[s]
+                continue
+            while len(slot.inflight) < depth and ready:
+                n = min(per_call, len(ready))
+                self._queued -= n
+                self._send(slot, tuple((ready.popleft(), False) for _ in range(n)), now)
+            if len(slot.inflight) >= depth:
+                del idle[s]
+
+    def _dispatch_lone(self, now: float) -> None:
+        """Stateless suspects, each alone on an actor with nothing else in flight. A slot is reserved for
+        them (sent nothing more) until it is empty, so a suspect never waits behind a busy pool."""
+        while self.lone:
+            slot = self._lone_slot()
+            if slot is None:
+                return
+            self._queued -= 1
+            self._send(slot, ((self.lone.popleft(), False),), now)
+            slot.alone = self._call
+            self._idle.pop(slot.index, None)
+
+    def _lone_slot(self) -> _Slot | None:
+        if self._reserved is not None:
+            slot = self.slots[self._reserved]
+            if slot.phase == RUNNING and slot.alone is None:
+                if slot.inflight:
+                    return None
+                self._reserved = None
+                return slot
+            self._reserved = None
+        for s in self._idle:
+            slot = self.slots[s]
+            if slot.phase == RUNNING and slot.alone is None and not slot.inflight:
+                return slot
+        for slot in self.slots:  # once per reservation
+            if slot.phase == RUNNING and slot.alone is None:
+                self._reserved = slot.index
+                self._idle.pop(slot.index, None)
+                return None
+        return None
+
+    def _dispatch_own(self, now: float) -> None:
+        """Stateful: each slot's own queue, in id order; a suspect alone on its actor."""
+        idle = self._idle
+        if not idle:
+            return
+        depth, per_call, suspects = self.policy.queue_depth, self._per_call(), self.suspects
+        for s in list(idle):
+            slot = self.slots[s]
+            if slot.phase != RUNNING or slot.paused_until > now or slot.alone is not None:
+                del idle[s]
+                continue
+            q = slot.queue
+            while len(slot.inflight) < depth and q:
+                if suspects and q[0][0] in suspects:
+                    if slot.inflight:
+                        break
+                    self._queued -= 1
+                    self._send(slot, (q.popleft(),), now)
+                    slot.alone = self._call
+                    break
+                items = []
+                while q and len(items) < per_call and not (suspects and q[0][0] in suspects):
+                    items.append(q.popleft())
+                self._queued -= len(items)
+                self._send(slot, tuple(items), now)
+            if len(slot.inflight) >= depth or not q or slot.alone is not None:
+                del idle[s]
+
+    def _send(self, slot: _Slot, items: tuple, now: float) -> None:
+        self._call += 1
+        call = _Call(self._call, slot.index, slot.inc, tuple(b for b, _ in items))
+        self.calls[call.id] = call
+        slot.inflight.append(call)
+        if len(slot.inflight) == 1:
+            self._watch_head(slot, now)
+        self.calls_sent += 1
+        floor = self.commit_floor(slot.index) if self.policy.stateful else INF
+        self._out.append(SendCall(slot.index, slot.inc, call.id, items, floor))
+
+    def _maybe_flush(self, now: float) -> None:
+        """Start the next group commit when the committer is idle and the interval has passed (or the
+        group is full, or an urgent batch or the job's tail waits)."""
+        if not self.group or self.commits:
+            return
+        p = self.policy
+        full = len(self.group) >= p.commit_group_size
+        urgent = not self.calls or self._group_urgent
+        due = self._last_flush + p.commit_interval_seconds
+        if not (full or urgent) and now < due:
+            if not self._flush_timer:
+                self._flush_timer = True
+                self._timer(due, "flush", None)
+            return
+        self._last_flush = now
+        group, self.group = self.group[: p.commit_group_size], self.group[p.commit_group_size:]
+        if self._group_urgent:
+            self._group_urgent -= sum(1 for _, b, _ in group if b in self.urgent)
+        self._group_id += 1
+        self.commits[self._group_id] = group
+        self._out.append(CommitGroup(self._group_id, tuple(b for _, b, _ in group), tuple(o for _, _, o in group)))
+
+    def _maybe_finish(self) -> None:
+        """Once every batch is done: each idle stateful slot persists its final state, once; then the job
+        is complete."""
+        if not self.reading or self.read_pos < self.total or not self.ledger.finished or self.commits or self.group:
+            return  # (until everything is read, a stateful slot may have replays to queue)
+        for s in list(self._to_finish):
+            slot = self.slots[s]
+            if not self.policy.stateful:
+                slot.phase = FINISHED
+                self._n_finished += 1
+                self._to_finish.discard(s)
+            elif slot.phase == RUNNING and not slot.queue and not slot.inflight:
+                self._to_finish.discard(s)
+                slot.phase = FINISHING
+                self._idle.pop(slot.index, None)
+                self._out.append(FinishActor(slot.index, slot.inc))
+                self._timer(self._now + self.policy.batch_timeout_seconds, "stuck", (slot.index, slot.inc, FINISHING))
+        if self._n_finished == len(self.slots):
+            self.state = "complete"
+            self._out.append(SaveProgress(self._next_progress(), self.progress_fields(), final=True))
+            self._out.append(CompleteJob())
+
+    def _next_progress(self) -> int:
+        self._progress_seq += 1
+        return self._progress_seq
+
+    def _maybe_save_progress(self, now: float) -> None:
+        if self._progress_inflight is not None:
+            return
+        if now >= self._progress_due or self._progress_soon:
+            self._progress_soon = False
+            self._progress_due = now + PROGRESS_EVERY_S
+            self._progress_inflight = self._next_progress()
+            self._out.append(SaveProgress(self._progress_inflight, self.progress_fields()))
+        if not self._progress_timer:
+            self._progress_timer = True
+            self._timer(self._progress_due, "progress", None)
+
+    def _flush_out(self, now: float) -> list:
+        self._now = now
+        if self.state == "running":
+            if self.reading:
+                self._fill()
+            self._dispatch(now)
+            self._maybe_flush(now)
+            self._maybe_finish()
+        if self.state == "running":
+            self._maybe_save_progress(now)
+        out, self._out = self._out, []
+        return out
+
+
+_HANDLERS = {
+    ActorUp: Scheduler._on_up,
+    ActorDown: Scheduler._on_down,
+    CallAnswered: Scheduler._on_answer,
+    RollbackDone: Scheduler._on_rolled,
+    FinishDone: Scheduler._on_finished,
+    CommitDone: Scheduler._on_commit,
+    CommitFailed: Scheduler._on_commit_failed,
+    ProgressDone: Scheduler._on_progress,
+    ProgressFailed: Scheduler._on_progress_failed,
+}
+
+_TIMERS = {
+    "hang": Scheduler._t_hang,
+    "start_timeout": Scheduler._t_start_timeout,
+    "stuck": Scheduler._t_stuck,
+    "restart": Scheduler._t_restart,
+    "retry": Scheduler._t_retry,
+    "resume": Scheduler._t_resume,
+    "spares": Scheduler._t_spares,
+    "recommit": Scheduler._t_recommit,
+    "flush": Scheduler._t_flush,
+    "progress": Scheduler._t_progress,
+}

@@ -1,0 +1,709 @@
+"""Deterministic simulation of a job: the real scheduler against simulated actors, storage and time.
+
+The scheduler (`resilient.runtime.scheduler`) makes every decision of a job; here it runs against a
+simulated cluster instead of Ray: actors with start, batch and restore latencies, a checkpoint store with
+epoch fencing, a sink with create-only markers, a progress record, and a virtual clock. Faults are drawn
+from one seeded ``random.Random``, so a run is a pure function of its `Scenario`: a failing seed
+reproduces with one line (`Scenario.repro`).
+
+Faults, each at a seeded rate:
+
+* actor deaths at any moment: while it builds or restores, during a call, a rollback, a checkpoint save
+  or the final save; most are plain process deaths (``Cause.PROCESS``), some are reported as node loss,
+  preemption or OOM kills (never to be charged to a batch);
+* hangs (a call that never answers) and zombies (a kill that does not take: the old incarnation goes on
+  answering late and saving checkpoints, which the epoch fence must refuse);
+* exceptions in user code: transient (once per chosen batch, half-applied to the state first) and
+  deterministic (poison batches, and batches that crash their actor every time); constructors that raise;
+* failed or slow storage writes: group commits and progress saves;
+* the driver crashing (every actor dies with it, a commit in flight lands partly) and the job re-run
+  from its records, as `resilient.runtime.supervisor` does.
+
+After the run, `check` lists every violation of the guarantees:
+
+* every batch is committed exactly once with the reference output, or is a dead letter, and dead
+  letters are only batches that failed by themselves (poison, crashers) or were charged for deaths Ray
+  could not tell apart from a crash;
+* for stateful pipelines, every slot's final checkpoint equals a fault-free run (dead letters skipped);
+* the job finishes once faults stop; no attempt is charged for an external death; the scheduler's
+  memory stays bounded by the work in flight.
+
+Example:
+    >>> r = simulate(Scenario(seed=3, batches=40, slots=2, stateful=True))
+    >>> r.violations, r.completed
+    ([], True)
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from resilient.runtime import events as ev
+from resilient.runtime.ledger import Ledger
+from resilient.runtime.protocol import (
+    ActorDown,
+    ActorUp,
+    CallAnswered,
+    Cause,
+    CommitDone,
+    CommitFailed,
+    CommitGroup,
+    CompleteJob,
+    Emit,
+    FailJob,
+    Failure,
+    FinishActor,
+    FinishDone,
+    KillActor,
+    ProgressDone,
+    ProgressFailed,
+    Result,
+    RollbackActor,
+    RollbackDone,
+    SaveProgress,
+    SendCall,
+    StartActor,
+    StartSpare,
+)
+from resilient.runtime.scheduler import DeadLetter, Policy, Scheduler
+
+__all__ = ["Outcome", "Scenario", "random_scenario", "simulate"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One simulated job: its shape, its settings, and its faults (rates per event, seeded)."""
+
+    seed: int
+    batches: int = 100
+    slots: int = 2
+    stateful: bool = False
+    standby: int = 1
+    queue_depth: int = 2
+    batches_per_call: int | str = "auto"
+    checkpoint_every: int = 5
+    max_attempts: int = 3
+    fail_fast_after: int = 0
+    kill_rate: float = 0.0  # per scheduler command: an actor dies (some of them for external causes)
+    external_share: float = 0.3  # of those deaths, reported as node lost, preempted or OOM-killed
+    hang_rate: float = 0.0  # per call: it never answers
+    zombie_rate: float = 0.0  # per kill: it does not take, the old incarnation goes on
+    transient_rate: float = 0.0  # per batch: raises once (half-applied)
+    poison: tuple[int, ...] = ()  # raise every time
+    crashers: tuple[int, ...] = ()  # kill their actor every time
+    broken_starts: int = 0  # the first N actor constructions raise
+    commit_fail_rate: float = 0.0
+    progress_fail_rate: float = 0.0
+    driver_crashes: int = 0  # the driver dies this many times; each time the job is re-run
+    fault_window: float = 60.0  # virtual seconds after which no new fault is injected
+    batch_seconds: float = 0.01
+    time_limit: float = 3600.0  # virtual seconds: a run still going then has not finished (liveness)
+
+    @property
+    def repro(self) -> str:
+        """One line that runs this scenario again."""
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if v != getattr(_DEFAULT, k) or k == "seed")
+        return f"from resilient.testing.simulation import *; simulate(Scenario({fields}))"
+
+
+_DEFAULT = Scenario(seed=0)
+
+
+def random_scenario(seed: int, *, max_batches: int = 300) -> Scenario:
+    """A scenario of varied size, settings and faults, drawn from `seed`."""
+    r = random.Random(seed * 7919 + 17)
+    batches = r.randint(1, max_batches)
+    stateful = r.random() < 0.5
+    slots = r.randint(1, 5)
+    poison = tuple(sorted(r.sample(range(batches), k=min(batches, r.choice([0, 0, 1, 2])))))
+    rest = [b for b in range(batches) if b not in poison]
+    crashers = tuple(sorted(r.sample(rest, k=min(len(rest), r.choice([0, 0, 0, 1])))))
+    return Scenario(
+        seed=seed, batches=batches, slots=slots, stateful=stateful, standby=r.choice([0, 1, 2]),
+        queue_depth=r.choice([1, 2, 3]), batches_per_call=r.choice(["auto", 1, 2, 4]),
+        checkpoint_every=r.choice([1, 3, 10]), max_attempts=r.choice([3, 4]),
+        kill_rate=r.choice([0.0, 0.005, 0.02, 0.05]), external_share=r.random(),
+        hang_rate=r.choice([0.0, 0.0, 0.01]), zombie_rate=r.choice([0.0, 0.3]),
+        transient_rate=r.choice([0.0, 0.02, 0.1]), poison=poison, crashers=crashers,
+        broken_starts=r.choice([0, 0, 0, 1]), commit_fail_rate=r.choice([0.0, 0.05]),
+        progress_fail_rate=r.choice([0.0, 0.1]), driver_crashes=r.choice([0, 0, 1, 2]),
+        fault_window=r.choice([5.0, 30.0]),
+    )
+
+
+@dataclass
+class Outcome:
+    """What a simulated job did, and what it got wrong (`violations`, empty when all guarantees held)."""
+
+    scenario: Scenario
+    completed: bool = False
+    failed: str | None = None
+    violations: list[str] = field(default_factory=list)
+    runs: int = 0
+    virtual_seconds: float = 0.0
+    batches_done: int = 0  # batches taken from scheduled to committed (or dead), all runs
+    decisions: int = 0  # inputs and ticks the scheduler took
+    scheduler_seconds: float = 0.0  # CPU (wall) seconds spent inside the scheduler
+    restarts: int = 0
+    charged_external: int = 0
+    peak_timers: int = 0
+    peak_calls: int = 0
+
+
+# ---------------------------------------------------------------------------------- the simulated world
+
+
+@dataclass
+class _Checkpoint:
+    epoch: int
+    cursor: int
+    total: int
+
+
+class _Storage:
+    """Durable things: slot checkpoints (epoch-fenced), the sink's markers, the progress record."""
+
+    def __init__(self) -> None:
+        self.claimed: dict[int, int] = {}  # slot -> newest epoch claimed
+        self.checkpoints: dict[int, _Checkpoint] = {}
+        self.markers: dict[int, Any] = {}  # batch id -> committed output (create-only)
+        self.commit_writes: dict[int, int] = {}
+        self.progress: dict | None = None
+        self.epoch = 0
+
+    def claim(self, slot: int) -> int:
+        self.epoch += 1
+        self.claimed[slot] = self.epoch
+        return self.epoch
+
+    def save_checkpoint(self, slot: int, epoch: int, cursor: int, total: int) -> bool:
+        if epoch < self.claimed.get(slot, 0):
+            return False  # fenced: a newer incarnation owns the slot
+        self.checkpoints[slot] = _Checkpoint(epoch, cursor, total)
+        return True
+
+    def commit(self, batch_ids: tuple, outputs: tuple) -> None:
+        for b, out in zip(batch_ids, outputs):
+            self.commit_writes[b] = self.commit_writes.get(b, 0) + 1
+            self.markers.setdefault(b, out)
+
+
+class _Actor:
+    """One simulated worker process: a pipeline keeping a running total per slot (stateful) or squaring."""
+
+    def __init__(self, world: _World, ready_at: float) -> None:
+        self.world = world
+        self.ready_at = ready_at  # construction done
+        self.alive = True
+        self.zombie = False
+        self.broken = False  # its constructor raised
+        self.slot = -1
+        self.inc = -1
+        self.epoch = -1
+        self.busy_until = ready_at
+        self.pending: list[tuple] = []  # ops queued or running: (kind, arg)
+        self.cursor = 0
+        self.total = 0
+        self.dirty = False
+        self.since = 0
+        self.snap: tuple[int, int] | None = None
+
+    def restore(self) -> None:
+        ck = self.world.storage.checkpoints.get(self.slot)
+        s = self.world.scenario
+        if ck is None:
+            self.cursor, self.total = self.slot, 0
+        else:
+            self.cursor, self.total = ck.cursor, ck.total
+        if not s.stateful:
+            self.cursor = 0
+        self.dirty = False
+        self.snap = None
+        self.since = 0
+
+    def run_batch(self, b: int, replay: bool, floor: int) -> Any:
+        w, s = self.world, self.world.scenario
+        if b in w.crash_ids:
+            self.world.die(self, Cause.PROCESS)
+            return None
+        if b in w.poison or (b in w.transient and b not in w.raised_once):
+            w.raised_once.add(b)
+            if s.stateful:
+                self.total += 1000 + b  # half-applied: the rollback must undo it
+                self.dirty = True
+            return Failure(b, self.slot, self.epoch, f"ValueError: batch {b} is bad", _tb(b in w.poison))
+        if s.stateful:
+            self.total += b
+            self.cursor = b + s.slots
+            self.since += 1
+            if self.since >= s.checkpoint_every:
+                self.snap, self.since = (self.cursor, self.total), 0
+            if self.snap is not None and self.snap[0] <= floor:
+                if not w.storage.save_checkpoint(self.slot, self.epoch, *self.snap):
+                    return Failure(b, self.slot, self.epoch, "FencedError: a newer epoch owns the slot", "")
+                self.snap = None
+            out = None if replay else (b, self.total)
+        else:
+            out = None if replay else (b, b * b)
+        return Result(b, self.slot, self.epoch, out, s.batch_seconds, self.cursor)
+
+
+def _tb(poison: bool) -> str:
+    line = 41 if poison else 42
+    return f'Traceback (most recent call last):\n  File "pipeline.py", line {line}, in __call__\nValueError: bad'
+
+
+class _World:
+    """The simulated cluster and storage, driving one scheduler per driver run."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = s = scenario
+        self.rng = random.Random(scenario.seed)
+        self.storage = _Storage()
+        self.now = 0.0
+        self.queue: list[tuple[float, int, Callable[[], None]]] = []
+        self.seq = 0
+        self.actors: dict[int, _Actor] = {}  # inc -> actor
+        self.spares: dict[int, _Actor] = {}
+        self.poison = set(s.poison)
+        self.crash_ids = set(s.crashers)
+        self.transient = {b for b in range(s.batches) if self.rng.random() < s.transient_rate}
+        self.raised_once: set[int] = set()
+        self.constructions = 0
+        self.outcome = Outcome(scenario)
+        self.sched: Scheduler | None = None
+        self.run_id = 0
+        self.ended: str | None = None
+        self.dead_letters: dict[int, DeadLetter] = {}
+        self.charged: dict[int, int] = {}
+        self.groups_of: dict[int, tuple[int, int]] = {}  # batch -> (run, group) that committed it
+        self.commits_inflight: dict[int, CommitGroup] = {}
+
+    # ------------------------------------------------------------------ time
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        self.seq += 1
+        heapq.heappush(self.queue, (when, self.seq, (self.run_id, fn)))
+
+    def faulty(self) -> bool:
+        return self.now < self.scenario.fault_window
+
+    def chance(self, rate: float) -> bool:
+        return rate > 0 and self.faulty() and self.rng.random() < rate
+
+    # ------------------------------------------------------------------ the scheduler's edge
+
+    def feed(self, item: Any) -> None:
+        if self.ended is not None or self.sched is None:
+            return
+        sched = self.sched
+        import time
+
+        t0 = time.process_time()
+        commands = sched.handle(item, self.now)
+        self.outcome.scheduler_seconds += time.process_time() - t0
+        self.outcome.decisions += 1
+        external = isinstance(item, ActorDown) and item.cause.external
+        if external and any(isinstance(c, Emit) and isinstance(c.event, (ev.BatchRetried, ev.BatchDeadLettered))
+                            for c in commands):
+            self.outcome.charged_external += 1
+            self.outcome.violations.append(f"an external death ({item.cause.value}) was charged to a batch")
+        self.apply(commands)
+
+    def tick(self) -> None:
+        if self.ended is not None or self.sched is None:
+            return
+        import time
+
+        t0 = time.process_time()
+        commands = self.sched.tick(self.now)
+        self.outcome.scheduler_seconds += time.process_time() - t0
+        self.outcome.decisions += 1
+        self.apply(commands)
+
+    def apply(self, commands: list) -> None:
+        for c in commands:
+            getattr(self, "_c_" + type(c).__name__)(c)
+            if self.ended is not None:
+                return
+        if self.faulty() and self.rng.random() < self.scenario.kill_rate:
+            self.random_kill()
+        sched = self.sched
+        if sched is not None:
+            self.outcome.peak_timers = max(self.outcome.peak_timers, len(sched._timers))
+            self.outcome.peak_calls = max(self.outcome.peak_calls, len(sched.calls))
+
+    # ------------------------------------------------------------------ commands
+
+    def _new_actor(self, delay: float) -> _Actor:
+        a = _Actor(self, self.now + delay)
+        self.constructions += 1
+        if self.constructions <= self.scenario.broken_starts:
+            a.broken = True
+        return a
+
+    def _c_StartSpare(self, c: StartSpare) -> None:
+        self.spares[c.spare] = self._new_actor(self.rng.uniform(0.5, 2.0))
+
+    def _c_StartActor(self, c: StartActor) -> None:
+        a = self.spares.pop(c.spare, None) if c.spare is not None else None
+        if a is None:
+            a = self._new_actor(self.rng.uniform(0.5, 2.0))
+        a.slot, a.inc = c.slot, c.inc
+        a.epoch = self.storage.claim(c.slot)
+        self.actors[c.inc] = a
+        if self._gone(a):  # a standby that died while it waited
+            return
+        when = max(self.now, a.ready_at) + self.rng.uniform(0.01, 0.2)
+        a.busy_until = when
+        a.pending.append(("up", c.inc))
+
+        def up() -> None:
+            if not a.alive:
+                return
+            a.pending.remove(("up", c.inc))
+            if a.broken:
+                a.alive = False
+                self.feed(ActorDown(c.slot, c.inc, Cause.USER, "OSError: no weights", _tb(True)))
+                return
+            a.restore()
+            gen = 1 if self.storage.checkpoints.get(c.slot) else None
+            self.feed(ActorUp(c.slot, c.inc, a.epoch, pid=1000 + c.inc, node="n", cursor=a.cursor, generation=gen))
+
+        self.at(when, up)
+
+    def _gone(self, a: _Actor) -> bool:
+        """An op sent to a dead actor fails at once (Ray answers it with the actor's death)."""
+        if a.alive:
+            return False
+        self.at(self.now + 0.002, lambda: self.feed(ActorDown(a.slot, a.inc, Cause.PROCESS, "dead already")))
+        return True
+
+    def _c_SendCall(self, c: SendCall) -> None:
+        a = self.actors.get(c.inc)
+        if a is None:
+            self.outcome.violations.append(f"call {c.call} sent to unknown incarnation {c.inc}")
+            return
+        if self._gone(a):
+            return
+        s = self.scenario
+        start = max(self.now, a.busy_until)
+        done = start + s.batch_seconds * len(c.items) * self.rng.uniform(0.5, 2.0) + 0.001
+        a.busy_until = done
+        op = ("call", c.call)
+        a.pending.append(op)
+        if self.chance(s.hang_rate):
+            a.busy_until = float("inf")
+            return  # never answers
+
+        def answer() -> None:
+            if not a.alive or op not in a.pending:
+                return
+            a.pending.remove(op)
+            if a.dirty:
+                return  # refuses calls until rolled back (the driver drops the refusal)
+            answers = []
+            for b, replay in c.items:
+                out = a.run_batch(b, replay, c.floor)
+                if out is None:
+                    return  # the batch killed its actor
+                answers.append(out)
+                if isinstance(out, Failure) and s.stateful:
+                    break
+            self.feed_late(a, CallAnswered(c.call, tuple(answers)))
+
+        self.at(done, answer)
+
+    def feed_late(self, a: _Actor, item: Any) -> None:
+        """A zombie's answer arrives late: after its replacement has long taken over."""
+        if a.zombie:
+            self.at(self.now + self.rng.uniform(1.0, 5.0), lambda: self.feed(item))
+        else:
+            self.feed(item)
+
+    def _c_KillActor(self, c: KillActor) -> None:
+        a = self.actors.pop(c.inc, None)
+        if a is None or not a.alive:
+            return
+        if self.chance(self.scenario.zombie_rate):
+            a.zombie = True  # the kill did not take: it goes on, unseen
+            if a.busy_until == float("inf"):
+                a.busy_until = self.now
+            return
+        self.die(a, Cause.PROCESS, told=False)
+
+    def _c_RollbackActor(self, c: RollbackActor) -> None:
+        a = self.actors[c.inc]
+        if self._gone(a):
+            return
+        when = max(self.now, a.busy_until) + self.rng.uniform(0.01, 0.1)
+        a.busy_until = when
+        op = ("rollback", c.inc)
+        a.pending.append(op)
+
+        def done() -> None:
+            if not a.alive or op not in a.pending:
+                return
+            a.pending.remove(op)
+            a.restore()
+            self.feed(RollbackDone(c.slot, c.inc, a.cursor))
+
+        self.at(when, done)
+
+    def _c_FinishActor(self, c: FinishActor) -> None:
+        a = self.actors[c.inc]
+        if self._gone(a):
+            return
+        when = max(self.now, a.busy_until) + self.rng.uniform(0.01, 0.2)
+        a.busy_until = when
+        op = ("finish", c.inc)
+        a.pending.append(op)
+
+        def done() -> None:
+            if not a.alive or op not in a.pending:
+                return
+            a.pending.remove(op)
+            if self.scenario.stateful and not self.storage.save_checkpoint(a.slot, a.epoch, a.cursor, a.total):
+                return
+            self.feed(FinishDone(c.slot, c.inc))
+
+        self.at(when, done)
+
+    def _c_CommitGroup(self, c: CommitGroup) -> None:
+        for b in c.batch_ids:  # a retried group is the same group; another group is a second commit
+            seen = self.groups_of.get(b)
+            if seen is not None and seen[0] == self.run_id and seen[1] != c.group:
+                self.outcome.violations.append(f"batch {b} sent to a commit twice in one run")
+            self.groups_of[b] = (self.run_id, c.group)
+        self.commits_inflight[c.group] = c
+        fail = self.chance(self.scenario.commit_fail_rate)
+        when = self.now + self.rng.uniform(0.001, 0.05) * (10 if self.chance(0.05) else 1)
+
+        def done() -> None:
+            self.commits_inflight.pop(c.group, None)
+            if fail:
+                if self.rng.random() < 0.5:  # a prefix of it landed before the error
+                    k = self.rng.randint(0, len(c.batch_ids))
+                    self.storage.commit(c.batch_ids[:k], c.outputs[:k])
+                self.feed(CommitFailed(c.group, "OSError: connection reset", True))
+                return
+            self.storage.commit(c.batch_ids, c.outputs)
+            self.feed(CommitDone(c.group))
+
+        self.at(when, done)
+
+    def _c_SaveProgress(self, c: SaveProgress) -> None:
+        record = dict(c.fields)
+        if c.final:
+            self.storage.progress = record
+            return
+        fail = self.chance(self.scenario.progress_fail_rate)
+
+        def done() -> None:
+            if fail:
+                self.feed(ProgressFailed(c.seq, "OSError: connection reset", True))
+                return
+            self.storage.progress = record
+            self.feed(ProgressDone(c.seq))
+
+        self.at(self.now + self.rng.uniform(0.001, 0.02), done)
+
+    def _c_Emit(self, c: Emit) -> None:
+        e = c.event
+        if isinstance(e, ev.BatchDeadLettered):
+            self.outcome.batches_done += 1
+        elif isinstance(e, ev.BatchesCommitted):
+            self.outcome.batches_done += len(e.batch_ids)
+        elif isinstance(e, ev.ActorReplaced):
+            self.outcome.restarts += 1
+
+    def _c_FailJob(self, c: FailJob) -> None:
+        self.ended = "failed"
+        self.outcome.failed = c.error
+
+    def _c_CompleteJob(self, c: CompleteJob) -> None:
+        self.ended = "complete"
+
+    # ------------------------------------------------------------------ faults
+
+    def die(self, a: _Actor, cause: Cause, *, told: bool = True) -> None:
+        """The actor's process is gone: every op it had pending answers with its death."""
+        if not a.alive:
+            return
+        a.alive = False
+        pending, a.pending = a.pending, []
+        if a.inc < 0:
+            return  # a standby: found dead when it is activated
+        for _ in pending:
+            self.at(self.now + self.rng.uniform(0.001, 0.05),
+                    lambda a=a: self.feed(ActorDown(a.slot, a.inc, cause, f"{cause.value} death")))
+
+    def random_kill(self) -> None:
+        live = [a for a in list(self.actors.values()) + list(self.spares.values()) if a.alive]
+        if not live:
+            return
+        a = self.rng.choice(live)
+        external = self.rng.random() < self.scenario.external_share
+        cause = self.rng.choice([Cause.NODE, Cause.PREEMPTED, Cause.OOM]) if external else Cause.PROCESS
+        self.at(self.now + self.rng.uniform(0.0, 0.5), lambda: self.die(a, cause))
+
+    # ------------------------------------------------------------------ runs
+
+    def start_run(self) -> None:
+        """A driver run: resume from the progress record and the sink's markers, as the Ray driver does."""
+        s = self.scenario
+        self.run_id += 1
+        self.outcome.runs += 1
+        record = self.storage.progress or {}
+        watermark = int(record.get("watermark", 0))
+        dead = {d["batch_id"]: DeadLetter(**d) for d in record.get("dead", [])}
+        done = {b for b in self.storage.markers if b >= watermark} | {b for b in dead if b >= watermark}
+        ledger = Ledger(s.batches, max(64, 4 * s.slots * s.queue_depth * 8), watermark=watermark, done_above=done)
+        policy = Policy(
+            slots=s.slots, stateful=s.stateful, queue_depth=s.queue_depth, batches_per_call=s.batches_per_call,
+            batch_timeout_seconds=5.0, start_timeout_seconds=30.0, max_attempts=s.max_attempts,
+            start_deaths=20, fail_fast_after=s.fail_fast_after, standby=s.standby, commit_group_size=64,
+            commit_interval_seconds=0.1, backoff_seconds=0.1, backoff_max_seconds=2.0,
+        )
+        self.sched = Scheduler(policy, ledger, dead=dead, rng=random.Random(self.rng.random()), now=self.now)
+        self.ended = None
+        self.apply(self.sched.start(self.now))
+
+    def crash_driver(self) -> None:
+        """The driver dies: its actors die with it; a commit in flight may have landed in part."""
+        for c in list(self.commits_inflight.values()):
+            k = self.rng.randint(0, len(c.batch_ids))
+            self.storage.commit(c.batch_ids[:k], c.outputs[:k])
+        self.commits_inflight.clear()
+        for a in list(self.actors.values()) + list(self.spares.values()):
+            a.alive = False
+        self.actors.clear()
+        self.spares.clear()
+        self.sched = None
+        self.queue.clear()
+
+    def run(self) -> Outcome:
+        s = self.scenario
+        self.start_run()
+        crash_at = [self.rng.uniform(0.05, max(0.1, s.fault_window)) for _ in range(s.driver_crashes)]
+        crash_at.sort()
+        while True:
+            if self.ended == "complete":
+                break
+            if self.ended == "failed":
+                break
+            wake = self.sched.next_wakeup() if self.sched else None
+            nxt = self.queue[0][0] if self.queue else None
+            when = min(x for x in (wake, nxt) if x is not None) if (wake is not None or nxt is not None) else None
+            if when is None:
+                self.outcome.violations.append("the job stalled: nothing pending and not finished")
+                break
+            if when > s.time_limit:
+                self.outcome.violations.append(f"the job did not finish within {s.time_limit:g} virtual seconds")
+                break
+            if crash_at and crash_at[0] <= when:
+                self.now = max(self.now, crash_at.pop(0))
+                self.crash_driver()
+                self.start_run()
+                continue
+            self.now = max(self.now, when)
+            if nxt is not None and nxt <= when:
+                _, _, (run_id, fn) = heapq.heappop(self.queue)
+                if run_id == self.run_id:
+                    fn()
+            self.tick()
+        self.outcome.completed = self.ended == "complete"
+        self.outcome.virtual_seconds = self.now
+        return self.outcome
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def simulate(scenario: Scenario) -> Outcome:
+    """Run one scenario and check every guarantee; the outcome's `violations` lists what broke."""
+    world = _World(scenario)
+    outcome = world.run()
+    check(world, outcome)
+    return outcome
+
+
+def _reference(s: Scenario, dead: set[int]) -> tuple[dict[int, Any], dict[int, int]]:
+    outputs: dict[int, Any] = {}
+    totals = {slot: 0 for slot in range(s.slots)}
+    for b in range(s.batches):
+        if b in dead:
+            continue
+        if s.stateful:
+            totals[b % s.slots] += b
+            outputs[b] = (b, totals[b % s.slots])
+        else:
+            outputs[b] = (b, b * b)
+    return outputs, totals
+
+
+def check(world: _World, outcome: Outcome) -> None:
+    """Append every broken guarantee to ``outcome.violations``."""
+    s, v = world.scenario, outcome.violations
+    may_fail = s.broken_starts >= s.max_attempts or (s.fail_fast_after and (s.poison or s.transient_rate))
+    if outcome.failed is not None and not may_fail:
+        v.append(f"the job failed: {outcome.failed}")
+    if not outcome.completed:
+        if outcome.failed is None:
+            v.append("the job did not complete")
+        return
+    record = world.storage.progress or {}
+    if record.get("state") != "complete":
+        v.append(f"the final progress record says {record.get('state')!r}")
+    dead = {d["batch_id"] for d in record.get("dead", [])}
+    allowed = world.poison | world.crash_ids
+    unexpected = sorted(dead - allowed)
+    if unexpected:
+        # a healthy batch can only die by being charged for plain process deaths it was alone in (Ray
+        # cannot tell those from a crash it caused)
+        if not s.kill_rate and not s.hang_rate:
+            v.append(f"healthy batches dead-lettered: {unexpected[:10]}")
+    missing_dead = sorted(allowed - dead)
+    if missing_dead:
+        v.append(f"poison or crashing batches not dead-lettered: {missing_dead[:10]}")
+    expected, totals = _reference(s, dead)
+    markers = world.storage.markers
+    wrong = [b for b in expected if markers.get(b) != expected[b]]
+    if wrong:
+        b = wrong[0]
+        v.append(f"{len(wrong)} batches committed wrong or not at all, e.g. batch {b}: {markers.get(b)} != {expected[b]}")
+    extra = sorted(set(markers) - set(expected))
+    if extra:
+        v.append(f"outputs committed for dead letters: {extra[:10]}")
+    if s.stateful:
+        for slot, total in totals.items():
+            ck = world.storage.checkpoints.get(slot)
+            if ck is None or ck.total != total:
+                v.append(f"slot {slot}: final state {None if ck is None else ck.total} != {total}")
+    window = max(64, 4 * s.slots * s.queue_depth * 8)
+    bound = 8 * (s.slots * s.queue_depth * 8 + window) + 64
+    if outcome.peak_timers > bound:
+        v.append(f"the scheduler held {outcome.peak_timers} timers (bound {bound})")
+    if outcome.peak_calls > s.slots * s.queue_depth:
+        v.append(f"{outcome.peak_calls} calls in flight for {s.slots} slots of depth {s.queue_depth}")
+
+
+def sweep(seeds: range, *, max_batches: int = 300, make: Callable[[int], Scenario] | None = None,
+          on_violation: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Run many seeds; return the outcomes with violations."""
+    bad = []
+    for seed in seeds:
+        scenario = (make or (lambda n: random_scenario(n, max_batches=max_batches)))(seed)
+        out = simulate(scenario)
+        if out.violations:
+            bad.append(out)
+            if on_violation:
+                on_violation(out)
+    return bad
+
+
+_ = replace  # for `Scenario` variations in callers
