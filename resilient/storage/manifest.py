@@ -54,7 +54,6 @@ return state that a key holder did not save.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
 import json
 import logging
@@ -69,7 +68,7 @@ from resilient.config import signing_key_ids
 from resilient.errors import CorruptionError, SignatureError, UnsafeCheckpointError
 from resilient.storage.layout import object_name_ok, validate_key
 
-__all__ = ["Keyring", "Manifest", "ShardInfo", "choose_manifest", "retention_victims"]
+__all__ = ["MAX_BLOCK", "Keyring", "Manifest", "ShardInfo", "choose_manifest", "geometry_problem", "retention_victims"]
 
 log = logging.getLogger("resilient.storage")
 
@@ -129,6 +128,7 @@ class Keyring:
     def __reduce__(self) -> tuple:
         raise TypeError("a signing Keyring does not pickle; ship resilient.Settings (keys travel by reference)")
 _MAX_JSON = 1 << 20
+MAX_BLOCK = 1 << 30  # the largest parity block a manifest may name
 FORMAT = 1
 MODES = ("replicate", "parity")
 
@@ -329,17 +329,21 @@ def _validate(doc: object, where: str) -> Manifest:
         sha = doc.get("sha256", "")
         if sha != "" and not _is_hex(sha, 64):
             raise bad(f"sha256={sha!r}")
+        length, block = nat(doc["length"], "length"), nat(doc.get("block", 0), "block")
+        wrong = geometry_problem(mode, length, block, [p.length for p in pieces])
+        if wrong:
+            raise bad(wrong)
         return Manifest(
             key=key,
             generation=nat(doc["generation"], "generation"),
             epoch=nat(doc["epoch"], "epoch"),
             checkpoint_id=cid,
             mode=mode,
-            length=nat(doc["length"], "length"),
+            length=length,
             xxh3=hexdigest(doc["xxh3"], "xxh3"),
             pieces=tuple(pieces),
             held=held,
-            block=nat(doc.get("block", 0), "block"),
+            block=block,
             created_at=float(created),
             info=info,
             sha256=sha,
@@ -350,19 +354,52 @@ def _validate(doc: object, where: str) -> Manifest:
         raise bad(f"{type(e).__name__}: {e}") from None
 
 
+def geometry_problem(mode: str, length: int, block: int, piece_lengths: Sequence[int]) -> str | None:
+    """Why a manifest's object geometry is impossible (None when it is what a save writes).
+
+    Replicate: one piece as long as the object, no block size. Parity: ``k >= 2`` data shards and one
+    parity shard, a block size that is a multiple of 8 from 8 bytes to `MAX_BLOCK`, and every shard exactly
+    as long as the stripes the object needs (``ceil(length / (k * block)) * block``).
+
+    >>> geometry_problem("parity", 100, 8, [56, 56, 56]) is None
+    True
+    >>> geometry_problem("parity", 100, 0, [0, 0, 0])
+    'parity block size 0: expected a multiple of 8 from 8 to 1073741824'
+    >>> geometry_problem("replicate", 10, 0, [11])
+    'replicate piece of 11 bytes for an object of 10'
+    """
+    if mode == "replicate":
+        if block:
+            return f"replicate manifest with block size {block}"
+        if list(piece_lengths) != [length]:
+            return f"replicate piece of {piece_lengths[0]} bytes for an object of {length}"
+        return None
+    k = len(piece_lengths) - 1
+    if not (8 <= block <= MAX_BLOCK and block % 8 == 0):
+        return f"parity block size {block}: expected a multiple of 8 from 8 to {MAX_BLOCK}"
+    if k < 2:
+        return f"parity manifest with {k} data shards"
+    shard = -(-length // (k * block)) * block
+    if any(n != shard for n in piece_lengths):
+        return f"parity shards of {sorted(set(piece_lengths))} bytes; an object of {length} needs {shard}"
+    return None
+
+
 def choose_manifest(manifests: Iterable[Manifest]) -> Manifest | None:
     """Pick the checkpoint a generation stands for, from the manifests its replicas hold.
 
     Two writers can only meet on one generation when one of them is stale; the higher epoch is the
     current owner, so it wins. Among equal epochs the checkpoint recorded on more replicas wins (it is
-    the one that reached its quorum), then the smaller id, so every reader picks the same one.
+    the one that reached its quorum), then the smaller id, so every reader picks the same one. Votes
+    count identical manifests (all but which piece each replica holds): a copy altered on one replica
+    does not borrow the votes of the genuine ones.
 
     >>> choose_manifest([]) is None
     True
     """
-    votes: dict[str, list[Manifest]] = {}
+    votes: dict[Manifest, list[Manifest]] = {}
     for m in manifests:
-        votes.setdefault(m.checkpoint_id, []).append(m)
+        votes.setdefault(m.holding(0), []).append(m)
     if not votes:
         return None
     best = max(votes.values(), key=lambda ms: (ms[0].epoch, len(ms), _neg(ms[0].checkpoint_id)))
