@@ -20,8 +20,10 @@ masked in ``repr``, in errors and in `Settings.describe`.
 
 Secrets never travel in a pickle
 --------------------------------
-A secret value is a secret field's value (``signing_key``), a storage URL with user info or a secret
-query parameter, or a storage option under a secret-looking name (``key``, ``secret``, ``token``...).
+A secret value is a secret field's value (``signing_key``), or anything `resilient.redaction` recognizes
+by its shape: a storage option under a secret-looking name (``key``, ``secret``, ``token``, ``passphrase``,
+``connection_string``...), every value under ``headers``, and text carrying a credential (URL user info,
+``AccountKey=``/``sig=`` parameters, ``Bearer ...`` authorizations, PEM private keys).
 Pickling a `Settings` (for instance inside the job spec shipped to Ray actors) replaces every secret
 value with a reference, and unpickling resolves the reference again (`seal_secrets`, `unseal_secrets`):
 
@@ -57,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from resilient.errors import ConfigError
+from resilient.redaction import MASK, redact_options, redact_text, secret_leaves
 
 __all__ = [
     "FIELDS",
@@ -72,14 +75,11 @@ __all__ = [
 ]
 
 ENV_PREFIX = "RESILIENT_"
-MASK = "***"
 
 _SOURCES = ("keyword", "environment", "default")
 # "scheme://user:password@" anywhere in a text.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
 # "?name=value" / "&name=value" query parameters whose name looks secret (presigned URLs, SAS tokens).
-_SECRET_NAME = re.compile(r"key|secret|token|passw|credential|session|signature|^sig$", re.IGNORECASE)
-_QUERY_PARAM = re.compile(r"(?P<lead>[?&])(?P<name>[^=&#\s]+)=(?P<value>[^&#\s]*)")
 _SCHEME = re.compile(r"^(?P<protocol>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.DOTALL)
 _PROTOCOL = re.compile(r"^[a-z][a-z0-9+.-]*$")
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")
@@ -90,10 +90,8 @@ class RedundancyWarning(UserWarning):
 
 
 def redact_url(url: str) -> str:
-    """Mask credentials in a URL, or in any text that contains URLs.
-
-    User info (``scheme://user:password@``) becomes ``***@`` and query parameters whose name looks
-    secret (``X-Amz-Signature``, ``sig``, ``token``...) keep their name but lose their value.
+    """Mask credentials in a URL, or in any text: `resilient.redaction.redact_text` (user info, secret query
+    or connection-string parameters, authorization headers, private keys).
 
     Example:
         >>> redact_url("s3://AKIAEXAMPLE:wJalrXUtn@bucket/run1")
@@ -101,28 +99,7 @@ def redact_url(url: str) -> str:
         >>> redact_url("https://host/obj?X-Amz-Signature=abc&part=1")
         'https://host/obj?X-Amz-Signature=***&part=1'
     """
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", url)
-
-    def _query(m: re.Match[str]) -> str:
-        if _SECRET_NAME.search(m["name"]):
-            return f"{m['lead']}{m['name']}={MASK}"
-        return m[0]
-
-    return _QUERY_PARAM.sub(_query, text) if "://" in text else text
-
-
-def _redact_options(value: Any) -> Any:
-    """A plain deep copy of storage options with secret-looking keys' values masked."""
-    if isinstance(value, Mapping):
-        return {
-            k: MASK if isinstance(k, str) and _SECRET_NAME.search(k) else _redact_options(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [_redact_options(v) for v in value]
-    if isinstance(value, str):
-        return redact_url(value)
-    return value
+    return redact_text(url)
 
 
 class _FrozenDict(Mapping[str, Any]):
@@ -379,7 +356,7 @@ class _StorageOptions(_Parser):
         return _freeze(raw)
 
     def format(self, value: Any) -> str:
-        return json.dumps(_redact_options(value), sort_keys=True, default=repr)
+        return json.dumps(redact_options(value), sort_keys=True, default=repr)
 
     def show(self, raw: Any) -> Any:
         if isinstance(raw, str):
@@ -390,7 +367,7 @@ class _StorageOptions(_Parser):
         if not isinstance(raw, Mapping):
             return MASK  # not the expected shape: no telling which parts are credentials
         return {
-            k: _redact_options(v) if isinstance(v, Mapping) else MASK
+            k: redact_options(v) if isinstance(v, Mapping) else MASK
             for k, v in raw.items()
         }
 
@@ -726,7 +703,7 @@ class Settings:
             elif field.attr == "storage":
                 value = tuple(redact_url(u) for u in value)
             elif field.attr == "storage_options":
-                value = _redact_options(value)
+                value = redact_options(value)
             elif isinstance(value, str):
                 value = redact_url(value)
             out[field.attr] = value
@@ -845,22 +822,6 @@ def sink_resolver(url: str, *, part: str = "options") -> _Resolver:
     return _Resolver("RESILIENT_STORAGE_OPTIONS", parse, f"storage options of {redact_url(url)}", trusted=True)
 
 
-def _secret_leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    """(path, value) of every secret inside a value: entries under secret-looking names, and strings
-    holding credentials (URL user info, secret query parameters)."""
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if isinstance(k, str) and _SECRET_NAME.search(k):
-                yield path + (k,), v
-            else:
-                yield from _secret_leaves(v, path + (k,))
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield from _secret_leaves(v, path + (i,))
-    elif isinstance(value, str) and redact_url(value) != value:
-        yield path, value
-
-
 def _at(value: Any, path: tuple[Any, ...]) -> Any:
     for step in path:
         try:
@@ -912,7 +873,7 @@ def seal_secrets(
     if whole:
         leaves = [((), value)] if value is not None else []
     else:
-        leaves = list(_secret_leaves(value))
+        leaves = list(secret_leaves(value))
     if not leaves:
         return _thaw(value), []
     current = resolver.current(environ) if resolver.trusted else _MISSING

@@ -468,3 +468,73 @@ def test_manifest_of_another_shape_is_still_a_manifest_ok(tmp_dirs):
             raw = (gdir(dirs[0], 2, f"shape-{mode}") / layout.MANIFEST).read_bytes()
             m = Manifest.from_bytes(raw, where="x")
             assert all(isinstance(p, ShardInfo) for p in m.pieces)
+
+
+# --- 3. secrets are masked by their shape, everywhere, and never pickled in clear -------------------
+
+PEM = "-----BEGIN OPENSSH PRIVATE KEY-----\nPEM-CANARY-9\nb3BlbnNzaC1rZXktdjEA\n-----END OPENSSH PRIVATE KEY-----"
+SECRET_OPTIONS = {
+    "sftp": {"passphrase": "PP-CANARY-1", "identity": PEM, "password": "PW-CANARY-12"},
+    "az": {
+        "connection_string": "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=AK-CANARY-2==;"
+                             "EndpointSuffix=core.windows.net",
+        "conn": "BlobEndpoint=https://acct.blob.core.windows.net;SharedAccessSignature=sv=2020&sig=SAS-CANARY-4",
+        "endpoint": "https://acct.blob.core.windows.net/c?sv=2020-08-04&sig=SIG-CANARY-3&se=2030",
+        "client_secret": "CS-CANARY-10",
+        "region_name": "westeurope",
+    },
+    "https": {
+        "headers": {"Authorization": "Bearer BEARER-CANARY-5", "Cookie": "sid=COOKIE-CANARY-6",
+                    "Proxy-Authorization": "Basic PROXY-CANARY-7", "X-Custom": "CUSTOM-CANARY-8"},
+        "client_kwargs": {"token": "TOK-CANARY-11", "endpoint_url": "http://127.0.0.1:9000"},
+    },
+}
+CANARIES = [f"CANARY-{i}" for i in range(1, 13)]
+VISIBLE = ["westeurope", "http://127.0.0.1:9000", "Proxy-Authorization", "acct.blob.core.windows.net"]
+
+
+def leaked(text: str | bytes) -> list[str]:
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    return [c for c in CANARIES if c in text]
+
+
+@pytest.mark.parametrize("source", ["keyword", "environment"])
+def test_every_shape_of_secret_is_masked_and_never_pickled(source, monkeypatch):
+    import pickle
+
+    from resilient.config import Settings
+
+    if source == "keyword":
+        settings = Settings.from_env({}, storage=["memory://a"], storage_options=SECRET_OPTIONS)
+    else:
+        monkeypatch.setenv("RESILIENT_STORAGE_OPTIONS", json.dumps(SECRET_OPTIONS))
+        monkeypatch.setenv("RESILIENT_STORAGE", "memory://a")
+        settings = Settings.from_env()
+    shown = {"repr": repr(settings), "describe": repr(settings.describe()), "redacted": repr(settings.redacted())}
+    for what, text in shown.items():
+        assert leaked(text) == [], (what, text)
+    assert all(v in shown["describe"] for v in VISIBLE), shown["describe"]
+    blob = pickle.dumps(settings)
+    assert leaked(blob) == []
+    back = pickle.loads(blob)  # in this process every secret comes back
+    assert back.storage_options_for("az://c")["client_secret"] == "CS-CANARY-10"
+    assert back.storage_options_for("https://h/x")["headers"]["Cookie"] == "sid=COOKIE-CANARY-6"
+    assert back.storage_options_for("sftp://h/x")["identity"] == PEM
+
+
+def test_cli_config_masks_every_shape_of_secret(tmp_dirs):
+    dirs = tmp_dirs(1)
+    for fmt in ((), ("--json",)):
+        code, out, err = cli("config", *fmt, dirs=dirs, RESILIENT_STORAGE_OPTIONS=json.dumps(SECRET_OPTIONS))
+        assert code == 0, err
+        assert leaked(out + err) == [], out
+        assert "westeurope" in out
+
+
+def test_secret_shapes_in_free_text_are_masked():
+    from resilient.config import redact_url
+
+    text = ("failed: AccountKey=AK-CANARY-2== for Authorization: Bearer BEARER-CANARY-5\n"
+            "Cookie: sid=COOKIE-CANARY-6\n" + PEM + " https://u:PW-CANARY-12@host/p?token=TOK-CANARY-11")
+    assert leaked(redact_url(text)) == [], redact_url(text)
