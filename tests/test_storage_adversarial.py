@@ -14,6 +14,8 @@ hang). Every wait on a load that could hang is bounded, so a regression fails in
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import json
 import os
 import struct
@@ -538,3 +540,59 @@ def test_secret_shapes_in_free_text_are_masked():
     text = ("failed: AccountKey=AK-CANARY-2== for Authorization: Bearer BEARER-CANARY-5\n"
             "Cookie: sid=COOKIE-CANARY-6\n" + PEM + " https://u:PW-CANARY-12@host/p?token=TOK-CANARY-11")
     assert leaked(redact_url(text)) == [], redact_url(text)
+
+
+# --- 4. the CLI: a closed pipe, malformed sink files ----------------------------------------------
+
+
+def _cli_process(*argv: str, stdout: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "resilient.cli", *argv], stdout=stdout, stderr=subprocess.PIPE,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_cli_config_into_a_closed_pipe_ends_quietly(tmp_dirs):
+    dirs = tmp_dirs(1)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written: every write meets EPIPE
+    try:
+        done = _cli_process("config", stdout=write_end, env={"RESILIENT_STORAGE": str(dirs[0])})
+    finally:
+        os.close(write_end)
+    assert done.stderr.decode() == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, as other commands end
+
+
+@pytest.mark.parametrize("marker", [b"not json", b"\xff\xfe\x00junk", b"[1, 2]"])
+def test_gc_sink_with_a_malformed_success_marker_gives_one_clear_line(tmp_dirs, tmp_path, marker):
+    from resilient.io import FileSink
+
+    dirs = tmp_dirs(2)
+    sink_url = str(tmp_path / "out")
+    sink = FileSink(sink_url)
+    assert sink.commit(sink.stage(0, {"id": [0]}, epoch=1))
+    (tmp_path / "out" / "_SUCCESS").write_bytes(marker)
+    code, out, err = cli("gc", "--sink", sink_url, "--delete", dirs=dirs)
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "_SUCCESS" in err and sink_url in err
+
+
+def test_gc_sink_with_a_malformed_commit_marker_gives_one_clear_line(tmp_dirs, tmp_path):
+    """A guard: the sink already refuses a damaged commit marker with a CorruptionError, one line."""
+    from resilient.io import FileSink
+
+    dirs = tmp_dirs(2)
+    sink_url = str(tmp_path / "out")
+    sink = FileSink(sink_url)
+    for b in (0, 0):  # staged twice: the orphan scan reads the batch's commit marker
+        sink.stage(b, {"id": [b]}, epoch=1)
+    assert sink.commit(sink.stage(0, {"id": [0]}, epoch=2))
+    sink.mark_complete({"total": 1})
+    markers = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and "commit" in p.parts]
+    assert markers, "no commit marker found to damage"
+    for p in markers:
+        p.unlink()
+        p.write_bytes(b"{not json")
+    code, out, err = cli("gc", "--sink", sink_url, dirs=dirs)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "not a valid commit marker" in err
