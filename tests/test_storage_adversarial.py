@@ -196,6 +196,38 @@ def test_retention_of_a_save_never_follows_symlinks_out_of_the_store(tmp_dirs, t
         assert_step(store.load(KEY).state, 3)
 
 
+def test_a_symlinked_key_directory_is_never_followed(tmp_dirs, tmp_path):
+    """A key directory that is a link out: nothing through it is read, written or deleted."""
+    dirs = tmp_dirs(3)
+    with store_of(dirs, keep=1) as store:
+        store.save(KEY, state(1))
+    outside = tmp_path / "outside"
+    os.replace(dirs[0] / KEY, outside)  # a genuine-looking key tree, now outside the store
+    os.symlink(outside, dirs[0] / KEY)
+    before = sorted(str(p) for p in outside.rglob("*"))
+    with store_of(dirs, keep=1) as store:
+        store.save(KEY, state(2))  # committed on the two other replicas; retention runs
+        store.flush()
+        store.gc(dry_run=False, grace_s=0)
+        assert_step(store.load(KEY, repair=True).state, 2)
+    assert sorted(str(p) for p in outside.rglob("*")) == before
+
+
+def test_names_that_leave_a_local_root_are_refused(tmp_path):
+    from resilient.errors import PermanentStorageError
+    from resilient.storage.replica import LocalReplica
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "secret.txt").write_text("x")
+    r = LocalReplica(str(tmp_path / "root"), "file://root")
+    for rel in ("../secret.txt", "a/../../secret.txt", "a//b", "./x"):
+        with pytest.raises(PermanentStorageError, match="refused"):
+            r.read(rel)
+    with pytest.raises(PermanentStorageError, match="refused"):
+        r.create_pointers(["ok", "../escape"], "t")
+    assert not (tmp_path / "escape").exists() and (tmp_path / "secret.txt").exists()
+
+
 def test_a_symlinked_generation_is_never_read(tmp_dirs, tmp_path):
     """A generation reached through a link out of the store is refused, not read: its copy elsewhere is."""
     dirs = tmp_dirs(3)

@@ -18,8 +18,8 @@ Two backends share one small interface:
   concurrent writers of the same key are then not fenced reliably (a warning says so once).
 
 A local replica never follows a symbolic link and never leaves its root: every path is checked before it
-is used (its directory, resolved, must be the same directory under the resolved root: a symbolic link on
-the way, or ``..``, is refused with `PermanentStorageError`); a file is opened with ``O_NOFOLLOW |
+is used (each directory on the way below the root must be a real directory, not a symbolic link, and
+``..`` is refused, with `PermanentStorageError`); a file is opened with ``O_NOFOLLOW |
 O_NONBLOCK`` and read only if it is a regular file (a FIFO, device or socket in place of an object is
 refused at once instead of blocking); a recursive delete removes a symbolic link itself, never what it
 points to, and walks directories without following links (``shutil.rmtree``'s descriptor-based walk).
@@ -104,17 +104,43 @@ class LocalReplica:
         self.root = os.path.abspath(root)
         self.url = url
 
+    def _abs_all(self, rels: Iterable[str]) -> dict[str, str]:
+        """`_abs` of many names, each distinct directory checked once (a group's markers share a few)."""
+        checked: dict[str, str] = {}
+        out = {}
+        for rel in rels:
+            head, _, name = rel.rpartition("/")
+            if head not in checked:
+                checked[head] = os.path.dirname(self._abs(f"{head}/{name}" if head else name))
+            if name in ("", ".", ".."):
+                self._abs(rel)  # refuses it
+            out[rel] = os.path.join(checked[head], name)
+        return out
+
     def _abs(self, rel: str) -> str:
-        """The absolute path of ``rel``, refused unless its directory resolves to itself under the root."""
-        path = os.path.join(self.root, *rel.split("/")) if rel else self.root
-        if rel:
-            want = os.path.join(os.path.realpath(self.root), *rel.split("/")[:-1])
-            if os.path.realpath(os.path.dirname(path)) != want:
+        """The absolute path of ``rel``, refused unless it stays under the root through real directories:
+        no ``.``, ``..`` or empty segment, and no directory on the way (below the root) that is a symbolic
+        link or not a directory. One ``lstat`` per directory level; a missing level ends the check
+        (whatever is created there later is created as a real directory)."""
+        if not rel:
+            return self.root
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise PermanentStorageError("refused: the path leaves the replica root", url=self.url, path=rel)
+        full = os.path.join(self.root, *parts)
+        path = self.root
+        for part in parts[:-1]:
+            path = os.path.join(path, part)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                break
+            if not stat.S_ISDIR(mode):
                 raise PermanentStorageError(
-                    "refused: the path passes through a symbolic link or leaves the replica root",
+                    f"refused: {part!r} on the way is {_kind(mode) or 'a regular file'}, not a directory",
                     url=self.url, path=rel,
                 )
-        return path
+        return full
 
     def _open_regular(self, rel: str) -> int:
         """A blocking read descriptor of the regular file ``rel``; anything else is refused without
@@ -231,7 +257,8 @@ class LocalReplica:
         temporary (``.tmp-*``) behind."""
         if not rels:
             return []
-        tmp = self._durable_temp(os.path.dirname(self._abs(rels[0])), target.encode())
+        paths = self._abs_all(rels)
+        tmp = self._durable_temp(os.path.dirname(paths[rels[0]]), target.encode())
         try:
             links = True
 
@@ -243,7 +270,7 @@ class LocalReplica:
 
             created = []
             for rel in rels:
-                path = self._abs(rel)
+                path = paths[rel]
                 try:
                     try:
                         make(path)
@@ -260,7 +287,7 @@ class LocalReplica:
 
     def sync_dirs(self, rels: Iterable[str]) -> None:
         """Make the entries created in these directories durable: one fsync per distinct directory."""
-        _fsync_dirs(self._abs(r) for r in rels)
+        _fsync_dirs(self._abs_all(rels).values())
 
     def read_pointer(self, rel: str) -> str:
         """What `create_pointer` stored; a regular file's text for names written by `create_exclusive`."""
