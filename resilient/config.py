@@ -67,6 +67,7 @@ __all__ = [
     "RedundancyWarning",
     "Settings",
     "redact_url",
+    "redundancy_shape",
     "reference_table",
     "seal_secrets",
     "signing_key_ids",
@@ -236,6 +237,42 @@ class _Choice(_Parser):
         if isinstance(raw, str) and raw.strip().lower() in self.options:
             return raw.strip().lower()
         raise _Refused()
+
+
+_RS = re.compile(r"^rs:(?P<k>[0-9]+)\+(?P<m>[0-9]+)$")
+
+
+def redundancy_shape(value: str) -> tuple[str, int, int]:
+    """(mode, data shards, parity shards) of a normalized redundancy setting (0, 0 for "replicate";
+    for "parity" the shard counts follow from the number of replicas: 0, 1).
+
+    >>> redundancy_shape("rs:4+2"), redundancy_shape("parity")
+    (('rs', 4, 2), ('parity', 0, 1))
+    """
+    m = _RS.match(value)
+    if m:
+        return "rs", int(m["k"]), int(m["m"])
+    return (value, 0, 1) if value == "parity" else (value, 0, 0)
+
+
+class _Redundancy(_Parser):
+    kind = "`replicate` | `parity` | `rs:K+M`"
+    accepted = ('"replicate", "parity", or "rs:K+M" (Reed-Solomon: K >= 2 data shards and M >= 1 parity shards, '
+                "K + M at most 256 and equal to the number of storage URLs)")
+
+    def parse(self, raw: Any) -> str:
+        if not isinstance(raw, str):
+            raise _Refused()
+        text = raw.strip().lower().replace(" ", "")
+        if text in ("replicate", "parity"):
+            return text
+        m = _RS.match(text)
+        if m is None:
+            raise _Refused()
+        k, parity = int(m["k"]), int(m["m"])
+        if k < 2 or parity < 1 or k + parity > 256:
+            raise _Refused(f"K={k}, M={parity}")
+        return f"rs:{k}+{parity}"
 
 
 class _Flag(_Parser):
@@ -453,8 +490,9 @@ FIELDS: tuple[Field, ...] = (
           "s3://ckpt-a/run1,gs://ckpt-b/run1,/mnt/nfs/run1", default_text="`file://<cwd>/.resilient/store` (warns)"),
     Field("storage_options", "RESILIENT_STORAGE_OPTIONS", _StorageOptions(), _FrozenDict(),
           "fsspec options per protocol or URL prefix", '{"s3": {"endpoint_url": "http://127.0.0.1:5000"}}'),
-    Field("redundancy", "RESILIENT_REDUNDANCY", _Choice("replicate", "parity"), "replicate",
-          "full copies on every replica, or XOR parity across them (needs 3+)", "parity"),
+    Field("redundancy", "RESILIENT_REDUNDANCY", _Redundancy(), "replicate",
+          "full copies on every replica, XOR parity across them (needs 3+), or Reed-Solomon rs:K+M "
+          "(K data and M parity shards, one per replica: any M may be lost)", "rs:2+1"),
     Field("write_quorum", "RESILIENT_WRITE_QUORUM", _QUORUM, "majority",
           "replicas that must acknowledge a write before it counts", "2"),
     Field("keep", "RESILIENT_KEEP", _Integer(1), 3, "checkpoint generations retained per key", "5"),
@@ -586,14 +624,19 @@ class Settings:
         n = len(self.storage)
         label = {f.attr: _label(f, self.sources[f.attr]) for f in FIELDS}
         storage_note = f"{label['storage']} lists {n} URL{'s' if n != 1 else ''}"
-        if self.redundancy == "parity" and n < 3:
+        mode, k, parity = redundancy_shape(self.redundancy)
+        if mode == "parity" and n < 3:
             raise ConfigError(label["redundancy"], self.redundancy,
                               '"replicate", or "parity" with at least 3 storage URLs', detail=storage_note)
+        if mode == "rs" and k + parity != n:
+            raise ConfigError(label["redundancy"], self.redundancy,
+                              f'"replicate", "parity", or "rs:K+M" with K + M = {n} (one shard per storage URL)',
+                              detail=storage_note)
         wq = self.write_quorum
         if isinstance(wq, int):
-            low = n - 1 if self.redundancy == "parity" else 1
+            low = {"parity": n - 1, "rs": k}.get(mode, 1)
             if not low <= wq <= n:
-                why = f"; parity needs its {n - 1} data shards" if self.redundancy == "parity" else ""
+                why = f"; {mode} needs its {low} data shards" if mode != "replicate" else ""
                 raise ConfigError(label["write_quorum"], wq,
                                   f'"majority", "all", or an integer from {low} to {n}', detail=storage_note + why)
         if self.retry_backoff_max_seconds < self.retry_backoff_seconds:
@@ -661,7 +704,8 @@ class Settings:
     def quorum(self) -> int:
         """How many replicas must acknowledge a write.
 
-        ``"majority"`` is ``n // 2 + 1`` with replication and ``n - 1`` with parity (every data shard);
+        ``"majority"`` is ``n // 2 + 1`` with replication, ``n - 1`` with parity (every data shard), and
+        ``max(K, n // 2 + 1)`` with ``rs:K+M`` (every data shard, and a majority of the shards);
         ``"all"`` is ``n``; an integer is itself.
 
         Example:
@@ -672,7 +716,8 @@ class Settings:
         if self.write_quorum == "all":
             return n
         if self.write_quorum == "majority":
-            return n - 1 if self.redundancy == "parity" else n // 2 + 1
+            mode, k, _ = redundancy_shape(self.redundancy)
+            return {"parity": n - 1, "rs": max(k, n // 2 + 1)}.get(mode, n // 2 + 1)
         return int(self.write_quorum)
 
     def storage_options_for(self, url: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from resilient.codec.buffer import ObjectBuffer
 from resilient.errors import CodecError, CorruptionError
 from resilient.storage import layout
 from resilient.storage.manifest import Manifest, choose_manifest
+from resilient.storage.erasure import RsStriper, rebuild
 from resilient.storage.parity import Striper, assemble, placement, reconstruct
 from resilient.storage.replica import FsspecReplica, LocalReplica
 
@@ -285,11 +286,14 @@ def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> No
                 ex.piece_ok[j] = i
                 good.setdefault(i, data)
     k = m.k
-    missing = [i for i in range(k + 1) if i not in good]
-    if len(missing) > 1:
+    missing = [i for i in range(len(m.pieces)) if i not in good]
+    if len(missing) > m.m:
         return
-    if missing and missing[0] < k:
-        good[missing[0]] = reconstruct([good.get(i) for i in range(k + 1)])
+    lost_data = [i for i in missing if i < k]
+    if lost_data and m.mode == "parity":
+        good[lost_data[0]] = reconstruct([good.get(i) for i in range(k + 1)])
+    elif lost_data:
+        good.update(rebuild([good.get(i) for i in range(len(m.pieces))], k, m.m, m.block, lost_data))
     data = assemble([good[i] for i in range(k)], m.block, m.length)
     if _check(data, m.length, m.xxh3) is None:
         ex.object_bytes = data
@@ -305,7 +309,7 @@ def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
     pieces = _pieces_of(ex.object_bytes, m)
     # which piece each replica should hold: its own manifest says so, else fill the gaps in placement order
     holds: dict[int, int] = {j: mm.held for j, mm in ex.manifests.items() if mm.checkpoint_id == m.checkpoint_id}
-    if m.mode == "parity":
+    if m.mode != "replicate":
         free = [i for i in range(len(m.pieces)) if i not in holds.values()]
         pref = placement(ex.generation, n)
         for j in sorted(range(n), key=lambda j: pref[j]):
@@ -356,8 +360,8 @@ def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
 def _pieces_of(obj: bytes | bytearray, m: Manifest) -> list[bytes | bytearray | memoryview]:
     if m.mode == "replicate":
         return [obj]
-    s = Striper(k=m.k, block=m.block)
-    parts: list[list] = [[] for _ in range(m.k + 1)]
+    s = Striper(k=m.k, block=m.block) if m.mode == "parity" else RsStriper(k=m.k, m=m.m, block=m.block)
+    parts: list[list] = [[] for _ in range(len(m.pieces))]
     for stripe in list(s.feed(obj)) + list(s.finish()):
         for i, b in enumerate(stripe):
             parts[i].append(b)

@@ -4,7 +4,7 @@
   lengths and checksums, then puts the recovered object through a full decode dry run (and the signed
   SHA-256 when a key is set); it reports each problem with its replica URL and object path.
 * `repair` rewrites missing or corrupt copies from a recovered object that passed those same checks
-  (or, in parity mode, from the other shards); an object that does not decode is never copied.
+  (or, in parity and rs modes, from the other shards); an object that does not decode is never copied.
 * `apply_retention` keeps the newest ``keep`` *proven* generations of a key and deletes older ones
   (see `resilient.storage.retention` for what proven means).
 * `collect_garbage` also removes generation directories of failed writes (no manifest on any replica,

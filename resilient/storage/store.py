@@ -8,7 +8,8 @@ Commit protocol (one ``save(key, state, epoch=e)``)
    number used by a failed write is never reused.
 2. Data. The state is encoded once and streamed, in parallel, to every replica under a fresh random
    checkpoint id: the whole object (``replicate``) or one stripe shard (``parity``: k data shards plus
-   one XOR parity shard over k+1 replicas, see `parity`). Each upload is atomic and durable on its own
+   one XOR parity shard over k+1 replicas, see `parity`; ``rs:K+M``: K data shards plus M Reed-Solomon
+   parity shards over K+M replicas, see `erasure`). Each upload is atomic and durable on its own
    (see `replica`). If fewer uploads than the write quorum succeed, the save fails with `QuorumError`
    and no manifest is written: the data objects are orphans for `gc`.
 3. Commit. A ``MANIFEST`` is created, create-only, beside each successful upload. It records the
@@ -28,7 +29,7 @@ Generations are tried newest first. For each, every replica's manifest is read a
 manifest with the highest epoch (then the most copies) names the checkpoint. Its object is read from a
 replica that holds it and checked (length and xxh3_64 of the whole object, hashed while it is read;
 the codec re-checks every block of anything not covered that way) before anything is deserialized; a bad or missing copy moves on to the next replica (replicate)
-or is rebuilt from the other shards (parity). The object is then decoded; one that does not decode
+or is rebuilt from the other shards (parity: any one lost; rs: any M lost). The object is then decoded; one that does not decode
 (or fails its signed SHA-256) rules out its checkpoint, and the generation is examined again for
 another replica's checkpoint. A manifest that is damaged, names unsafe objects or an impossible
 geometry, and a special file or symbolic link in place of an object, only rule out that replica's copy.
@@ -62,13 +63,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resilient import codec
-from resilient.config import Settings, redact_url
+from resilient.config import Settings, redact_url, redundancy_shape
 from resilient.errors import CorruptionError, FencedError, NoCheckpointError, QuorumError
 from resilient.retry import RetryPolicy
 from resilient.storage import layout, maintenance
 from resilient.storage.claims import EpochClaims
 from resilient.storage.examine import DECODE_FAILURES, Examination, examine_checked, repair_generation, \
     sha256_problem
+from resilient.storage.erasure import RsStriper
 from resilient.storage.fanout import Piece, Tape, produce
 from resilient.storage.manifest import Keyring, Manifest, ShardInfo, choose_manifest
 from resilient.storage.parity import Striper, placement
@@ -154,7 +156,8 @@ class CheckpointStore:
             for b in backends
         ]
         self.quorum = settings.quorum
-        self.mode = settings.redundancy
+        self._shape = redundancy_shape(settings.redundancy)
+        self.mode = self._shape[0]  # "replicate", "parity" or "rs" (settings.redundancy gives rs's K+M)
         self._keyring = Keyring.from_setting(settings.signing_key)
         n = len(self.replicas)
         self._io = ThreadPoolExecutor(max_workers=max(4, 2 * n), thread_name_prefix="resilient-io")
@@ -408,7 +411,7 @@ class CheckpointStore:
     def __repr__(self) -> str:
         urls = ", ".join(r.url for r in self.replicas)
         signed = f", signed by key id {self._keyring.ids[0]}" if self._keyring is not None else ""
-        return f"CheckpointStore([{urls}], mode={self.mode!r}, quorum={self.quorum}{signed})"
+        return f"CheckpointStore([{urls}], mode={self.settings.redundancy!r}, quorum={self.quorum}{signed})"
 
     # ------------------------------------------------------------------ internals
 
@@ -470,8 +473,9 @@ class CheckpointStore:
         n = len(self.replicas)
         cid = uuid.uuid4().hex
         gdir = layout.gen_dir(key, generation)
-        if self.mode == "parity":
-            striper: Striper | None = Striper(k=n - 1, block=PARITY_BLOCK)
+        if self.mode != "replicate":
+            striper: Striper | None = (Striper(k=n - 1, block=PARITY_BLOCK) if self.mode == "parity"
+                                       else RsStriper(k=self._shape[1], m=self._shape[2], block=PARITY_BLOCK))
             names = [layout.shard_name(cid, i) for i in range(n)]
             held = placement(generation, n)
         else:
@@ -526,6 +530,7 @@ class CheckpointStore:
             info={"writer": f"{socket.gethostname()}:{os.getpid()}"},
             sha256=digest.hexdigest() if digest is not None else "",
             signer=self._keyring,
+            parity=self._shape[2] if self.mode == "rs" else 0,
         )
         rel = f"{gdir}/{layout.MANIFEST}"
         claimed = self.current_epoch(key)  # fenced while uploading? (async saves upload for a while)
