@@ -5,7 +5,7 @@ Sub-commands::
     resilient config                      the effective settings, where each came from (secrets masked)
     resilient status JOB                  progress, state, actors, checkpoints, dead letters, replicas
     resilient ls                          jobs and other checkpoint keys in the storage
-    resilient verify [KEY]                read and check every copy of every retained checkpoint
+    resilient verify [KEY]                read, check and dry-run decode every copy of every checkpoint
     resilient repair [KEY]                rewrite missing or corrupt copies from good ones
     resilient gc [KEY] [--delete]         retention and orphans (dry run unless --delete)
     resilient dead-letters JOB [--retry]  poison batches; ask the next run to process them again
@@ -105,11 +105,12 @@ def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
                    "generation.")
     p = sub.add_parser("verify", parents=[storage, as_json], help="check every copy of every checkpoint",
                        description="Read every manifest and stored object of every retained generation on every "
-                       "replica and check lengths and checksums. Exits 1 on any problem.")
+                       "replica, check lengths, checksums and signatures, and decode each checkpoint as a dry "
+                       "run (nothing is built, no pickle is loaded). Exits 1 on any problem.")
     p.add_argument("key", nargs="?", metavar="KEY", help="one checkpoint key (default: every key)")
     p = sub.add_parser("repair", parents=[storage, as_json], help="rewrite missing or corrupt copies",
-                       description="Rewrite missing or corrupt copies from good ones, then verify again. Exits 1 "
-                       "when problems remain.")
+                       description="Rewrite missing or corrupt copies from good ones (only from a checkpoint that "
+                       "decodes), then verify again. Exits 1 when problems remain.")
     p.add_argument("key", nargs="?", metavar="KEY", help="one checkpoint key (default: every key)")
     p = sub.add_parser("gc", parents=[storage, as_json], help="remove superseded generations and orphans",
                        description="Apply retention (RESILIENT_KEEP) and find orphans: failed writes, losing "

@@ -38,8 +38,8 @@ from resilient import codec
 from resilient.codec.buffer import ObjectBuffer
 from resilient.errors import CodecError, CorruptionError
 from resilient.storage import layout
-from resilient.storage.manifest import Manifest, choose_manifest
 from resilient.storage.erasure import RsStriper, rebuild
+from resilient.storage.manifest import Manifest, choose_manifest
 from resilient.storage.parity import Striper, assemble, placement, reconstruct
 from resilient.storage.replica import FsspecReplica, LocalReplica
 
