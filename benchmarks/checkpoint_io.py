@@ -9,6 +9,8 @@ times, each as the median of several runs after a warm-up:
   resilient  CheckpointStore.save to 1, 2 and 3 local targets (replicated)
   async      the time save_async blocks the caller (buffers reused), against a synchronous save
   load       CheckpointStore.load against torch.load(weights_only=True), both from the page cache
+  coders     striping throughput on --coder-mb of random bytes in 1 MiB blocks: XOR parity (4+1) encode,
+             Reed-Solomon RS(4+2) encode and decode with two data shards lost; storage overheads
 
 The last line printed is one JSON object with the ratios (time / baseline time, lower is better, except
 compression ratios and throughputs). Usage:
@@ -32,6 +34,8 @@ import torch
 
 from resilient import codec
 from resilient.storage import CheckpointStore
+from resilient.storage.erasure import RsStriper, rebuild
+from resilient.storage.parity import Striper
 
 
 def build_state(size_mb: int) -> dict:
@@ -123,11 +127,33 @@ def compression_ratio(t: torch.Tensor, threads: int) -> tuple[float, float]:
     return raw / stored, raw / dt / 1e6
 
 
+def coder_speeds(size_mb: int, repeat: int) -> dict[str, float]:
+    """MB/s of object bytes: XOR 4+1 encode, RS(4+2) encode, RS(4+2) rebuild of two lost data shards."""
+    data = os.urandom(size_mb << 20)
+    block = 1 << 20
+
+    def encode(striper: Striper) -> list[list]:
+        shards: list[list] = [[] for _ in range(6)]
+        for stripe in list(striper.feed(data)) + list(striper.finish()):
+            for i, b in enumerate(stripe):
+                shards[i].append(b)
+        return shards
+
+    xor_s = timed(lambda: encode(Striper(k=4, block=block)), repeat)
+    rs_s = timed(lambda: encode(RsStriper(k=4, m=2, block=block)), repeat)
+    shards = [b"".join(bytes(b) for b in s) for s in encode(RsStriper(k=4, m=2, block=block))]
+    lost = [None, None] + shards[2:]
+    dec_s = timed(lambda: rebuild(lost, 4, 2, block, [0, 1]), repeat)
+    mb = len(data) / 1e6
+    return {"xor_encode_mb_s": mb / xor_s, "rs_encode_mb_s": mb / rs_s, "rs_decode_mb_s": mb / dec_s}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under ./.resilient)")
+    ap.add_argument("--coder-mb", type=int, default=64, help="bytes striped by the coder benchmark (MiB)")
     args = ap.parse_args()
     os.makedirs(".resilient", exist_ok=True)
     base = tempfile.mkdtemp(prefix="bench-io-", dir=args.dir or ".resilient")
@@ -165,10 +191,13 @@ def main() -> None:
             "bf16": compression_ratio(state["cache"]["kv"], 2),
             "int64": compression_ratio(state["tokens"], 2),
         }
+        coders = coder_speeds(args.coder_mb, r)
         for name, sec in res.items():
             print(f"{name:>16}: {sec:7.3f} s  ({mb / sec:7.0f} MB/s of state)")
         for dt, (ratio, speed) in ratios.items():
             print(f"{dt:>16}: x{ratio:.3f} at {speed:.0f} MB/s")
+        for name, speed in coders.items():
+            print(f"{name:>16}: {speed:7.0f} MB/s")
         summary = {
             "state_mb": round(mb),
             "save_1_vs_raw": res["resilient_1_s"] / res["raw_s"],
@@ -181,6 +210,10 @@ def main() -> None:
             "bf16_ratio": ratios["bf16"][0],
             "bf16_mb_s": ratios["bf16"][1],
             "int64_ratio": ratios["int64"][0],
+            **coders,
+            "overhead_replicas_3": 3.0,
+            "overhead_rs_4_2": 6 / 4,
+            "overhead_xor_4_1": 5 / 4,
             **{k: round(v, 4) for k, v in res.items()},
         }
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))

@@ -5,7 +5,7 @@ Sub-commands::
     resilient config                      the effective settings, where each came from (secrets masked)
     resilient status JOB                  progress, state, actors, checkpoints, dead letters, replicas
     resilient ls                          jobs and other checkpoint keys in the storage
-    resilient verify [KEY]                read and check every copy of every retained checkpoint
+    resilient verify [KEY]                read, check and dry-run decode every copy of every checkpoint
     resilient repair [KEY]                rewrite missing or corrupt copies from good ones
     resilient gc [KEY] [--delete]         retention and orphans (dry run unless --delete)
     resilient dead-letters JOB [--retry]  poison batches; ask the next run to process them again
@@ -14,7 +14,9 @@ Storage comes from the environment (``RESILIENT_STORAGE`` and the other ``RESILI
 through `resilient.Settings.from_env`); a repeated ``--storage URL`` replaces ``RESILIENT_STORAGE``.
 
 Exit status: 0 when all is well; 1 when problems were found (a failed job, an unreachable replica, a
-damaged checkpoint, an unknown job, a refused request); 2 for a usage or configuration error.
+damaged checkpoint, an unknown job, a refused request, a malformed file); 2 for a usage or configuration
+error; 141 (128 + SIGPIPE, as other commands end) when the reader of the output went away (``resilient
+config | head -1``), quietly.
 
 Secrets never reach the output: URLs go through `resilient.config.redact_url`, settings through
 `Settings.describe`, and storage options are never printed. `main` takes its arguments, environment,
@@ -27,12 +29,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn, TextIO, TypeVar
 
 from resilient import __version__
 from resilient.config import Settings, redact_url
@@ -41,9 +44,12 @@ from resilient.jobs import JOB_RECORD, PROGRESS, RETRY, group_keys, load_record,
     slot_generations, status_view
 from resilient.storage import CheckpointStore, layout
 
-__all__ = ["EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "main"]
+__all__ = ["EXIT_OK", "EXIT_PIPE", "EXIT_PROBLEMS", "EXIT_USAGE", "main"]
+
+T = TypeVar("T")
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+EXIT_PIPE = 128 + int(getattr(signal, "SIGPIPE", 13))
 _SOURCE_NAMES = {"keyword": "command line", "environment": "environment", "default": "default"}
 _IDS_SHOWN = 20
 
@@ -99,11 +105,12 @@ def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
                    "generation.")
     p = sub.add_parser("verify", parents=[storage, as_json], help="check every copy of every checkpoint",
                        description="Read every manifest and stored object of every retained generation on every "
-                       "replica and check lengths and checksums. Exits 1 on any problem.")
+                       "replica, check lengths, checksums and signatures, and decode each checkpoint as a dry "
+                       "run (nothing is built, no pickle is loaded). Exits 1 on any problem.")
     p.add_argument("key", nargs="?", metavar="KEY", help="one checkpoint key (default: every key)")
     p = sub.add_parser("repair", parents=[storage, as_json], help="rewrite missing or corrupt copies",
-                       description="Rewrite missing or corrupt copies from good ones, then verify again. Exits 1 "
-                       "when problems remain.")
+                       description="Rewrite missing or corrupt copies from good ones (only from a checkpoint that "
+                       "decodes), then verify again. Exits 1 when problems remain.")
     p.add_argument("key", nargs="?", metavar="KEY", help="one checkpoint key (default: every key)")
     p = sub.add_parser("gc", parents=[storage, as_json], help="remove superseded generations and orphans",
                        description="Apply retention (RESILIENT_KEEP) and find orphans: failed writes, losing "
@@ -221,29 +228,48 @@ def main(
     logger.addHandler(handler)
     ctx: _Context | None = None
     try:
-        args = _parser(out, err).parse_args(sys.argv[1:] if argv is None else argv)
-        ctx = _Context(args, environ, out, err, clock)
-        return _COMMANDS[args.command](ctx)
-    except _Exit as e:
-        if e.message:
-            err.write(f"resilient: {e.message}\n")
-        return e.code
-    except ConfigError as e:
-        err.write(f"resilient: configuration error: {e}\n")
-        return EXIT_USAGE
-    except ResilientError as e:
-        err.write(f"resilient: {type(e).__name__}: {redact_url(str(e))}\n")
-        return EXIT_PROBLEMS
-    except KeyboardInterrupt:
-        err.write("resilient: interrupted\n")
-        return 130
-    finally:
         try:
-            if ctx is not None:
-                ctx.close()
+            args = _parser(out, err).parse_args(sys.argv[1:] if argv is None else argv)
+            ctx = _Context(args, environ, out, err, clock)
+            code = _COMMANDS[args.command](ctx)
+        except _Exit as e:
+            if e.message:
+                err.write(f"resilient: {e.message}\n")
+            code = e.code
+        except ConfigError as e:
+            err.write(f"resilient: configuration error: {e}\n")
+            code = EXIT_USAGE
+        except ResilientError as e:
+            err.write(f"resilient: {type(e).__name__}: {redact_url(str(e))}\n")
+            code = EXIT_PROBLEMS
+        except KeyboardInterrupt:
+            err.write("resilient: interrupted\n")
+            code = 130
         finally:
-            logger.removeHandler(handler)
-            out.flush()
+            try:
+                if ctx is not None:
+                    ctx.close()
+            finally:
+                logger.removeHandler(handler)
+        out.flush()
+    except BrokenPipeError:  # the reader of the output went away (`resilient config | head -1`)
+        return _pipe_closed(out)
+    return code
+
+
+def _pipe_closed(out: TextIO) -> int:
+    """The reader of ``out`` went away: point its descriptor at /dev/null so that nothing (the
+    interpreter's own flush at exit included) writes to the closed pipe again; the exit status."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory stream
+        return EXIT_PIPE
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    return EXIT_PIPE
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -501,15 +527,20 @@ def _gc(ctx: _Context) -> int:
     sink = None
     if ctx.args.sink:
         sink = FileSink(ctx.args.sink, storage_options=ctx.settings().storage_options_for(ctx.args.sink))
-        if sink.is_complete() is None:
+        summary = _sink_read(sink, "its _SUCCESS marker", sink.is_complete)
+        if summary is None:
             raise _Exit(EXIT_PROBLEMS, f"sink {redact_url(sink.url)} is not complete (no _SUCCESS marker): its job "
                                        "may still be staging outputs, so nothing is collected; run gc --sink once "
                                        "the job has finished")
+        if not isinstance(summary, dict):
+            raise _Exit(EXIT_PROBLEMS, f"sink {redact_url(sink.url)}: its _SUCCESS marker: malformed, not what "
+                                       f"resilient writes (a JSON {type(summary).__name__}, expected an object); "
+                                       "nothing collected")
     store = ctx.store()
     removed = store.gc(key, dry_run=not delete, grace_s=ctx.args.grace_seconds)
     sink_orphans: list[str] = []
     if sink is not None:
-        names = sink.orphans()
+        names = _sink_read(sink, "a commit marker or group index", sink.orphans)
         if delete and names:
             sink.delete(names)
         sink_orphans = [f"{redact_url(sink.url)}/{n}" for n in names]
@@ -527,6 +558,17 @@ def _gc(ctx: _Context) -> int:
     else:
         ctx.print(f"{len(everything)} would be removed (dry run; pass --delete to remove them)")
     return EXIT_OK
+
+
+def _sink_read(sink: Any, what: str, read: Callable[[], T]) -> T:
+    """``read()``; a sink file that does not parse stops the command with one line naming it."""
+    try:
+        return read()
+    except (ResilientError, OSError):
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, shapes, text encodings
+        raise _Exit(EXIT_PROBLEMS, f"sink {redact_url(sink.url)}: {what}: malformed, not what resilient writes "
+                                   f"({type(e).__name__}: {redact_url(str(e))}); nothing collected") from None
 
 
 # ---------------------------------------------------------------------------------------------- helpers

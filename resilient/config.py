@@ -20,8 +20,10 @@ masked in ``repr``, in errors and in `Settings.describe`.
 
 Secrets never travel in a pickle
 --------------------------------
-A secret value is a secret field's value (``signing_key``), a storage URL with user info or a secret
-query parameter, or a storage option under a secret-looking name (``key``, ``secret``, ``token``...).
+A secret value is a secret field's value (``signing_key``), or anything `resilient.redaction` recognizes
+by its shape: a storage option under a secret-looking name (``key``, ``secret``, ``token``, ``passphrase``,
+``connection_string``...), every value under ``headers``, and text carrying a credential (URL user info,
+``AccountKey=``/``sig=`` parameters, ``Bearer ...`` authorizations, PEM private keys).
 Pickling a `Settings` (for instance inside the job spec shipped to Ray actors) replaces every secret
 value with a reference, and unpickling resolves the reference again (`seal_secrets`, `unseal_secrets`):
 
@@ -57,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from resilient.errors import ConfigError
+from resilient.redaction import MASK, redact_options, redact_text, secret_leaves
 
 __all__ = [
     "FIELDS",
@@ -64,6 +67,7 @@ __all__ = [
     "RedundancyWarning",
     "Settings",
     "redact_url",
+    "redundancy_shape",
     "reference_table",
     "seal_secrets",
     "signing_key_ids",
@@ -72,14 +76,11 @@ __all__ = [
 ]
 
 ENV_PREFIX = "RESILIENT_"
-MASK = "***"
 
 _SOURCES = ("keyword", "environment", "default")
 # "scheme://user:password@" anywhere in a text.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
 # "?name=value" / "&name=value" query parameters whose name looks secret (presigned URLs, SAS tokens).
-_SECRET_NAME = re.compile(r"key|secret|token|passw|credential|session|signature|^sig$", re.IGNORECASE)
-_QUERY_PARAM = re.compile(r"(?P<lead>[?&])(?P<name>[^=&#\s]+)=(?P<value>[^&#\s]*)")
 _SCHEME = re.compile(r"^(?P<protocol>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.DOTALL)
 _PROTOCOL = re.compile(r"^[a-z][a-z0-9+.-]*$")
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")
@@ -90,10 +91,8 @@ class RedundancyWarning(UserWarning):
 
 
 def redact_url(url: str) -> str:
-    """Mask credentials in a URL, or in any text that contains URLs.
-
-    User info (``scheme://user:password@``) becomes ``***@`` and query parameters whose name looks
-    secret (``X-Amz-Signature``, ``sig``, ``token``...) keep their name but lose their value.
+    """Mask credentials in a URL, or in any text: `resilient.redaction.redact_text` (user info, secret query
+    or connection-string parameters, authorization headers, private keys).
 
     Example:
         >>> redact_url("s3://AKIAEXAMPLE:wJalrXUtn@bucket/run1")
@@ -101,28 +100,7 @@ def redact_url(url: str) -> str:
         >>> redact_url("https://host/obj?X-Amz-Signature=abc&part=1")
         'https://host/obj?X-Amz-Signature=***&part=1'
     """
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", url)
-
-    def _query(m: re.Match[str]) -> str:
-        if _SECRET_NAME.search(m["name"]):
-            return f"{m['lead']}{m['name']}={MASK}"
-        return m[0]
-
-    return _QUERY_PARAM.sub(_query, text) if "://" in text else text
-
-
-def _redact_options(value: Any) -> Any:
-    """A plain deep copy of storage options with secret-looking keys' values masked."""
-    if isinstance(value, Mapping):
-        return {
-            k: MASK if isinstance(k, str) and _SECRET_NAME.search(k) else _redact_options(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [_redact_options(v) for v in value]
-    if isinstance(value, str):
-        return redact_url(value)
-    return value
+    return redact_text(url)
 
 
 class _FrozenDict(Mapping[str, Any]):
@@ -261,6 +239,42 @@ class _Choice(_Parser):
         raise _Refused()
 
 
+_RS = re.compile(r"^rs:(?P<k>[0-9]+)\+(?P<m>[0-9]+)$")
+
+
+def redundancy_shape(value: str) -> tuple[str, int, int]:
+    """(mode, data shards, parity shards) of a normalized redundancy setting (0, 0 for "replicate";
+    for "parity" the shard counts follow from the number of replicas: 0, 1).
+
+    >>> redundancy_shape("rs:4+2"), redundancy_shape("parity")
+    (('rs', 4, 2), ('parity', 0, 1))
+    """
+    m = _RS.match(value)
+    if m:
+        return "rs", int(m["k"]), int(m["m"])
+    return (value, 0, 1) if value == "parity" else (value, 0, 0)
+
+
+class _Redundancy(_Parser):
+    kind = "`replicate` | `parity` | `rs:K+M`"
+    accepted = ('"replicate", "parity", or "rs:K+M" (Reed-Solomon: K >= 2 data shards and M >= 1 parity shards, '
+                "K + M at most 256 and equal to the number of storage URLs)")
+
+    def parse(self, raw: Any) -> str:
+        if not isinstance(raw, str):
+            raise _Refused()
+        text = raw.strip().lower().replace(" ", "")
+        if text in ("replicate", "parity"):
+            return text
+        m = _RS.match(text)
+        if m is None:
+            raise _Refused()
+        k, parity = int(m["k"]), int(m["m"])
+        if k < 2 or parity < 1 or k + parity > 256:
+            raise _Refused(f"K={k}, M={parity}")
+        return f"rs:{k}+{parity}"
+
+
 class _Flag(_Parser):
     kind = "boolean"
     accepted = "1/0, true/false, yes/no or on/off (any case)"
@@ -379,7 +393,7 @@ class _StorageOptions(_Parser):
         return _freeze(raw)
 
     def format(self, value: Any) -> str:
-        return json.dumps(_redact_options(value), sort_keys=True, default=repr)
+        return json.dumps(redact_options(value), sort_keys=True, default=repr)
 
     def show(self, raw: Any) -> Any:
         if isinstance(raw, str):
@@ -390,7 +404,7 @@ class _StorageOptions(_Parser):
         if not isinstance(raw, Mapping):
             return MASK  # not the expected shape: no telling which parts are credentials
         return {
-            k: _redact_options(v) if isinstance(v, Mapping) else MASK
+            k: redact_options(v) if isinstance(v, Mapping) else MASK
             for k, v in raw.items()
         }
 
@@ -476,8 +490,9 @@ FIELDS: tuple[Field, ...] = (
           "s3://ckpt-a/run1,gs://ckpt-b/run1,/mnt/nfs/run1", default_text="`file://<cwd>/.resilient/store` (warns)"),
     Field("storage_options", "RESILIENT_STORAGE_OPTIONS", _StorageOptions(), _FrozenDict(),
           "fsspec options per protocol or URL prefix", '{"s3": {"endpoint_url": "http://127.0.0.1:5000"}}'),
-    Field("redundancy", "RESILIENT_REDUNDANCY", _Choice("replicate", "parity"), "replicate",
-          "full copies on every replica, or XOR parity across them (needs 3+)", "parity"),
+    Field("redundancy", "RESILIENT_REDUNDANCY", _Redundancy(), "replicate",
+          "full copies on every replica, XOR parity across them (needs 3+), or Reed-Solomon rs:K+M "
+          "(K data and M parity shards, one per replica: any M may be lost)", "rs:2+1"),
     Field("write_quorum", "RESILIENT_WRITE_QUORUM", _QUORUM, "majority",
           "replicas that must acknowledge a write before it counts", "2"),
     Field("keep", "RESILIENT_KEEP", _Integer(1), 3, "checkpoint generations retained per key", "5"),
@@ -621,14 +636,19 @@ class Settings:
         n = len(self.storage)
         label = {f.attr: _label(f, self.sources[f.attr]) for f in FIELDS}
         storage_note = f"{label['storage']} lists {n} URL{'s' if n != 1 else ''}"
-        if self.redundancy == "parity" and n < 3:
+        mode, k, parity = redundancy_shape(self.redundancy)
+        if mode == "parity" and n < 3:
             raise ConfigError(label["redundancy"], self.redundancy,
                               '"replicate", or "parity" with at least 3 storage URLs', detail=storage_note)
+        if mode == "rs" and k + parity != n:
+            raise ConfigError(label["redundancy"], self.redundancy,
+                              f'"replicate", "parity", or "rs:K+M" with K + M = {n} (one shard per storage URL)',
+                              detail=storage_note)
         wq = self.write_quorum
         if isinstance(wq, int):
-            low = n - 1 if self.redundancy == "parity" else 1
+            low = {"parity": n - 1, "rs": k}.get(mode, 1)
             if not low <= wq <= n:
-                why = f"; parity needs its {n - 1} data shards" if self.redundancy == "parity" else ""
+                why = f"; {mode} needs its {low} data shards" if mode != "replicate" else ""
                 raise ConfigError(label["write_quorum"], wq,
                                   f'"majority", "all", or an integer from {low} to {n}', detail=storage_note + why)
         if self.retry_backoff_max_seconds < self.retry_backoff_seconds:
@@ -696,7 +716,8 @@ class Settings:
     def quorum(self) -> int:
         """How many replicas must acknowledge a write.
 
-        ``"majority"`` is ``n // 2 + 1`` with replication and ``n - 1`` with parity (every data shard);
+        ``"majority"`` is ``n // 2 + 1`` with replication, ``n - 1`` with parity (every data shard), and
+        ``max(K, n // 2 + 1)`` with ``rs:K+M`` (every data shard, and a majority of the shards);
         ``"all"`` is ``n``; an integer is itself.
 
         Example:
@@ -707,7 +728,8 @@ class Settings:
         if self.write_quorum == "all":
             return n
         if self.write_quorum == "majority":
-            return n - 1 if self.redundancy == "parity" else n // 2 + 1
+            mode, k, _ = redundancy_shape(self.redundancy)
+            return {"parity": n - 1, "rs": max(k, n // 2 + 1)}.get(mode, n // 2 + 1)
         return int(self.write_quorum)
 
     def storage_options_for(self, url: str) -> dict[str, Any]:
@@ -738,7 +760,7 @@ class Settings:
             elif field.attr == "storage":
                 value = tuple(redact_url(u) for u in value)
             elif field.attr == "storage_options":
-                value = _redact_options(value)
+                value = redact_options(value)
             elif isinstance(value, str):
                 value = redact_url(value)
             out[field.attr] = value
@@ -857,22 +879,6 @@ def sink_resolver(url: str, *, part: str = "options") -> _Resolver:
     return _Resolver("RESILIENT_STORAGE_OPTIONS", parse, f"storage options of {redact_url(url)}", trusted=True)
 
 
-def _secret_leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    """(path, value) of every secret inside a value: entries under secret-looking names, and strings
-    holding credentials (URL user info, secret query parameters)."""
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if isinstance(k, str) and _SECRET_NAME.search(k):
-                yield path + (k,), v
-            else:
-                yield from _secret_leaves(v, path + (k,))
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield from _secret_leaves(v, path + (i,))
-    elif isinstance(value, str) and redact_url(value) != value:
-        yield path, value
-
-
 def _at(value: Any, path: tuple[Any, ...]) -> Any:
     for step in path:
         try:
@@ -924,7 +930,7 @@ def seal_secrets(
     if whole:
         leaves = [((), value)] if value is not None else []
     else:
-        leaves = list(_secret_leaves(value))
+        leaves = list(secret_leaves(value))
     if not leaves:
         return _thaw(value), []
     current = resolver.current(environ) if resolver.trusted else _MISSING

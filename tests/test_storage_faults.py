@@ -97,7 +97,10 @@ def test_thirty_percent_of_storage_calls_failing_transiently(tmp_path):
             assert_state(loaded.state, step)
     injected = sum(sum(fs.failures.values()) for fs in flaky)
     calls = sum(sum(fs.calls.values()) for fs in flaky)
-    assert injected > 0.2 * calls and len(sleeps) >= injected
+    # every injected fault was retried after a backoff, except the last of a call that ran out of
+    # attempts (an upload of many chunks fails an attempt more often than not; the quorum carries it)
+    gave_up = sum(h.failures for h in store.health())
+    assert injected > 0.2 * calls and len(sleeps) >= injected - gave_up
     with CheckpointStore(storage=[str(d) for d in dirs]) as clean:  # what landed on disk is sound
         assert clean.verify().ok
         assert_state(clean.load("k").state, 10)

@@ -248,6 +248,33 @@ def _decompress_into(stored: memoryview, out: np.ndarray, where: str, index: int
         raise CorruptionError(where, f"block {index}: zstd: {exc}") from None
 
 
+def inflate_check(stored: memoryview, block: Block, where: str, index: int) -> None:
+    """Decompress one compressed block through a small scratch buffer and check it holds exactly
+    ``block.raw`` bytes (a dry run: nothing is kept, memory stays bounded whatever the block claims).
+
+    Raises:
+        CorruptionError: the zstd frame is damaged or does not hold exactly ``block.raw`` bytes.
+    """
+    if block.encoding in ("raw", "pickle"):
+        return
+    _check_frame(stored, block.raw, where, index)
+    scratch = memoryview(_local.scratch(min(block.raw, 1 << 20)))
+    try:
+        reader = _local.decompressor.stream_reader(stored, read_size=len(stored), closefd=False)
+        total = 0
+        while True:
+            count = reader.readinto(scratch)
+            if not count:
+                break
+            total += count
+            if total > block.raw:
+                break
+    except zstandard.ZstdError as exc:
+        raise CorruptionError(where, f"block {index}: zstd: {exc}") from None
+    if total != block.raw:
+        raise CorruptionError(where, f"block {index}: zstd frame holds {total} bytes, the index says {block.raw}")
+
+
 def decode_block(
     stored: memoryview, block: Block, out: np.ndarray | None, itemsize: int, where: str, index: int,
     check: bool = True,

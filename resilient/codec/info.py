@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 from xxhash import xxh3_64_intdigest
 
+from resilient.codec.blocks import inflate_check
 from resilient.codec.check import check_tree
 from resilient.codec.format import ENCODINGS, read_frame
 from resilient.errors import CodecError, CorruptionError
@@ -78,12 +79,14 @@ class ObjectInfo:
         return self.raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
 
-def verify(data: bytes | bytearray | memoryview, *, where: str = "<object>") -> ObjectInfo:
+def verify(data: bytes | bytearray | memoryview, *, where: str = "<object>", inflate: bool = False) -> ObjectInfo:
     """Check an object's framing, index and every block checksum, without building any value.
 
     Args:
         data: the whole stored object.
         where: names the object in errors.
+        inflate: also decompress every compressed block through a small scratch buffer and check that it
+            holds exactly its declared length: a full decode dry run (pickle segments are never loaded).
 
     Returns:
         Sizes and per-encoding / per-dtype byte counts.
@@ -103,6 +106,8 @@ def verify(data: bytes | bytearray | memoryview, *, where: str = "<object>") -> 
     for i, block in enumerate(frame.blocks):
         if xxh3_64_intdigest(view[block.offset : block.offset + block.stored]) != block.checksum:
             raise CorruptionError(where, f"block {i} (offset {block.offset}): checksum mismatch")
+        if inflate:
+            inflate_check(view[block.offset : block.offset + block.stored], block, where, i)
     raw_by: dict[str, int] = {}
     stored_by: dict[str, int] = {}
     dtypes: dict[str, tuple[int, int]] = {}

@@ -14,19 +14,31 @@ its manifest and lets a load skip a corrupt copy for a good one instead of faili
 is marked (`ObjectBuffer.matches`), and decode skips its own per-block checksums on it, so each byte is
 hashed once per load and still checked before anything is built from it. Objects that come back as plain
 bytes (parity reassembly, other backends) are checked by decode block by block as before.
+
+A checksum only says the object is the one its manifest describes, not that it is a checkpoint.
+`examine_checked` therefore hands each recovered object to an ``accept`` check (a load decodes it;
+`verify`, `repair` and retention run `object_problem`: the signed SHA-256 when a key is set, then a
+full decode dry run). An object that fails rules out its checkpoint id: the generation is examined again
+without it, so another replica's manifest (another writer's checkpoint) still gets its turn, and the
+refusal is named in `Examination.problems` for every replica that holds it. A manifest that names an
+unsafe object, or an impossible geometry, counts as a bad manifest on its replica, like any other.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from resilient import codec
 from resilient.codec.buffer import ObjectBuffer
-from resilient.errors import CorruptionError, UnsafeCheckpointError
+from resilient.errors import CodecError, CorruptionError
 from resilient.storage import layout
+from resilient.storage.erasure import RsStriper, rebuild
 from resilient.storage.manifest import Manifest, choose_manifest
 from resilient.storage.parity import Striper, assemble, placement, reconstruct
 from resilient.storage.replica import FsspecReplica, LocalReplica
@@ -34,9 +46,21 @@ from resilient.storage.replica import FsspecReplica, LocalReplica
 if TYPE_CHECKING:
     from resilient.storage.store import CheckpointStore
 
-__all__ = ["Examination", "examine_generation", "repair_generation"]
+__all__ = [
+    "DECODE_FAILURES",
+    "Examination",
+    "examine_checked",
+    "examine_generation",
+    "object_problem",
+    "repair_generation",
+    "sha256_problem",
+]
 
 log = logging.getLogger("resilient.storage")
+
+#: what decoding a damaged or crafted object can raise (a pickle refusal or a missing device is not one)
+DECODE_FAILURES: tuple[type[Exception], ...] = (CorruptionError, ValueError, TypeError, KeyError, IndexError,
+                                                OverflowError)
 
 
 @dataclass
@@ -53,35 +77,53 @@ class Examination:
     piece_ok: dict[int, int] = field(default_factory=dict)  # replica -> piece index verified there
     piece_errors: dict[int, str] = field(default_factory=dict)  # replica -> what was wrong with its piece
     object_bytes: bytes | bytearray | ObjectBuffer | None = None  # verified; a load hands it to decode
+    refused: list[str] = field(default_factory=list)  # problem lines of checkpoints whose object was refused
+    refused_ids: frozenset[str] = frozenset()  # their checkpoint ids
 
     def problems(self) -> list[str]:
         """One line per problem found, naming the replica and the object."""
         gdir = layout.gen_dir(self.key, self.generation)
         out = [f"{self.urls[j]}/{gdir}/{layout.MANIFEST}: {e}" for j, e in sorted(self.manifest_errors.items())]
         out += [f"{self.urls[j]}/{gdir}: {e}" for j, e in sorted(self.piece_errors.items())]
+        out += self.refused
         if self.manifest is None and not out:
             out.append(f"{gdir}: no manifest on any replica (an uncommitted write)")
         elif self.manifest is not None and self.object_bytes is None:
             out.append(f"{gdir}: no verifying copy could be assembled")
+        elif self.manifest is None and self.refused:
+            out.append(f"{gdir}: no checkpoint of this generation decodes")
         return out
+
+    def holders(self) -> list[int]:
+        """Replicas holding, beside a manifest of the chosen checkpoint, the piece it names, verified."""
+        m = self.manifest
+        if m is None or self.object_bytes is None:
+            return []
+        return sorted(j for j, mm in self.manifests.items()
+                      if mm.checkpoint_id == m.checkpoint_id and self.piece_ok.get(j) == mm.held)
 
 
 def examine_generation(
-    store: "CheckpointStore", key: str, g: int, listings: list[set[int]], *, full: bool
+    store: "CheckpointStore",
+    key: str,
+    g: int,
+    listings: list[set[int]],
+    *,
+    full: bool,
+    exclude: frozenset[str] = frozenset(),
 ) -> Examination:
+    """Read generation `g`'s manifests and the pieces of the checkpoint they name (not one in `exclude`)."""
     ex = Examination(key, g, [r.url for r in store.replicas])
     ex.listed = {j for j, gs in enumerate(listings) if g in gs}
     for j in range(len(store.replicas)):
         if j not in ex.listed:
             ex.manifest_errors[j] = "missing (generation absent)"
     for j, res in store._manifest_outcomes(key, g, listings).items():
-        if isinstance(res, UnsafeCheckpointError):
-            raise res
         if isinstance(res, Manifest):
             ex.manifests[j] = res
         else:
             ex.manifest_errors[j] = _describe(res)
-    ex.manifest = choose_manifest(ex.manifests.values())
+    ex.manifest = choose_manifest(m for m in ex.manifests.values() if m.checkpoint_id not in exclude)
     if ex.manifest is None:
         return ex
     if ex.manifest.mode == "replicate":
@@ -89,6 +131,74 @@ def examine_generation(
     else:
         _recover_parity(store, ex, full)
     return ex
+
+
+def examine_checked(
+    store: "CheckpointStore",
+    key: str,
+    g: int,
+    listings: list[set[int]],
+    *,
+    full: bool,
+    accept: Callable[[Examination], str | None],
+) -> Examination:
+    """`examine_generation`, and each recovered object put to ``accept`` (None: accepted, else why not).
+
+    A refused object rules out its checkpoint id and the generation is examined again without it, until
+    one is accepted or no checkpoint is left. The result holds the accepted object (or none) and names
+    every refusal in `Examination.problems`.
+    """
+    refused: list[str] = []
+    excluded: set[str] = set()
+    while True:
+        ex = examine_generation(store, key, g, listings, full=full, exclude=frozenset(excluded))
+        if ex.manifest is None or ex.object_bytes is None:
+            break
+        why = accept(ex)
+        if why is None:
+            break
+        refused.extend(_refusal_lines(ex, why))
+        excluded.add(ex.manifest.checkpoint_id)
+        log.warning("key %r generation %d: checkpoint %s refused: %s", key, g, ex.manifest.checkpoint_id, why)
+    ex.refused = refused
+    ex.refused_ids = frozenset(excluded)
+    return ex
+
+
+def _refusal_lines(ex: Examination, why: str) -> list[str]:
+    m = ex.manifest
+    assert m is not None
+    gdir = layout.gen_dir(ex.key, ex.generation)
+    lines = [f"{ex.urls[j]}/{gdir}: {m.pieces[i].name}: {why}" for j, i in sorted(ex.piece_ok.items())]
+    return lines or [f"{gdir}: checkpoint {m.checkpoint_id}: {why}"]
+
+
+def object_problem(store: "CheckpointStore", ex: Examination) -> str | None:
+    """Why a recovered object is not a checkpoint its manifest vouches for (None when it is): the SHA-256
+    bound by a signed manifest when a key is configured, then a full decode dry run (`codec.verify` with
+    every compressed block inflated; nothing is built and no pickle is loaded)."""
+    m, obj = ex.manifest, ex.object_bytes
+    assert m is not None and obj is not None
+    unbound = sha256_problem(store, obj, m)
+    if unbound:
+        return unbound
+    try:
+        codec.verify(obj, where=f"{ex.key} generation {ex.generation}", inflate=True)
+    except (CodecError, *DECODE_FAILURES) as e:
+        return f"does not decode: {type(e).__name__}: {e}"
+    return None
+
+
+def sha256_problem(store: "CheckpointStore", obj: Any, m: Manifest) -> str | None:
+    """Why a verified object is not the one its signed manifest binds (None when it is, or when no key is
+    configured)."""
+    if store._keyring is None:
+        return None
+    if not m.sha256:  # unreachable: a verified signed manifest always binds one
+        return "signed manifest binds no sha256"
+    if hashlib.sha256(obj).hexdigest() != m.sha256:
+        return "object's sha256 differs from the signed manifest's (a substituted object)"
+    return None
 
 
 def _describe(e: BaseException) -> str:
@@ -176,11 +286,14 @@ def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> No
                 ex.piece_ok[j] = i
                 good.setdefault(i, data)
     k = m.k
-    missing = [i for i in range(k + 1) if i not in good]
-    if len(missing) > 1:
+    missing = [i for i in range(len(m.pieces)) if i not in good]
+    if len(missing) > m.m:
         return
-    if missing and missing[0] < k:
-        good[missing[0]] = reconstruct([good.get(i) for i in range(k + 1)])
+    lost_data = [i for i in missing if i < k]
+    if lost_data and m.mode == "parity":
+        good[lost_data[0]] = reconstruct([good.get(i) for i in range(k + 1)])
+    elif lost_data:
+        good.update(rebuild([good.get(i) for i in range(len(m.pieces))], k, m.m, m.block, lost_data))
     data = assemble([good[i] for i in range(k)], m.block, m.length)
     if _check(data, m.length, m.xxh3) is None:
         ex.object_bytes = data
@@ -196,7 +309,7 @@ def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
     pieces = _pieces_of(ex.object_bytes, m)
     # which piece each replica should hold: its own manifest says so, else fill the gaps in placement order
     holds: dict[int, int] = {j: mm.held for j, mm in ex.manifests.items() if mm.checkpoint_id == m.checkpoint_id}
-    if m.mode == "parity":
+    if m.mode != "replicate":
         free = [i for i in range(len(m.pieces)) if i not in holds.values()]
         pref = placement(ex.generation, n)
         for j in sorted(range(n), key=lambda j: pref[j]):
@@ -210,11 +323,14 @@ def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
     for j, i in sorted(holds.items()):
         r = store.replicas[j]
         other = ex.manifests.get(j)
-        if other is not None and other.checkpoint_id != m.checkpoint_id:
+        refused = other is not None and other.checkpoint_id in ex.refused_ids
+        if other is not None and other.checkpoint_id != m.checkpoint_id and not refused:
             log.warning("%s/%s holds another writer's checkpoint; left for gc", r.url, gdir)
             continue
-        piece_bad = ex.piece_ok.get(j) != i and (j in ex.piece_errors or j not in ex.listed or other is None)
-        manifest_bad = j not in ex.manifests
+        altered = other is not None and other.holding(0) != m.holding(0)  # refused, or changed on this replica
+        piece_bad = ex.piece_ok.get(j) != i and (j in ex.piece_errors or j not in ex.listed or other is None
+                                                 or altered)
+        manifest_bad = other is None or altered
         if not (piece_bad or manifest_bad):
             continue
         rel_p = f"{gdir}/{m.pieces[i].name}"
@@ -225,7 +341,8 @@ def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
                 done.append(f"{r.url}/{rel_p}")
             if manifest_bad:
                 body = m.holding(i).to_bytes()
-                if j in ex.manifest_errors and ex.manifest_errors[j] not in ("missing", "missing (generation absent)"):
+                if other is not None or ex.manifest_errors.get(j, "missing") not in ("missing",
+                                                                                     "missing (generation absent)"):
                     r.call(r.backend.overwrite, rel_m, body, path=rel_m, generation=ex.generation)
                 else:
                     try:
@@ -243,8 +360,8 @@ def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
 def _pieces_of(obj: bytes | bytearray, m: Manifest) -> list[bytes | bytearray | memoryview]:
     if m.mode == "replicate":
         return [obj]
-    s = Striper(k=m.k, block=m.block)
-    parts: list[list] = [[] for _ in range(m.k + 1)]
+    s = Striper(k=m.k, block=m.block) if m.mode == "parity" else RsStriper(k=m.k, m=m.m, block=m.block)
+    parts: list[list] = [[] for _ in range(len(m.pieces))]
     for stripe in list(s.feed(obj)) + list(s.finish()):
         for i, b in enumerate(stripe):
             parts[i].append(b)

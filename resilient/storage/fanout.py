@@ -4,7 +4,7 @@ The encoder produces the object's bytes once; each replica's writer thread consu
 produced, so compression, hashing and the writes of all replicas overlap. Chunks are kept on a `Tape`
 until the save ends, so a writer that hits a transient error restarts its upload from the first byte
 (the retry policy decides whether it may) without re-encoding. Memory is therefore bounded by one
-stored object per save (plus, in parity mode, one parity shard).
+stored object per save (plus, in parity and rs modes, the parity shards).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def produce(chunks: Iterable[Buffer], pieces: list[Piece], *, striper: Striper |
     """Drain the encoder into the pieces' tapes; return the whole object's length and xxh3_64.
 
     Without a striper there is one piece, the object itself. With one, pieces ``0..k-1`` get the data
-    blocks of every stripe and piece ``k`` the parity blocks. Tapes are closed even on error, so writers
+    blocks of every stripe and pieces ``k..`` the parity blocks (one with XOR parity, m with `RsStriper`). Tapes are closed even on error, so writers
     never wait forever.
     """
     whole = xxhash.xxh3_64()

@@ -5,8 +5,9 @@ Stored form (``MANIFEST``)::
     b"RSLMANI1" | u32 little-endian JSON length | 8-byte xxh3_64 of the JSON | JSON (utf-8)
 
 The JSON names the checkpoint (key, generation, epoch, a random checkpoint id), the stored object
-(length and xxh3_64 of the whole object) and, in parity mode, the stripe geometry and every shard's
-name, length and checksum plus which shard *this* replica holds. Any one valid manifest is therefore
+(length and xxh3_64 of the whole object) and, in parity and rs modes, the stripe geometry (in rs mode,
+how many parity shards) and every shard's name, length and checksum plus which shard *this* replica
+holds. Any one valid manifest is therefore
 enough to check and reassemble the checkpoint from the replicas that hold its pieces.
 
 A manifest is validated completely (types, ranges, names that stay inside their generation directory)
@@ -54,7 +55,6 @@ return state that a key holder did not save.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
 import json
 import logging
@@ -69,7 +69,7 @@ from resilient.config import signing_key_ids
 from resilient.errors import CorruptionError, SignatureError, UnsafeCheckpointError
 from resilient.storage.layout import object_name_ok, validate_key
 
-__all__ = ["Keyring", "Manifest", "ShardInfo", "choose_manifest", "retention_victims"]
+__all__ = ["MAX_BLOCK", "Keyring", "Manifest", "ShardInfo", "choose_manifest", "geometry_problem", "retention_victims"]
 
 log = logging.getLogger("resilient.storage")
 
@@ -129,8 +129,9 @@ class Keyring:
     def __reduce__(self) -> tuple:
         raise TypeError("a signing Keyring does not pickle; ship resilient.Settings (keys travel by reference)")
 _MAX_JSON = 1 << 20
+MAX_BLOCK = 1 << 30  # the largest parity block a manifest may name
 FORMAT = 1
-MODES = ("replicate", "parity")
+MODES = ("replicate", "parity", "rs")
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class Manifest:
     mode: str
     length: int  # the whole stored object
     xxh3: str  # of the whole stored object
-    pieces: tuple[ShardInfo, ...]  # replicate: one entry; parity: k data shards then the parity shard
+    pieces: tuple[ShardInfo, ...]  # replicate: one entry; parity/rs: k data shards then the parity shard(s)
     held: int = 0  # index into `pieces` of the piece stored beside this manifest
     block: int = 0  # parity stripe block size in bytes
     created_at: float = 0.0
@@ -162,11 +163,17 @@ class Manifest:
     #: signs `to_bytes` when set (the writer's keyring, or the one that verified this manifest)
     signer: Keyring | None = field(default=None, compare=False, repr=False)
     key_id: str = field(default="", compare=False)  # the key id that signed it, as read ("" unsigned)
+    parity: int = 0  # rs mode: number of Reed-Solomon parity shards (stored only in that mode)
+
+    @property
+    def m(self) -> int:
+        """Number of parity shards: 1 in parity mode, `parity` in rs mode, 0 when replicated."""
+        return {"replicate": 0, "parity": 1}.get(self.mode, self.parity)
 
     @property
     def k(self) -> int:
-        """Number of data shards (parity mode)."""
-        return len(self.pieces) - 1
+        """Number of data shards (parity and rs modes)."""
+        return len(self.pieces) - self.m
 
     def holding(self, index: int) -> "Manifest":
         """The same manifest as written beside piece `index`."""
@@ -178,6 +185,8 @@ class Manifest:
         del doc["signer"], doc["key_id"]
         if not doc["sha256"]:
             del doc["sha256"]  # unsigned manifests stay byte for byte what earlier versions wrote
+        if self.mode != "rs":
+            del doc["parity"]
         doc["format"] = FORMAT
         body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
         if self.signer is None:
@@ -316,6 +325,9 @@ def _validate(doc: object, where: str) -> Manifest:
             raise bad("replicate manifest with several pieces")
         if mode == "parity" and len(pieces) < 3:
             raise bad("parity manifest with fewer than 3 pieces")
+        parity = nat(doc.get("parity", 0), "parity") if mode == "rs" else 0
+        if mode == "rs" and not (parity >= 1 and len(pieces) - parity >= 2):
+            raise bad(f"rs manifest with {len(pieces)} pieces of which {parity} parity")
         cid = doc["checkpoint_id"]
         if not (isinstance(cid, str) and len(cid) == 32 and all(c in "0123456789abcdef" for c in cid)):
             raise bad(f"checkpoint_id={cid!r}")
@@ -329,20 +341,25 @@ def _validate(doc: object, where: str) -> Manifest:
         sha = doc.get("sha256", "")
         if sha != "" and not _is_hex(sha, 64):
             raise bad(f"sha256={sha!r}")
+        length, block = nat(doc["length"], "length"), nat(doc.get("block", 0), "block")
+        wrong = geometry_problem(mode, length, block, [p.length for p in pieces], parity=parity or 1)
+        if wrong:
+            raise bad(wrong)
         return Manifest(
             key=key,
             generation=nat(doc["generation"], "generation"),
             epoch=nat(doc["epoch"], "epoch"),
             checkpoint_id=cid,
             mode=mode,
-            length=nat(doc["length"], "length"),
+            length=length,
             xxh3=hexdigest(doc["xxh3"], "xxh3"),
             pieces=tuple(pieces),
             held=held,
-            block=nat(doc.get("block", 0), "block"),
+            block=block,
             created_at=float(created),
             info=info,
             sha256=sha,
+            parity=parity,
         )
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CorruptionError):
@@ -350,19 +367,54 @@ def _validate(doc: object, where: str) -> Manifest:
         raise bad(f"{type(e).__name__}: {e}") from None
 
 
+def geometry_problem(
+    mode: str, length: int, block: int, piece_lengths: Sequence[int], *, parity: int = 1
+) -> str | None:
+    """Why a manifest's object geometry is impossible (None when it is what a save writes).
+
+    Replicate: one piece as long as the object, no block size. Parity and rs: ``k >= 2`` data shards and
+    `parity` parity shards (one for XOR parity), a block size that is a multiple of 8 from 8 bytes to `MAX_BLOCK`, and every shard exactly
+    as long as the stripes the object needs (``ceil(length / (k * block)) * block``).
+
+    >>> geometry_problem("parity", 100, 8, [56, 56, 56]) is None
+    True
+    >>> geometry_problem("parity", 100, 0, [0, 0, 0])
+    'parity block size 0: expected a multiple of 8 from 8 to 1073741824'
+    >>> geometry_problem("replicate", 10, 0, [11])
+    'replicate piece of 11 bytes for an object of 10'
+    """
+    if mode == "replicate":
+        if block:
+            return f"replicate manifest with block size {block}"
+        if list(piece_lengths) != [length]:
+            return f"replicate piece of {piece_lengths[0]} bytes for an object of {length}"
+        return None
+    k = len(piece_lengths) - parity
+    if not (8 <= block <= MAX_BLOCK and block % 8 == 0):
+        return f"parity block size {block}: expected a multiple of 8 from 8 to {MAX_BLOCK}"
+    if k < 2:
+        return f"{mode} manifest with {k} data shards"
+    shard = -(-length // (k * block)) * block
+    if any(n != shard for n in piece_lengths):
+        return f"parity shards of {sorted(set(piece_lengths))} bytes; an object of {length} needs {shard}"
+    return None
+
+
 def choose_manifest(manifests: Iterable[Manifest]) -> Manifest | None:
     """Pick the checkpoint a generation stands for, from the manifests its replicas hold.
 
     Two writers can only meet on one generation when one of them is stale; the higher epoch is the
     current owner, so it wins. Among equal epochs the checkpoint recorded on more replicas wins (it is
-    the one that reached its quorum), then the smaller id, so every reader picks the same one.
+    the one that reached its quorum), then the smaller id, so every reader picks the same one. Votes
+    count identical manifests (all but which piece each replica holds): a copy altered on one replica
+    does not borrow the votes of the genuine ones.
 
     >>> choose_manifest([]) is None
     True
     """
-    votes: dict[str, list[Manifest]] = {}
+    votes: dict[Manifest, list[Manifest]] = {}
     for m in manifests:
-        votes.setdefault(m.checkpoint_id, []).append(m)
+        votes.setdefault(m.holding(0), []).append(m)
     if not votes:
         return None
     best = max(votes.values(), key=lambda ms: (ms[0].epoch, len(ms), _neg(ms[0].checkpoint_id)))

@@ -32,9 +32,9 @@ def placement(generation: int, n: int) -> list[int]:
 class Striper:
     """Feed the object's bytes in any chunking; get back, per full stripe, its k data blocks and parity.
 
-    >>> s = Striper(k=2, block=4)
-    >>> [[bytes(b) for b in st] for st in s.feed(b"abcdefgh")]
-    [[b'abcd', b'efgh', b'\\x04\\x04\\x04\\x0c']]
+    >>> s = Striper(k=2, block=8)
+    >>> [[bytes(b) for b in st] for st in s.feed(b"abcdefghijklmnop")]
+    [[b'abcdefgh', b'ijklmnop', b'\\x08\\x08\\x08\\x08\\x08\\x08\\x08\\x18']]
     """
 
     def __init__(self, k: int, block: int) -> None:

@@ -17,6 +17,13 @@ Two backends share one small interface:
   on protocols without a conditional put fsspec falls back to check-then-write, which is not atomic:
   concurrent writers of the same key are then not fenced reliably (a warning says so once).
 
+A local replica never follows a symbolic link and never leaves its root: every path is checked before it
+is used (each directory on the way below the root must be a real directory, not a symbolic link, and
+``..`` is refused, with `PermanentStorageError`); a file is opened with ``O_NOFOLLOW |
+O_NONBLOCK`` and read only if it is a regular file (a FIFO, device or socket in place of an object is
+refused at once instead of blocking); a recursive delete removes a symbolic link itself, never what it
+points to, and walks directories without following links (``shutil.rmtree``'s descriptor-based walk).
+
 `GuardedReplica` wraps a backend with the retry policy and health accounting: transient errors are
 retried with backoff, permanent ones are not, and a replica failing `degraded_after` operations in a
 row is reported degraded and gets a single attempt per operation until it succeeds again.
@@ -27,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -95,8 +104,63 @@ class LocalReplica:
         self.root = os.path.abspath(root)
         self.url = url
 
+    def _abs_all(self, rels: Iterable[str]) -> dict[str, str]:
+        """`_abs` of many names, each distinct directory checked once (a group's markers share a few)."""
+        checked: dict[str, str] = {}
+        out = {}
+        for rel in rels:
+            head, _, name = rel.rpartition("/")
+            if head not in checked:
+                checked[head] = os.path.dirname(self._abs(f"{head}/{name}" if head else name))
+            if name in ("", ".", ".."):
+                self._abs(rel)  # refuses it
+            out[rel] = os.path.join(checked[head], name)
+        return out
+
     def _abs(self, rel: str) -> str:
-        return os.path.join(self.root, *rel.split("/"))
+        """The absolute path of ``rel``, refused unless it stays under the root through real directories:
+        no ``.``, ``..`` or empty segment, and no directory on the way (below the root) that is a symbolic
+        link or not a directory. One ``lstat`` per directory level; a missing level ends the check
+        (whatever is created there later is created as a real directory)."""
+        if not rel:
+            return self.root
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise PermanentStorageError("refused: the path leaves the replica root", url=self.url, path=rel)
+        full = os.path.join(self.root, *parts)
+        path = self.root
+        for part in parts[:-1]:
+            path = os.path.join(path, part)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                break
+            if not stat.S_ISDIR(mode):
+                raise PermanentStorageError(
+                    f"refused: {part!r} on the way is {_kind(mode) or 'a regular file'}, not a directory",
+                    url=self.url, path=rel,
+                )
+        return full
+
+    def _open_regular(self, rel: str) -> int:
+        """A blocking read descriptor of the regular file ``rel``; anything else is refused without
+        blocking (a symbolic link, a FIFO, a device, a socket, a directory)."""
+        path = self._abs(rel)
+        kind = _kind(os.lstat(path).st_mode)
+        if kind is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                kind = "a symbolic link"
+            else:
+                kind = _kind(os.fstat(fd).st_mode)
+                if kind is None:
+                    os.set_blocking(fd, True)
+                    return fd
+                os.close(fd)
+        raise PermanentStorageError(f"refused: {kind}, not a regular file", url=self.url, path=rel)
 
     def _makedirs(self, path: str) -> None:
         missing = []
@@ -193,7 +257,8 @@ class LocalReplica:
         temporary (``.tmp-*``) behind."""
         if not rels:
             return []
-        tmp = self._durable_temp(os.path.dirname(self._abs(rels[0])), target.encode())
+        paths = self._abs_all(rels)
+        tmp = self._durable_temp(os.path.dirname(paths[rels[0]]), target.encode())
         try:
             links = True
 
@@ -205,7 +270,7 @@ class LocalReplica:
 
             created = []
             for rel in rels:
-                path = self._abs(rel)
+                path = paths[rel]
                 try:
                     try:
                         make(path)
@@ -222,7 +287,7 @@ class LocalReplica:
 
     def sync_dirs(self, rels: Iterable[str]) -> None:
         """Make the entries created in these directories durable: one fsync per distinct directory."""
-        _fsync_dirs(self._abs(r) for r in rels)
+        _fsync_dirs(self._abs_all(rels).values())
 
     def read_pointer(self, rel: str) -> str:
         """What `create_pointer` stored; a regular file's text for names written by `create_exclusive`."""
@@ -232,18 +297,18 @@ class LocalReplica:
         except OSError as e:
             if e.errno != errno.EINVAL:  # EINVAL: a regular file, not a pointer
                 raise
-        with open(path, "rb") as f:
+        with os.fdopen(self._open_regular(rel), "rb") as f:
             return f.read().decode()
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
         """``length`` bytes of the object from ``offset`` (fewer if it is shorter)."""
-        with open(self._abs(rel), "rb", buffering=0) as f:
+        with os.fdopen(self._open_regular(rel), "rb", buffering=0) as f:
             return os.pread(f.fileno(), length, offset)
 
     def read(self, rel: str, *, owned: bool = False) -> bytes | bytearray | ObjectBuffer:
         """The object's bytes; with ``owned``, in an `ObjectBuffer` (hashed while read, see its ``xxh3``)
-        that the caller may hand over to `resilient.codec.decode`."""
-        with open(self._abs(rel), "rb", buffering=0) as f:
+        that the caller may hand over to `resilient.codec.decode`. Only a regular file is read."""
+        with os.fdopen(self._open_regular(rel), "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             if owned:
                 return ObjectBuffer.read(f, size)
@@ -260,21 +325,33 @@ class LocalReplica:
             return buf
 
     def listdir(self, rel: str) -> list[str]:
-        try:
-            return sorted(os.listdir(self._abs(rel)))
-        except FileNotFoundError:
-            return []
-
-    def delete(self, rel: str, *, recursive: bool = False) -> None:
+        """Names in directory ``rel`` ([] if it does not exist); a symbolic link in its place is refused."""
         path = self._abs(rel)
         try:
-            if recursive and os.path.isdir(path):
-                for dirpath, dirnames, filenames in os.walk(path, topdown=False):
-                    for name in filenames:
-                        os.unlink(os.path.join(dirpath, name))
-                    for name in dirnames:
-                        os.rmdir(os.path.join(dirpath, name))
-                os.rmdir(path)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            kind = _kind(os.lstat(path).st_mode) or "a regular file"
+            raise PermanentStorageError(f"refused: {kind}, not a directory", url=self.url, path=rel) from None
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def delete(self, rel: str, *, recursive: bool = False) -> None:
+        """Remove ``rel``: a file or a symbolic link (the link itself, never its target), or with
+        ``recursive`` a directory and everything under it, without following any link inside."""
+        path = self._abs(rel)
+        try:
+            if recursive and stat.S_ISDIR(os.lstat(path).st_mode):
+                if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - every POSIX with openat
+                    raise PermanentStorageError(
+                        "refused: this platform has no descriptor-based recursive delete", url=self.url, path=rel
+                    )
+                shutil.rmtree(path)
             else:
                 os.unlink(path)
         except FileNotFoundError:
@@ -292,10 +369,22 @@ class LocalReplica:
                 if name.startswith(TMP_PREFIX):
                     p = os.path.join(dirpath, name)
                     try:
-                        mtime = os.stat(p).st_mtime
+                        mtime = os.lstat(p).st_mtime
                     except FileNotFoundError:
                         continue
                     yield os.path.relpath(p, self.root).replace(os.sep, "/"), mtime
+
+
+def _kind(mode: int) -> str | None:
+    """None for a regular file, else what the file is, in words."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def _unlink_quietly(path: str) -> None:
@@ -335,6 +424,7 @@ class FsspecReplica:
             for c in chunks:
                 f.write(c)
                 n += memoryview(c).nbytes
+            f.close()  # inside: a failed close is discarded too, never closed again later by __del__
         except BaseException:
             discard = getattr(f, "discard", None)
             if discard is not None:
@@ -343,7 +433,6 @@ class FsspecReplica:
                 except Exception:  # noqa: BLE001 - the original error matters more
                     pass
             raise
-        f.close()
         return n
 
     def create_exclusive(self, rel: str, data: bytes) -> None:

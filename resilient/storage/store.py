@@ -8,15 +8,17 @@ Commit protocol (one ``save(key, state, epoch=e)``)
    number used by a failed write is never reused.
 2. Data. The state is encoded once and streamed, in parallel, to every replica under a fresh random
    checkpoint id: the whole object (``replicate``) or one stripe shard (``parity``: k data shards plus
-   one XOR parity shard over k+1 replicas, see `parity`). Each upload is atomic and durable on its own
+   one XOR parity shard over k+1 replicas, see `parity`; ``rs:K+M``: K data shards plus M Reed-Solomon
+   parity shards over K+M replicas, see `erasure`). Each upload is atomic and durable on its own
    (see `replica`). If fewer uploads than the write quorum succeed, the save fails with `QuorumError`
    and no manifest is written: the data objects are orphans for `gc`.
 3. Commit. A ``MANIFEST`` is created, create-only, beside each successful upload. It records the
    object's length and checksum and every piece's checksum. The save is committed when at least
    `quorum` manifests were created. A manifest that already exists means another writer took the same
    generation: if that leaves fewer than `quorum`, the save fails with `FencedError`.
-4. Retention. Generations older than the newest `keep` committed ones are deleted, in the background
-   after the save returns (best effort; `flush()` waits for it).
+4. Retention. Generations older than the newest `keep` *proven* ones (verified completely on a write
+   quorum, see `retention`) are deleted, in the background after the save returns (best effort;
+   `flush()` waits for it). A generation that does not verify never counts toward `keep`.
 
 Readers ignore anything without a manifest, so a crash at any point leaves the previous generation
 readable and nothing half-written visible.
@@ -27,8 +29,11 @@ Generations are tried newest first. For each, every replica's manifest is read a
 manifest with the highest epoch (then the most copies) names the checkpoint. Its object is read from a
 replica that holds it and checked (length and xxh3_64 of the whole object, hashed while it is read;
 the codec re-checks every block of anything not covered that way) before anything is deserialized; a bad or missing copy moves on to the next replica (replicate)
-or is rebuilt from the other shards (parity). If nothing at that generation verifies, the next older one
-is tried. After a successful load, replicas found missing, stale or corrupt for that generation are
+or is rebuilt from the other shards (parity: any one lost; rs: any M lost). The object is then decoded; one that does not decode
+(or fails its signed SHA-256) rules out its checkpoint, and the generation is examined again for
+another replica's checkpoint. A manifest that is damaged, names unsafe objects or an impossible
+geometry, and a special file or symbolic link in place of an object, only rule out that replica's copy.
+If nothing at that generation verifies, the next older one is tried. After a successful load, replicas found missing, stale or corrupt for that generation are
 rewritten from the good copy (read-repair).
 
 Signing (``signing_key`` / ``RESILIENT_SIGNING_KEY``, see `manifest`)
@@ -58,16 +63,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resilient import codec
-from resilient.config import Settings, redact_url
+from resilient.config import Settings, redact_url, redundancy_shape
 from resilient.errors import CorruptionError, FencedError, NoCheckpointError, QuorumError
 from resilient.retry import RetryPolicy
 from resilient.storage import layout, maintenance
-from resilient.storage.examine import examine_generation, repair_generation
+from resilient.storage.claims import EpochClaims
+from resilient.storage.examine import DECODE_FAILURES, Examination, examine_checked, repair_generation, \
+    sha256_problem
+from resilient.storage.erasure import RsStriper
 from resilient.storage.fanout import Piece, Tape, produce
 from resilient.storage.manifest import Keyring, Manifest, ShardInfo, choose_manifest
 from resilient.storage.parity import Striper, placement
 from resilient.storage.maintenance import VerifyReport
 from resilient.storage.replica import GuardedReplica, ReplicaHealth, open_backend
+from resilient.storage.retention import ProofCache
 
 __all__ = ["CheckpointStore", "Commit", "Loaded", "PendingSave"]
 
@@ -147,13 +156,15 @@ class CheckpointStore:
             for b in backends
         ]
         self.quorum = settings.quorum
-        self.mode = settings.redundancy
+        self._shape = redundancy_shape(settings.redundancy)
+        self.mode = self._shape[0]  # "replicate", "parity" or "rs" (settings.redundancy gives rs's K+M)
         self._keyring = Keyring.from_setting(settings.signing_key)
         n = len(self.replicas)
         self._io = ThreadPoolExecutor(max_workers=max(4, 2 * n), thread_name_prefix="resilient-io")
         self._bg = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resilient-save")
         self._gc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-retention")
         self._retention: list[Future] = []
+        self.proofs = ProofCache()  # generations known to verify on a quorum (see `retention`)
         self._owners: dict[str, _Owner] = {}
         self._owners_lock = threading.Lock()
 
@@ -233,8 +244,12 @@ class CheckpointStore:
 
         Raises:
             NoCheckpointError: nothing committed for `key` verifies on any replica.
-            UnsafeCheckpointError: the checkpoint needs pickle and it was not allowed, or its manifest
-                names objects outside its directory.
+            UnsafeCheckpointError: the checkpoint needs pickle and it was not allowed.
+            CodecError: a tensor's device is not available here (see `resilient.codec.decode`).
+
+        A generation whose checkpoint does not load (a damaged, unsafe or impossible manifest, a special
+        file in place of an object, an object that fails its checks or does not decode) is passed over
+        for another replica's copy or checkpoint, then for the next older generation.
         """
         layout.validate_key(key)
         listings = self._list_generations(key)
@@ -243,51 +258,42 @@ class CheckpointStore:
             gens = [g for g in gens if g == generation]
         skipped: list[int] = []
         problems: list[str] = []
-        claims = _Claims(self, key)
+        claims = EpochClaims(self, key)
         for g in gens:
-            exam = examine_generation(self, key, g, listings, full=False)
-            if exam.manifest is not None and claims.voids(exam.manifest):
-                log.warning(
-                    "key %r generation %d was written by epoch %d after a newer epoch was claimed; ignored",
-                    key, g, exam.manifest.epoch,
-                )
-                problems.append(f"generation {g}: written by a fenced writer (epoch {exam.manifest.epoch})")
-                continue
-            if exam.object_bytes is None:
-                if exam.manifest is not None:
+            decoded: list[Any] = []
+
+            def accept(ex: Examination) -> str | None:
+                m = ex.manifest
+                assert m is not None
+                if claims.voids(m):
+                    return f"written by a fenced writer (epoch {m.epoch}) after a newer epoch was claimed"
+                bad = sha256_problem(self, ex.object_bytes, m)
+                if bad:
+                    return bad
+                try:
+                    decoded.append(codec.decode(ex.object_bytes, map_location=map_location,
+                                                allow_pickle=self.settings.allow_pickle,
+                                                where=f"{key} generation {ex.generation}"))
+                except DECODE_FAILURES as e:
+                    return f"does not decode: {type(e).__name__}: {e}"
+                return None
+
+            exam = examine_checked(self, key, g, listings, full=False, accept=accept)
+            if not decoded:
+                if exam.manifest is not None or exam.refused:
                     skipped.append(g)
                 problems.extend(exam.problems())
                 continue
             m = exam.manifest
-            where = f"{key} generation {g}"
-            bad = self._unbound(exam.object_bytes, m)
-            if bad:
-                log.error("key %r generation %d: %s; skipped", key, g, bad)
-                skipped.append(g)
-                problems.append(f"generation {g}: {bad}")
-                continue
-            state = codec.decode(
-                exam.object_bytes, map_location=map_location, allow_pickle=self.settings.allow_pickle, where=where
-            )
+            assert m is not None
             repaired: list[str] = []
             if repair:
                 repaired = repair_generation(self, exam)
             if skipped:
                 log.warning("key %r: newest generations %s did not verify; loaded generation %d", key, skipped, g)
-            return Loaded(state, key, g, m.epoch, m.checkpoint_id, tuple(skipped), tuple(repaired), m.length)
+            return Loaded(decoded[0], key, g, m.epoch, m.checkpoint_id, tuple(skipped), tuple(repaired), m.length)
         detail = "; ".join(problems[:20]) or "no generation found on any replica"
         raise NoCheckpointError(f"no committed checkpoint of key {key!r} verifies ({detail})")
-
-    def _unbound(self, obj: Any, m: Manifest) -> str | None:
-        """Why a verified object is not the one its signed manifest binds (None when it is, or when no
-        key is configured)."""
-        if self._keyring is None:
-            return None
-        if not m.sha256:  # unreachable: a verified signed manifest always binds one
-            return "signed manifest binds no sha256"
-        if hashlib.sha256(obj).hexdigest() != m.sha256:
-            return "object's sha256 differs from the signed manifest's (a substituted object)"
-        return None
 
     def latest(self, key: str) -> int | None:
         """The newest generation of `key` with a valid manifest (its data is not read), or None."""
@@ -300,7 +306,7 @@ class CheckpointStore:
 
     def _committed_generations(self, key: str, *, apply_claims: bool) -> list[int]:
         listings = self._list_generations(key)
-        claims = _Claims(self, key) if apply_claims else None
+        claims = EpochClaims(self, key) if apply_claims else None
         out = []
         for g in sorted({g for gs in listings for g in gs}):
             m = choose_manifest(self._read_manifests(key, g, listings).values())
@@ -405,7 +411,7 @@ class CheckpointStore:
     def __repr__(self) -> str:
         urls = ", ".join(r.url for r in self.replicas)
         signed = f", signed by key id {self._keyring.ids[0]}" if self._keyring is not None else ""
-        return f"CheckpointStore([{urls}], mode={self.mode!r}, quorum={self.quorum}{signed})"
+        return f"CheckpointStore([{urls}], mode={self.settings.redundancy!r}, quorum={self.quorum}{signed})"
 
     # ------------------------------------------------------------------ internals
 
@@ -467,8 +473,9 @@ class CheckpointStore:
         n = len(self.replicas)
         cid = uuid.uuid4().hex
         gdir = layout.gen_dir(key, generation)
-        if self.mode == "parity":
-            striper: Striper | None = Striper(k=n - 1, block=PARITY_BLOCK)
+        if self.mode != "replicate":
+            striper: Striper | None = (Striper(k=n - 1, block=PARITY_BLOCK) if self.mode == "parity"
+                                       else RsStriper(k=self._shape[1], m=self._shape[2], block=PARITY_BLOCK))
             names = [layout.shard_name(cid, i) for i in range(n)]
             held = placement(generation, n)
         else:
@@ -523,6 +530,7 @@ class CheckpointStore:
             info={"writer": f"{socket.gethostname()}:{os.getpid()}"},
             sha256=digest.hexdigest() if digest is not None else "",
             signer=self._keyring,
+            parity=self._shape[2] if self.mode == "rs" else 0,
         )
         rel = f"{gdir}/{layout.MANIFEST}"
         claimed = self.current_epoch(key)  # fenced while uploading? (async saves upload for a while)
@@ -567,6 +575,7 @@ class CheckpointStore:
                 "key %r generation %d committed on %d of %d replicas; failed: %s",
                 key, generation, len(acked), n, {u: f"{type(e).__name__}: {e}" for u, e in failed.items()},
             )
+        self.proofs.record(key, generation, cid)  # encoded here, committed on a quorum
         return Commit(
             key=key,
             generation=generation,
@@ -582,43 +591,6 @@ class CheckpointStore:
             maintenance.apply_retention(self, key)
         except Exception as e:  # noqa: BLE001 - retention is best effort; the save is committed
             log.warning("retention for key %r failed: %s: %s", key, type(e).__name__, e)
-
-
-class _Claims:
-    """Epoch claims of one key, read lazily: decides whether a manifest was written by a fenced writer.
-
-    A claim records the newest committed generation when it was made. A manifest whose epoch is older
-    than some claim and whose generation is newer than what that claim saw committed was written after
-    the claim, by a writer the claim fenced: it is void, whatever it contains.
-    """
-
-    def __init__(self, store: "CheckpointStore", key: str) -> None:
-        self.store, self.key = store, key
-        self._epochs: list[int] | None = None
-        self._floors: dict[int, int | None] = {}
-
-    def voids(self, m: Manifest) -> bool:
-        if self._epochs is None:
-            names = self.store._parallel(lambda r: r.call(r.backend.listdir, f"{self.key}/{layout.EPOCHS_DIR}"))
-            found = {layout.parse_epoch_name(n) for ns in names if isinstance(ns, list) for n in ns}
-            self._epochs = sorted(e for e in found if e is not None)
-        later = [e for e in self._epochs if e > m.epoch]
-        if not later:
-            return False
-        floor = self._floor(later[0])
-        return floor is not None and m.generation > floor
-
-    def _floor(self, epoch: int) -> int | None:
-        if epoch not in self._floors:
-            rel = f"{self.key}/{layout.EPOCHS_DIR}/{layout.epoch_name(epoch)}"
-            self._floors[epoch] = None
-            for body in self.store._parallel(lambda r: r.call(r.backend.read, rel, path=rel)):
-                try:
-                    self._floors[epoch] = int(json.loads(bytes(body))["committed"])
-                    break
-                except (TypeError, ValueError, KeyError):
-                    continue  # unreadable here (missing, older format): try another replica
-        return self._floors[epoch]
 
 
 def _hashing(chunks: Iterable[Any], digest: Any) -> Iterable[Any]:
