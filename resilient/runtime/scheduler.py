@@ -263,6 +263,7 @@ class Scheduler:
         self._group_urgent = 0  # redelivered batches waiting in the group: committed without delay
         self._to_finish: set[int] = set(range(p.slots))  # slots whose final state is not being saved
         self._n_finished = 0
+        self._actors_seen: list[dict] | None = None
         self._progress_seq = 0
         self._progress_inflight: int | None = None
         self._progress_due = now + PROGRESS_EVERY_S
@@ -291,10 +292,10 @@ class Scheduler:
         """Take one input; return the commands it leads to."""
         if self.state != "running":
             return []
-        method = _HANDLERS.get(type(item))
-        if method is None:
+        name = _HANDLERS.get(type(item))
+        if name is None:
             raise TypeError(f"the scheduler takes inputs of resilient.runtime.protocol, not {item!r}")
-        method(self, item, now)
+        getattr(self, name)(item, now)
         return self._flush_out(now)
 
     def tick(self, now: float) -> list:
@@ -302,9 +303,11 @@ class Scheduler:
         if self.state != "running":
             return []
         timers = self._timers
+        if not timers or timers[0][0] > now:
+            return []  # nothing is due: nothing has changed since the last input
         while timers and timers[0][0] <= now and self.state == "running":
             _, _, kind, arg = heapq.heappop(timers)
-            _TIMERS[kind](self, arg, now)
+            getattr(self, _TIMERS[kind])(arg, now)
         return self._flush_out(now)
 
     def next_wakeup(self) -> float | None:
@@ -326,11 +329,16 @@ class Scheduler:
             "dead": [d.__dict__ for d in self.dead.values()],
             "restarts": self.restarts,
             "retries": self.retries,
-            "actors": [{"slot": s.index, "pid": s.pid, "node_id": s.node, "epoch": s.epoch}
-                       for s in self.slots if s.pid is not None],
+            "actors": self._actors(),
             "state": self.state,
             "error": self.error,
         }
+
+    def _actors(self) -> list[dict]:
+        if self._actors_seen is None:  # rebuilt only when an incarnation came up or went
+            self._actors_seen = [{"slot": s.index, "pid": s.pid, "node_id": s.node, "epoch": s.epoch}
+                                 for s in self.slots if s.pid is not None]
+        return list(self._actors_seen)
 
     def queued(self) -> int:
         """Batches read and waiting for a call (bounded: back-pressure)."""
@@ -343,6 +351,7 @@ class Scheduler:
         if slot.inc != e.inc or slot.phase != STARTING:
             return
         slot.phase, slot.epoch, slot.pid, slot.node = RUNNING, e.epoch, e.pid, e.node
+        self._actors_seen = None
         slot.cursor = e.cursor
         slot.user_failures = slot.start_deaths = 0
         slot.started = True
@@ -546,6 +555,7 @@ class Scheduler:
         self._to_finish.add(slot.index)
         slot.pid = slot.node = None
         slot.epoch = -1
+        self._actors_seen = None
         spare = self.spares.pop(0) if spare_ok and self.spares else None
         self._out.append(StartActor(slot.index, slot.inc, spare))
         self._timer(now + self.policy.start_timeout_seconds, "start_timeout", (slot.index, slot.inc))
@@ -932,26 +942,26 @@ class Scheduler:
 
 
 _HANDLERS = {
-    ActorUp: Scheduler._on_up,
-    ActorDown: Scheduler._on_down,
-    CallAnswered: Scheduler._on_answer,
-    RollbackDone: Scheduler._on_rolled,
-    FinishDone: Scheduler._on_finished,
-    CommitDone: Scheduler._on_commit,
-    CommitFailed: Scheduler._on_commit_failed,
-    ProgressDone: Scheduler._on_progress,
-    ProgressFailed: Scheduler._on_progress_failed,
+    ActorUp: "_on_up",
+    ActorDown: "_on_down",
+    CallAnswered: "_on_answer",
+    RollbackDone: "_on_rolled",
+    FinishDone: "_on_finished",
+    CommitDone: "_on_commit",
+    CommitFailed: "_on_commit_failed",
+    ProgressDone: "_on_progress",
+    ProgressFailed: "_on_progress_failed",
 }
 
 _TIMERS = {
-    "hang": Scheduler._t_hang,
-    "start_timeout": Scheduler._t_start_timeout,
-    "stuck": Scheduler._t_stuck,
-    "restart": Scheduler._t_restart,
-    "retry": Scheduler._t_retry,
-    "resume": Scheduler._t_resume,
-    "spares": Scheduler._t_spares,
-    "recommit": Scheduler._t_recommit,
-    "flush": Scheduler._t_flush,
-    "progress": Scheduler._t_progress,
+    "hang": "_t_hang",
+    "start_timeout": "_t_start_timeout",
+    "stuck": "_t_stuck",
+    "restart": "_t_restart",
+    "retry": "_t_retry",
+    "resume": "_t_resume",
+    "spares": "_t_spares",
+    "recommit": "_t_recommit",
+    "flush": "_t_flush",
+    "progress": "_t_progress",
 }

@@ -149,6 +149,7 @@ class Outcome:
     decisions: int = 0  # inputs and ticks the scheduler took
     scheduler_seconds: float = 0.0  # CPU (wall) seconds spent inside the scheduler
     restarts: int = 0
+    start_deaths: int = 0  # incarnations that died while starting, not by the pipeline's exception
     charged_external: int = 0
     peak_timers: int = 0
     peak_calls: int = 0
@@ -520,6 +521,8 @@ class _World:
             self.outcome.batches_done += len(e.batch_ids)
         elif isinstance(e, ev.ActorReplaced):
             self.outcome.restarts += 1
+            if e.reason.startswith("died while starting"):
+                self.outcome.start_deaths += 1
 
     def _c_FailJob(self, c: FailJob) -> None:
         self.ended = "failed"
@@ -589,8 +592,9 @@ class _World:
     def run(self) -> Outcome:
         s = self.scenario
         self.start_run()
-        crash_at = [self.rng.uniform(0.05, max(0.1, s.fault_window)) for _ in range(s.driver_crashes)]
-        crash_at.sort()
+        # the driver dies once this share of the batches is committed (1.0: after the last commit, while
+        # the slots save their final state): early, in the middle and at the very end
+        crash_at = sorted(1.0 if self.rng.random() < 0.3 else self.rng.random() for _ in range(s.driver_crashes))
         while True:
             if self.ended == "complete":
                 break
@@ -605,8 +609,8 @@ class _World:
             if when > s.time_limit:
                 self.outcome.violations.append(f"the job did not finish within {s.time_limit:g} virtual seconds")
                 break
-            if crash_at and crash_at[0] <= when:
-                self.now = max(self.now, crash_at.pop(0))
+            if crash_at and len(self.storage.markers) >= crash_at[0] * (s.batches - len(self.poison | self.crash_ids)):
+                crash_at.pop(0)
                 self.crash_driver()
                 self.start_run()
                 continue

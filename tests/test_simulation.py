@@ -1,0 +1,142 @@
+"""The scheduler under deterministic simulation: thousands of seeded fault schedules, and proof that the
+simulation catches a broken scheduler.
+
+A failing seed is a bug: its assertion message carries a one-line reproduction.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from resilient.runtime import scheduler as scheduler_module
+from resilient.runtime.protocol import Cause
+from resilient.testing.simulation import Scenario, random_scenario, simulate, sweep
+
+SEEDS = 4000  # varied sizes (1-300 batches, 1-5 slots), settings and faults; about 20 s on 2 cores
+
+
+def _report(bad: list) -> str:
+    return "\n".join(f"{o.violations[:3]}\n    {o.scenario.repro}" for o in bad[:10])
+
+
+@pytest.mark.parametrize("part", range(4))
+def test_every_guarantee_holds_over_thousands_of_fault_schedules(part):
+    n = SEEDS // 4
+    bad = sweep(range(part * n, (part + 1) * n))
+    assert not bad, f"{len(bad)} seeds broke a guarantee:\n{_report(bad)}"
+
+
+def test_the_sweep_injects_every_kind_of_fault():
+    """The faults are not just configured but happen: deaths of every cause, hangs, zombies, exceptions,
+    poison and crashing batches, failed commits and progress saves, driver crashes and re-runs."""
+    outcomes = [simulate(random_scenario(seed)) for seed in range(300)]
+    assert sum(o.runs > 1 for o in outcomes) > 50  # driver crashes and re-runs
+    assert sum(o.restarts for o in outcomes) > 500
+    assert any(o.scenario.poison for o in outcomes) and any(o.scenario.crashers for o in outcomes)
+    assert any(o.scenario.zombie_rate for o in outcomes) and any(o.scenario.hang_rate for o in outcomes)
+
+
+def test_a_large_job_with_many_actors_and_faults_everywhere():
+    out = simulate(Scenario(seed=11, batches=20_000, slots=200, stateful=True, kill_rate=0.005, hang_rate=0.002,
+                            zombie_rate=0.3, transient_rate=0.01, poison=(77, 15_000), crashers=(4242,),
+                            commit_fail_rate=0.02, progress_fail_rate=0.05, driver_crashes=2, fault_window=1e9))
+    assert out.violations == [] and out.completed, out.scenario.repro
+    assert out.runs == 3 and out.restarts > 20
+
+
+def test_stateless_job_under_heavy_faults_finishes_once_they_stop():
+    out = simulate(Scenario(seed=5, batches=2_000, slots=8, kill_rate=0.05, hang_rate=0.02, zombie_rate=0.5,
+                            transient_rate=0.05, commit_fail_rate=0.1, fault_window=60.0))
+    assert out.violations == [] and out.completed, out.scenario.repro
+
+
+def test_systematic_errors_fail_the_job_fast_without_dead_lettering_the_rest():
+    out = simulate(Scenario(seed=2, batches=500, slots=2, poison=tuple(range(500)), fail_fast_after=3))
+    assert out.failed is not None and "raised the same error and none succeeded" in out.failed
+    assert not out.completed and out.batches_done <= 3  # a few dead letters at most, not 500
+
+
+def test_a_constructor_that_always_raises_fails_the_job_with_its_error():
+    out = simulate(Scenario(seed=4, batches=50, slots=2, standby=0, broken_starts=100, max_attempts=3))
+    assert out.failed is not None and "constructor or restore raised 3 times in a row" in out.failed
+    assert "OSError: no weights" in out.failed
+
+
+def test_actors_killed_while_starting_never_fail_the_job_by_themselves():
+    # every actor dies often, also while building and restoring (which takes 0.5-2 s here)
+    out = simulate(Scenario(seed=9, batches=300, slots=2, stateful=True, kill_rate=0.05, external_share=0.0,
+                            fault_window=120.0))
+    assert out.violations == [] and out.completed, out.scenario.repro
+    assert out.start_deaths >= 5 and out.restarts > 20, (out.start_deaths, out.restarts)
+
+
+def test_a_crash_loop_while_starting_still_ends():
+    """Under a kill storm that no start survives, the start budget (20 in a row per slot) ends the job
+    instead of retrying forever."""
+    out = simulate(Scenario(seed=9, batches=300, slots=2, stateful=True, kill_rate=1.0, external_share=0.0,
+                            fault_window=1e9))
+    assert out.failed is not None and "actors in a row died while starting" in out.failed
+
+
+# ------------------------------------------------------------------ the simulation catches broken schedulers
+
+
+def _broken(monkeypatch, name, replacement, seeds=range(600)):
+    monkeypatch.setattr(scheduler_module.Scheduler, name, replacement)
+    return sweep(seeds)
+
+
+def test_it_catches_a_scheduler_that_charges_external_deaths(monkeypatch):
+    original = scheduler_module.Scheduler._on_down
+
+    def charge_everything(self, e, now):
+        original(self, type(e)(e.slot, e.inc, Cause.PROCESS, e.error, e.traceback), now)
+
+    bad = _broken(monkeypatch, "_on_down", charge_everything)
+    assert any("external death" in v for o in bad for v in o.violations)
+
+
+def test_it_catches_a_scheduler_that_finishes_before_replaying(monkeypatch):
+    original = scheduler_module.Scheduler._maybe_finish
+
+    def early(self):
+        reading, read = self.reading, self.read_pos
+        self.reading, self.read_pos = True, self.total  # finish as soon as every batch is done
+        try:
+            original(self)
+        finally:
+            self.reading, self.read_pos = reading, read
+
+    bad = _broken(monkeypatch, "_maybe_finish", early)
+    assert any("final state" in v for o in bad for v in o.violations)
+
+
+def test_it_catches_a_scheduler_that_replays_from_the_wrong_cursor(monkeypatch):
+    original = scheduler_module.Scheduler._on_rolled
+
+    def stale_cursor(self, e, now):
+        # one batch past where the reloaded checkpoint stands: that batch is never applied again
+        original(self, type(e)(e.slot, e.inc, e.cursor + self.policy.slots), now)
+
+    bad = _broken(monkeypatch, "_on_rolled", stale_cursor)
+    assert any("final state" in v or "did not" in v for o in bad for v in o.violations)
+
+
+def test_it_catches_a_scheduler_that_forgets_lost_batches(monkeypatch):
+    original = scheduler_module.Scheduler._replace
+
+    def forget(self, slot, reason, cause, culprit, now, error=""):
+        for call in slot.inflight:
+            self.calls.pop(call.id, None)
+        slot.inflight.clear()  # the lost batches are dropped instead of sent again
+        original(self, slot, reason, cause, culprit, now, error)
+
+    bad = _broken(monkeypatch, "_replace", forget)
+    assert any("did not" in v or "stalled" in v or "committed wrong" in v for o in bad for v in o.violations)
+
+
+def test_a_failing_seed_prints_a_one_line_reproduction():
+    line = Scenario(seed=123, batches=7, stateful=True).repro
+    assert line.startswith("from resilient.testing.simulation import *; simulate(Scenario(seed=123,")
+    assert "\n" not in line and "batches=7" in line and "stateful=True" in line
+    exec(line, {})  # noqa: S102 - it runs
