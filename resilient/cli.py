@@ -40,6 +40,7 @@ from typing import Any, NoReturn, TextIO, TypeVar
 from resilient import __version__
 from resilient.config import Settings, redact_url
 from resilient.errors import ConfigError, ResilientError
+from resilient.runtime import records
 from resilient.jobs import JOB_RECORD, PROGRESS, RETRY, group_keys, load_record, locate_problems, probe, \
     slot_generations, status_view
 from resilient.storage import CheckpointStore, layout
@@ -457,7 +458,7 @@ def _retry(ctx: _Context, job: str, dead: list[dict[str, Any]]) -> int:
     if not asked:
         ctx.print(f"job {job} has no dead letters: nothing to retry")
         return EXIT_OK
-    commit = ctx.store().save(f"{job}/{RETRY}", {"batch_ids": asked, "requested_at": ctx.clock()})
+    commit = ctx.store().save(records.retry_key(job), records.retry_request(asked, ctx.clock()))
     if ctx.args.json:
         ctx.json({"job": job, "batch_ids": asked, "key": commit.key, "generation": commit.generation})
     else:

@@ -50,6 +50,13 @@ def test_stateless_job_under_heavy_faults_finishes_once_they_stop():
     assert out.violations == [] and out.completed, out.scenario.repro
 
 
+def test_preemption_notices_hand_slots_over_without_charging_anyone():
+    out = simulate(Scenario(seed=8, batches=3_000, slots=4, stateful=True, kill_rate=0.02, notice_share=1.0,
+                            fault_window=1e9))
+    assert out.violations == [] and out.completed, out.scenario.repro
+    assert out.handovers >= 5 and out.charged_external == 0
+
+
 def test_systematic_errors_fail_the_job_fast_without_dead_lettering_the_rest():
     out = simulate(Scenario(seed=2, batches=500, slots=2, poison=tuple(range(500)), fail_fast_after=3))
     assert out.failed is not None and "raised the same error and none succeeded" in out.failed

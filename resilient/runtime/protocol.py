@@ -52,6 +52,7 @@ __all__ = [
     "FinishDone",
     "Input",
     "KillActor",
+    "NodeDraining",
     "ProgressDone",
     "ProgressFailed",
     "Result",
@@ -195,8 +196,16 @@ class ProgressFailed:
     retryable: bool
 
 
+@dataclass(frozen=True, slots=True)
+class NodeDraining:
+    """Node `node` is draining (preemption notice): it goes at `deadline` (the scheduler's clock)."""
+
+    node: str
+    deadline: float
+
+
 Input = (ActorUp | ActorDown | CallAnswered | RollbackDone | FinishDone | CommitDone | CommitFailed
-         | ProgressDone | ProgressFailed)
+         | ProgressDone | ProgressFailed | NodeDraining)
 
 
 # ---------------------------------------------------------------------------------- commands

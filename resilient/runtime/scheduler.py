@@ -40,7 +40,11 @@ Failures
 * Exception in user code (`Failure`): charged; a stateless batch is retried after a backoff (a timer),
   a stateful slot is rolled back to its last checkpoint (a command, not a wait) and replays once the
   backoff has passed.
-* Hang: a call running ``batch_timeout_seconds`` kills its actor; attributed like a death.
+* Hang: a call running ``batch_timeout_seconds`` kills its actor; attributed like a death. A rollback or
+  a final save running that long is a hang too (nothing is charged).
+* Node draining (`NodeDraining`, a preemption notice): the node's slots take no more batches and are
+  handed over to new incarnations once their calls in flight answer, or ``DRAIN_MARGIN_S`` before the
+  deadline at the latest (what is still in flight is sent again); nothing is charged.
 * Poison: ``max_attempts`` failed attempts make a dead letter (or fail the job, ``on_poison="fail"``).
 * Systematic errors: when the first ``fail_fast_after`` distinct batches all raise the same error
   (exception type and raising line) before any batch succeeds, the job fails at once with it.
@@ -77,6 +81,7 @@ from resilient.runtime.protocol import (
     FinishActor,
     FinishDone,
     KillActor,
+    NodeDraining,
     ProgressDone,
     ProgressFailed,
     RollbackActor,
@@ -92,6 +97,7 @@ __all__ = ["INF", "DeadLetter", "Policy", "Scheduler", "backoff", "failure_signa
 INF = 1 << 62
 SPARE_DELAY_S = 1.0  # the longest a hand-over defers rebuilding the standby it used
 PROGRESS_EVERY_S = 1.0  # progress saves, at most this often (and soon after a dead letter)
+DRAIN_MARGIN_S = 2.0  # a slot on a draining node is handed over at the latest this long before it goes
 COMMIT_ATTEMPTS = 10  # a group whose commit fails (transiently) this many times in a row fails the job
 
 # slot phases
@@ -264,6 +270,7 @@ class Scheduler:
         self._to_finish: set[int] = set(range(p.slots))  # slots whose final state is not being saved
         self._n_finished = 0
         self._actors_seen: list[dict] | None = None
+        self._draining: dict[str, float] = {}  # node -> when it goes
         self._progress_seq = 0
         self._progress_inflight: int | None = None
         self._progress_due = now + PROGRESS_EVERY_S
@@ -365,6 +372,8 @@ class Scheduler:
             self._timer(self._spares_due, "spares", None)
         if not self.reading and all(s.started for s in self.slots):
             self._begin_reading()
+        if self._draining:
+            self._drain_check(slot, now)
 
     def _on_down(self, e: ActorDown, now: float) -> None:
         slot = self.slots[e.slot]
@@ -400,7 +409,7 @@ class Scheduler:
             slot.inflight.remove(call)
         if slot.alone == call.id:
             slot.alone = None
-        if slot.phase == RUNNING:
+        if slot.phase == RUNNING and not (self._draining and slot.node in self._draining):
             self._idle[slot.index] = None
         stateful = self.policy.stateful
         for answer in e.answers:
@@ -421,6 +430,8 @@ class Scheduler:
             self.group.append((slot.index, b, answer.output))
             if b in self.urgent:
                 self._group_urgent += 1
+        if self._draining and slot.inc == call.inc:
+            self._drain_check(slot, now)
 
     def _on_rolled(self, e: RollbackDone, now: float) -> None:
         slot = self.slots[e.slot]
@@ -431,6 +442,8 @@ class Scheduler:
         self._emit(ev.SlotRolledBack(slot.index, slot.rolled_for, slot.cursor))
         self._rebuild_queue(slot)
         self._idle[slot.index] = None
+        if self._draining:
+            self._drain_check(slot, now)
         if slot.resume_at > now:
             slot.paused_until = slot.resume_at
             self._timer(slot.resume_at, "resume", slot.index)
@@ -480,6 +493,31 @@ class Scheduler:
             self._fail(f"the job's progress could not be saved: {e.error}")
             return
         self._progress_soon = True  # the next one goes as soon as allowed: a record is whole or absent
+
+    def _on_draining(self, e: NodeDraining, now: float) -> None:
+        """A node is about to go: its slots take no more batches and are handed over to new incarnations
+        once their calls in flight have answered, or a margin before the deadline (whatever is still in
+        flight then is sent again). Nothing is charged: it is not the batches' doing."""
+        self._draining[e.node] = e.deadline
+        for slot in self.slots:
+            if slot.node == e.node:
+                self._drain_check(slot, now)
+
+    def _drain_check(self, slot: _Slot, now: float) -> None:
+        deadline = self._draining.get(slot.node) if slot.node is not None else None
+        if deadline is None or slot.phase in (STARTING, WAITING, FINISHED):
+            return
+        self._idle.pop(slot.index, None)
+        if slot.phase == RUNNING and (not slot.inflight or now >= deadline - DRAIN_MARGIN_S):
+            self._replace(slot, f"handed over: its node {slot.node} is draining", Cause.PREEMPTED, None, now)
+        elif slot.phase == RUNNING:
+            self._timer(max(now, deadline - DRAIN_MARGIN_S), "drain", (slot.index, slot.inc))
+
+    def _t_drain(self, arg: tuple[int, int], now: float) -> None:
+        s, inc = arg
+        slot = self.slots[s]
+        if slot.inc == inc:
+            self._drain_check(slot, now)
 
     # ------------------------------------------------------------------ timers
 
@@ -951,6 +989,7 @@ _HANDLERS = {
     CommitFailed: "_on_commit_failed",
     ProgressDone: "_on_progress",
     ProgressFailed: "_on_progress_failed",
+    NodeDraining: "_on_draining",
 }
 
 _TIMERS = {
@@ -964,4 +1003,5 @@ _TIMERS = {
     "recommit": "_t_recommit",
     "flush": "_t_flush",
     "progress": "_t_progress",
+    "drain": "_t_drain",
 }

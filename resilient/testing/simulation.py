@@ -10,7 +10,8 @@ Faults, each at a seeded rate:
 
 * actor deaths at any moment: while it builds or restores, during a call, a rollback, a checkpoint save
   or the final save; most are plain process deaths (``Cause.PROCESS``), some are reported as node loss,
-  preemption or OOM kills (never to be charged to a batch);
+  preemption or OOM kills (never to be charged to a batch), some announced first by a preemption notice
+  (the node draining, then gone at its deadline);
 * hangs (a call that never answers) and zombies (a kill that does not take: the old incarnation goes on
   answering late and saving checkpoints, which the epoch fence must refuse);
 * exceptions in user code: transient (once per chosen batch, half-applied to the state first) and
@@ -59,6 +60,7 @@ from resilient.runtime.protocol import (
     FinishActor,
     FinishDone,
     KillActor,
+    NodeDraining,
     ProgressDone,
     ProgressFailed,
     Result,
@@ -90,6 +92,7 @@ class Scenario:
     fail_fast_after: int = 0
     kill_rate: float = 0.0  # per scheduler command: an actor dies (some of them for external causes)
     external_share: float = 0.3  # of those deaths, reported as node lost, preempted or OOM-killed
+    notice_share: float = 0.0  # of those deaths, announced first by a preemption notice (a node draining)
     hang_rate: float = 0.0  # per call: it never answers
     zombie_rate: float = 0.0  # per kill: it does not take, the old incarnation goes on
     transient_rate: float = 0.0  # per batch: raises once (half-applied)
@@ -126,7 +129,7 @@ def random_scenario(seed: int, *, max_batches: int = 300) -> Scenario:
         seed=seed, batches=batches, slots=slots, stateful=stateful, standby=r.choice([0, 1, 2]),
         queue_depth=r.choice([1, 2, 3]), batches_per_call=r.choice(["auto", 1, 2, 4]),
         checkpoint_every=r.choice([1, 3, 10]), max_attempts=r.choice([3, 4]),
-        kill_rate=r.choice([0.0, 0.005, 0.02, 0.05]), external_share=r.random(),
+        kill_rate=r.choice([0.0, 0.005, 0.02, 0.05]), external_share=r.random(), notice_share=r.choice([0.0, 0.3]),
         hang_rate=r.choice([0.0, 0.0, 0.01]), zombie_rate=r.choice([0.0, 0.3]),
         transient_rate=r.choice([0.0, 0.02, 0.1]), poison=poison, crashers=crashers,
         broken_starts=r.choice([0, 0, 0, 1]), commit_fail_rate=r.choice([0.0, 0.05]),
@@ -150,6 +153,7 @@ class Outcome:
     scheduler_seconds: float = 0.0  # CPU (wall) seconds spent inside the scheduler
     restarts: int = 0
     start_deaths: int = 0  # incarnations that died while starting, not by the pipeline's exception
+    handovers: int = 0  # slots handed over ahead of a preemption (a node draining)
     charged_external: int = 0
     peak_timers: int = 0
     peak_calls: int = 0
@@ -212,6 +216,8 @@ class _Actor:
         self.dirty = False
         self.since = 0
         self.snap: tuple[int, int] | None = None
+        world.nodes += 1
+        self.node = f"node-{world.nodes}"  # one actor per node: a preemption takes exactly it
 
     def restore(self) -> None:
         ck = self.world.storage.checkpoints.get(self.slot)
@@ -275,6 +281,7 @@ class _World:
         self.transient = {b for b in range(s.batches) if self.rng.random() < s.transient_rate}
         self.raised_once: set[int] = set()
         self.constructions = 0
+        self.nodes = 0
         self.outcome = Outcome(scenario)
         self.sched: Scheduler | None = None
         self.run_id = 0
@@ -308,11 +315,12 @@ class _World:
         commands = sched.handle(item, self.now)
         self.outcome.scheduler_seconds += time.process_time() - t0
         self.outcome.decisions += 1
-        external = isinstance(item, ActorDown) and item.cause.external
+        external = isinstance(item, NodeDraining) or (isinstance(item, ActorDown) and item.cause.external)
         if external and any(isinstance(c, Emit) and isinstance(c.event, (ev.BatchRetried, ev.BatchDeadLettered))
                             for c in commands):
             self.outcome.charged_external += 1
-            self.outcome.violations.append(f"an external death ({item.cause.value}) was charged to a batch")
+            what = "a drain notice" if isinstance(item, NodeDraining) else f"an external death ({item.cause.value})"
+            self.outcome.violations.append(f"{what} was charged to a batch")
         self.apply(commands)
 
     def tick(self) -> None:
@@ -373,7 +381,7 @@ class _World:
                 return
             a.restore()
             gen = 1 if self.storage.checkpoints.get(c.slot) else None
-            self.feed(ActorUp(c.slot, c.inc, a.epoch, pid=1000 + c.inc, node="n", cursor=a.cursor, generation=gen))
+            self.feed(ActorUp(c.slot, c.inc, a.epoch, pid=1000 + c.inc, node=a.node, cursor=a.cursor, generation=gen))
 
         self.at(when, up)
 
@@ -523,6 +531,8 @@ class _World:
             self.outcome.restarts += 1
             if e.reason.startswith("died while starting"):
                 self.outcome.start_deaths += 1
+            elif e.reason.startswith("handed over"):
+                self.outcome.handovers += 1
 
     def _c_FailJob(self, c: FailJob) -> None:
         self.ended = "failed"
@@ -550,6 +560,11 @@ class _World:
         if not live:
             return
         a = self.rng.choice(live)
+        if self.rng.random() < self.scenario.notice_share:  # a preemption notice, then the node goes
+            deadline = self.now + self.rng.uniform(0.5, 5.0)
+            self.feed(NodeDraining(a.node, deadline))
+            self.at(deadline, lambda: self.die(a, Cause.PREEMPTED))
+            return
         external = self.rng.random() < self.scenario.external_share
         cause = self.rng.choice([Cause.NODE, Cause.PREEMPTED, Cause.OOM]) if external else Cause.PROCESS
         self.at(self.now + self.rng.uniform(0.0, 0.5), lambda: self.die(a, cause))
