@@ -583,6 +583,7 @@ class GuardedReplica:
         self._streaks = {"read": 0, "write": 0}
         self._pool: ThreadPoolExecutor | None = None
         self._inflight = 0
+        self._unresponsive_why = "no answer"
 
     # -- calls in this replica's own threads (a replica that hangs holds only its own threads)
 
@@ -596,8 +597,7 @@ class GuardedReplica:
             if self.health.unresponsive and self._inflight > 0:
                 fut: Future[T] = Future()
                 fut.set_exception(UnreachableError(
-                    f"not answering ({self.health.last_error or 'no answer'}; a call is still in flight)",
-                    url=self.url))
+                    f"not answering ({self._unresponsive_why}; a call is still in flight)", url=self.url))
                 return fut
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="resilient-replica")
@@ -626,6 +626,7 @@ class GuardedReplica:
             self.health.unresponsive = True
             self.health.degraded = True
             self.health.last_error = why
+            self._unresponsive_why = why
 
     def note_stale(self, what: str, why: str) -> None:
         """A committed generation (``"key generation N"``) was left behind here."""

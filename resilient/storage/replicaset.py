@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from resilient.errors import UnreachableError
-from resilient.retry import classify
+from resilient.retry import classify, is_transient
 from resilient.storage.deadlines import WaitPolicy, decided, read_enough, wait_more
 from resilient.storage.replica import GuardedReplica
 
@@ -191,7 +191,8 @@ class ReplicaSet:
 
     def probe(self, *, grace_floor: float = 1.0) -> list[Reachability]:
         """Whether each replica answers a listing of its root (a missing root answers too), without
-        retries and without waiting for one that does not answer while the others do."""
+        retries and without waiting for one that does not answer while the others do. One that fails
+        to connect or does not answer is flagged unresponsive, so that what follows does not wait on it."""
 
         def listing(r: GuardedReplica) -> None:
             try:
@@ -204,6 +205,8 @@ class ReplicaSet:
         for r, a in zip(self.replicas, answers):
             if isinstance(a, BaseException):
                 out.append(Reachability(r.url, False, describe_unreachable(a)))
+                if not isinstance(a, UnreachableError) and is_transient(a):  # refused, reset, timed out
+                    r.mark_unresponsive(f"probe: {describe_unreachable(a)}")
             else:
                 out.append(Reachability(r.url, True))
         return out
