@@ -9,13 +9,15 @@ times, each as the median of several runs after a warm-up:
   resilient  CheckpointStore.save to 1, 2 and 3 local targets (replicated)
   async      the time save_async blocks the caller (buffers reused), against a synchronous save
   load       CheckpointStore.load against torch.load(weights_only=True), both from the page cache
+  dead       save and load with 3 replicas, one an S3 endpoint on 127.0.0.1 that accepts connections and
+             never answers, against the same with 3 healthy local replicas (write quorum 2)
   coders     striping throughput on --coder-mb of random bytes in 1 MiB blocks: XOR parity (4+1) encode,
              Reed-Solomon RS(4+2) encode and decode with two data shards lost; storage overheads
 
 The last line printed is one JSON object with the ratios (time / baseline time, lower is better, except
 compression ratios and throughputs). Usage:
 
-    python benchmarks/checkpoint_io.py [--size-mb 512] [--repeat 3] [--dir PATH]
+    python benchmarks/checkpoint_io.py [--size-mb 512] [--repeat 3] [--dir PATH] [--only dead]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from resilient import codec
 from resilient.storage import CheckpointStore
 from resilient.storage.erasure import RsStriper, rebuild
 from resilient.storage.parity import Striper
+from resilient.testing import SilentServer
 
 
 def build_state(size_mb: int) -> dict:
@@ -148,12 +151,35 @@ def coder_speeds(size_mb: int, repeat: int) -> dict[str, float]:
     return {"xor_encode_mb_s": mb / xor_s, "rs_encode_mb_s": mb / rs_s, "rs_decode_mb_s": mb / dec_s}
 
 
+def dead_replica_ratios(state: dict, base: str, repeat: int) -> dict[str, float]:
+    """Save and load times with one replica that never answers, over the same with all healthy."""
+    res: dict[str, float] = {}
+    healthy = CheckpointStore(storage=fresh_dirs(base, 3, "healthy"), keep=1)
+    res["save_healthy_s"] = timed(lambda: healthy.save("bench", state), repeat)
+    res["load_healthy_s"] = timed(lambda: healthy.load("bench", repair=False), repeat)
+    healthy.close()
+    with SilentServer() as silent:
+        options = {"s3": {"endpoint_url": silent.url, "key": "bench", "secret": "bench",
+                          "client_kwargs": {"region_name": "us-west-2"}}}
+        dead = CheckpointStore(storage=fresh_dirs(base, 2, "dead") + ["s3://silent/ckpt"],
+                               storage_options=options, keep=1)
+        res["save_dead_replica_s"] = timed(lambda: dead.save("bench", state), repeat)
+        res["load_dead_replica_s"] = timed(lambda: dead.load("bench", repair=False), repeat)
+        dead.close()
+    return {
+        "save_with_dead_replica_vs_healthy": res["save_dead_replica_s"] / res["save_healthy_s"],
+        "load_with_dead_replica_vs_healthy": res["load_dead_replica_s"] / res["load_healthy_s"],
+        **{k: round(v, 4) for k, v in res.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under ./.resilient)")
     ap.add_argument("--coder-mb", type=int, default=64, help="bytes striped by the coder benchmark (MiB)")
+    ap.add_argument("--only", choices=["dead"], default=None, help="run only the dead-replica benchmark")
     args = ap.parse_args()
     os.makedirs(".resilient", exist_ok=True)
     base = tempfile.mkdtemp(prefix="bench-io-", dir=args.dir or ".resilient")
@@ -163,6 +189,10 @@ def main() -> None:
         mb = size / 1e6
         print(f"state: {mb:.0f} MB in {len(tensors(state))} tensors; writing under {base}")
         r = args.repeat
+        if args.only == "dead":
+            dead = dead_replica_ratios(state, base, r)
+            print(json.dumps({k: round(v, 3) for k, v in dead.items()}))
+            return
         res: dict[str, float] = {}
 
         res["raw_s"] = timed(lambda: write_raw(state, os.path.join(base, "raw.bin")), r)
@@ -192,6 +222,7 @@ def main() -> None:
             "int64": compression_ratio(state["tokens"], 2),
         }
         coders = coder_speeds(args.coder_mb, r)
+        dead = dead_replica_ratios(state, base, r)
         for name, sec in res.items():
             print(f"{name:>16}: {sec:7.3f} s  ({mb / sec:7.0f} MB/s of state)")
         for dt, (ratio, speed) in ratios.items():
@@ -211,6 +242,7 @@ def main() -> None:
             "bf16_mb_s": ratios["bf16"][1],
             "int64_ratio": ratios["int64"][0],
             **coders,
+            **dead,
             "overhead_replicas_3": 3.0,
             "overhead_rs_4_2": 6 / 4,
             "overhead_xor_4_1": 5 / 4,

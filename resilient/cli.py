@@ -376,6 +376,8 @@ def _status(ctx: _Context) -> int:
 
 def _ls(ctx: _Context) -> int:
     store = ctx.store()
+    unreachable = [p for p in store.set.probe() if not p.reachable]  # flagged first: nothing waits on them
+    code = EXIT_PROBLEMS if unreachable else EXIT_OK
     jobs, other = group_keys(store.keys())
     gens = {k: store.latest(k) for keys in jobs.values() for k in keys} | {k: store.latest(k) for k in other}
     listed = []
@@ -390,11 +392,14 @@ def _ls(ctx: _Context) -> int:
             "keys": {k: gens[k] for k in keys},
         })
     if ctx.args.json:
-        ctx.json({"jobs": listed, "keys": {k: gens[k] for k in other}})
-        return EXIT_OK
+        ctx.json({"jobs": listed, "keys": {k: gens[k] for k in other},
+                  "unreachable": [{"url": p.url, "detail": p.detail} for p in unreachable]})
+        return code
+    for p in unreachable:
+        ctx.print(f"UNREACHABLE {p.url}: {p.detail}")
     if not listed and not other:
         ctx.print(f"no checkpoints in {', '.join(r.url for r in store.replicas)}")
-        return EXIT_OK
+        return code
     if listed:
         ctx.print("jobs:")
         for j in listed:
@@ -407,7 +412,7 @@ def _ls(ctx: _Context) -> int:
         ctx.print("other keys:")
         for k in other:
             ctx.print(f"  {k}  generation {gens[k] if gens[k] is not None else '-'}")
-    return EXIT_OK
+    return code
 
 
 def _pending_retry(store: Any, job: str, progress: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -483,6 +488,7 @@ def _verify(ctx: _Context) -> int:
     if ctx.args.json:
         ctx.json({
             "ok": report.ok and bool(report.checked or key is None),
+            "unreachable": [{"url": u, "detail": d} for u, d in report.unreachable],
             "checked": [{"key": k, "generation": g} for k, g in report.checked],
             "problems": [{"object": p.object, "detail": p.detail} for p in problems],
             "unrecoverable": [{"key": k, "generation": g} for k, g in report.unrecoverable],
@@ -490,6 +496,8 @@ def _verify(ctx: _Context) -> int:
     else:
         ctx.print(f"checked {len(report.checked)} generation{'s' if len(report.checked) != 1 else ''} "
                   f"of {len(keys)} key{'s' if len(keys) != 1 else ''} on {len(store.replicas)} replicas")
+        for url, detail in report.unreachable:
+            ctx.print(f"UNREACHABLE {url}: {detail}")
         for p in problems:
             ctx.print(f"PROBLEM {p}")
         for k, g in report.unrecoverable:

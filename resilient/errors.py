@@ -11,6 +11,7 @@ The hierarchy::
     │   └── UnsafeCheckpointError            refused before deserialization: pickle payload, path escape
     └── StorageError                         a storage operation failed (carries url, path, generation)
         ├── TransientStorageError            worth retrying: timeouts, 5xx, connection resets
+        │   └── UnreachableError             a replica did not answer in time; its call goes on unwaited
         ├── PermanentStorageError            not worth retrying: 403, missing required object, no space
         ├── QuorumError                      fewer replicas acknowledged than the write quorum
         ├── FencedError                      a writer with a stale epoch or generation was refused
@@ -34,6 +35,7 @@ __all__ = [
     "SignatureError",
     "StorageError",
     "TransientStorageError",
+    "UnreachableError",
     "UnsafeCheckpointError",
     "UnsupportedTypeError",
 ]
@@ -187,6 +189,11 @@ class StorageError(ResilientError):
 
 class TransientStorageError(StorageError):
     """A storage failure worth retrying (timeout, 5xx, connection reset...)."""
+
+
+class UnreachableError(TransientStorageError):
+    """A replica did not answer within the time an operation gives it (others answered), or is known not
+    to answer: it is left behind, and its call, if one was made, goes on without being waited for."""
 
 
 class PermanentStorageError(StorageError):

@@ -315,7 +315,7 @@ def test_ls_empty_storage(tmp_dirs):
     code, out, _ = run_cli("ls", env=storage_env(dirs))
     assert code == 0 and "no checkpoints" in out
     code, out, _ = run_cli("ls", "--json", env=storage_env(dirs))
-    assert json.loads(out) == {"jobs": [], "keys": {}}
+    assert json.loads(out) == {"jobs": [], "keys": {}, "unreachable": []}
 
 
 # ------------------------------------------------------------------------------------------ dead letters

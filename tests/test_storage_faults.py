@@ -67,8 +67,8 @@ def test_s3_server_killed_mid_write_commits_on_the_local_quorum(tmp_dirs, s3_ser
         killer.join()
         assert commit.generation == 2 and len(commit.acked) == 2
         assert [u for u in commit.failed] == [store.replicas[2].url]
-        health = store.health()[2]
-        assert health.failures >= 1 and health.last_error
+        health = store.health()[2]  # the save did not wait for the dead endpoint: stale, reported degraded
+        assert health.degraded and health.stale == ("k generation 2",) and health.last_error
         loaded = store.load("k", repair=False)
         assert loaded.generation == 2 and torch.equal(loaded.state["w"], big["w"])
 

@@ -48,6 +48,7 @@ def test_public_names_are_pinned_and_sorted():
         "NoSpaceUnavailable",
         "S3Server",
         "S3ServerError",
+        "SilentServer",
         "kill_pid",
         "kill_worker",
     ]

@@ -36,7 +36,8 @@ import xxhash
 
 from resilient import codec
 from resilient.codec.buffer import ObjectBuffer
-from resilient.errors import CodecError, CorruptionError
+from resilient.errors import CodecError, CorruptionError, UnreachableError
+from resilient.retry import is_transient
 from resilient.storage import layout
 from resilient.storage.erasure import RsStriper, rebuild
 from resilient.storage.manifest import Manifest, choose_manifest
@@ -115,9 +116,10 @@ def examine_generation(
     """Read generation `g`'s manifests and the pieces of the checkpoint they name (not one in `exclude`)."""
     ex = Examination(key, g, [r.url for r in store.replicas])
     ex.listed = {j for j, gs in enumerate(listings) if g in gs}
+    unlisted = getattr(listings, "errors", {})
     for j in range(len(store.replicas)):
         if j not in ex.listed:
-            ex.manifest_errors[j] = "missing (generation absent)"
+            ex.manifest_errors[j] = _describe(unlisted[j]) if j in unlisted else "missing (generation absent)"
     for j, res in store._manifest_outcomes(key, g, listings).items():
         if isinstance(res, Manifest):
             ex.manifests[j] = res
@@ -202,8 +204,12 @@ def sha256_problem(store: "CheckpointStore", obj: Any, m: Manifest) -> str | Non
 
 
 def _describe(e: BaseException) -> str:
+    """A replica's failure in words: "missing", "unreachable (...)" for a replica that did not answer or
+    could not be connected to (a transient failure), else the error."""
     if isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError):
         return "missing"
+    if isinstance(e, UnreachableError) or is_transient(e):
+        return f"unreachable ({type(e).__name__}: {e})"
     return f"{type(e).__name__}: {e}"
 
 
@@ -231,7 +237,7 @@ def _recover_replicated(store: "CheckpointStore", ex: Examination, full: bool) -
     rel = f"{layout.gen_dir(ex.key, ex.generation)}/{piece.name}"
     agree = [j for j, mm in ex.manifests.items() if mm.checkpoint_id == m.checkpoint_id]
     others = [j for j in sorted(ex.listed) if j not in agree]
-    order = sorted(agree, key=lambda j: store.replicas[j].health.degraded) + others
+    order = sorted(agree, key=lambda j: _preference(store.replicas[j].health)) + others
 
     def read_piece(r):  # noqa: ANN001
         data = r.call(_read_object, r.backend, rel, path=rel, generation=ex.generation)
@@ -240,17 +246,23 @@ def _recover_replicated(store: "CheckpointStore", ex: Examination, full: bool) -
             raise CorruptionError(f"{r.url}/{rel}", bad)
         return data
 
-    batches = [order] if full else [[j] for j in order]
-    for batch in batches:
-        for j, res in zip(batch, store._parallel(read_piece, [store.replicas[j] for j in batch])):
-            if isinstance(res, BaseException):
-                ex.piece_errors[j] = f"{piece.name}: {_describe(res)}"
-            else:
-                ex.piece_ok[j] = 0
-                if ex.object_bytes is None:
-                    ex.object_bytes = res
-        if ex.object_bytes is not None and not full:
-            return
+    if full:
+        outcomes = dict(zip(order, store.set.gather(read_piece, order, enough=len(order),
+                                                    what=f"reading {rel}")))
+    else:  # one good copy: hedged, the next replica asked when the current one is slow
+        _, outcomes = store.set.hedged(read_piece, order, delay=store.set.policy.hedge_delay(piece.length))
+    for j, res in sorted(outcomes.items()):
+        if isinstance(res, BaseException):
+            ex.piece_errors[j] = f"{piece.name}: {_describe(res)}"
+        else:
+            ex.piece_ok[j] = 0
+            if ex.object_bytes is None:
+                ex.object_bytes = res
+
+
+def _preference(h: Any) -> tuple[bool, bool]:
+    """Replicas to read from first: responsive, then not degraded."""
+    return (h.unresponsive, h.degraded)
 
 
 def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> None:
@@ -273,7 +285,9 @@ def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> No
 
     listed = sorted(ex.listed)
     good: dict[int, bytes] = {}
-    for j, res in zip(listed, store._parallel(read_pieces, [store.replicas[j] for j in listed])):
+    need = len(listed) if full else min(len(listed), m.k)
+    answers = store.set.gather(read_pieces, listed, enough=need, what=f"reading shards of {gdir}")
+    for j, res in zip(listed, answers):
         if isinstance(res, BaseException):
             ex.piece_errors[j] = _describe(res)
             continue

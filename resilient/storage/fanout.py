@@ -3,7 +3,9 @@
 The encoder produces the object's bytes once; each replica's writer thread consumes them as they are
 produced, so compression, hashing and the writes of all replicas overlap. Chunks are kept on a `Tape`
 until the save ends, so a writer that hits a transient error restarts its upload from the first byte
-(the retry policy decides whether it may) without re-encoding. Memory is therefore bounded by one
+(the retry policy decides whether it may) without re-encoding. A save that returns before a slow
+replica's upload ends (see `resilient.storage.deadlines`) first gives the tape copies of its chunks
+(`Tape.detach`) and the tape is released when that upload ends. Memory is therefore bounded by one
 stored object per save (plus, in parity and rs modes, the parity shards).
 """
 
@@ -52,6 +54,15 @@ class Tape:
                 chunk = self._chunks[i]
             i += 1
             yield chunk
+
+    def detach(self) -> None:
+        """Replace every chunk by a copy of its own, so that a reader still replaying the tape after the
+        save returned (a straggler's upload) never reads memory the caller owns again (raw blocks are
+        zero-copy views of the caller's tensors). A chunk a reader is writing at this moment is the one
+        exception: if the caller changes it meanwhile, that copy fails its checksum (never loaded; repair
+        rewrites it)."""
+        with self._cond:
+            self._chunks = [c if isinstance(c, bytes) else bytes(c) for c in self._chunks]
 
     def release(self) -> None:
         """Drop the chunks (after every reader is done)."""

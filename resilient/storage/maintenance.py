@@ -2,7 +2,9 @@
 
 * `verify` reads every manifest and every stored piece of every generation on every replica, checks
   lengths and checksums, then puts the recovered object through a full decode dry run (and the signed
-  SHA-256 when a key is set); it reports each problem with its replica URL and object path.
+  SHA-256 when a key is set); it reports each problem with its replica URL and object path. A replica
+  that does not answer is probed first and reported unreachable (`VerifyReport.unreachable`), and its
+  objects as "unreachable", not "missing"; nothing waits on it (see `resilient.storage.deadlines`).
 * `repair` rewrites missing or corrupt copies from a recovered object that passed those same checks
   (or, in parity and rs modes, from the other shards); an object that does not decode is never copied.
 * `apply_retention` keeps the newest ``keep`` *proven* generations of a key and deletes older ones
@@ -48,6 +50,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     unrecoverable: list[tuple[str, int]] = field(default_factory=list)
     unexamined: list[tuple[str, str]] = field(default_factory=list)  # (key, why it could not be examined)
+    unreachable: list[tuple[str, str]] = field(default_factory=list)  # (replica url, how it failed to answer)
 
     @property
     def ok(self) -> bool:
@@ -95,6 +98,10 @@ def _checked(store: "CheckpointStore", key: str, g: int, listings: list[set[int]
 
 def verify(store: "CheckpointStore", key: str | None = None) -> VerifyReport:
     report = VerifyReport()
+    for probe in store.set.probe():  # first, so that a replica that does not answer is flagged at once
+        if not probe.reachable:
+            report.unreachable.append((probe.url, probe.detail))
+            report.problems.append(f"{probe.url}: unreachable ({probe.detail})")
 
     def one(k: str) -> list[Examination]:
         listings, gens = _generations(store, k)

@@ -26,7 +26,11 @@ points to, and walks directories without following links (``shutil.rmtree``'s de
 
 `GuardedReplica` wraps a backend with the retry policy and health accounting: transient errors are
 retried with backoff, permanent ones are not, and a replica failing `degraded_after` operations in a
-row is reported degraded and gets a single attempt per operation until it succeeds again.
+row is reported degraded and gets a single attempt per operation until it succeeds again. Its calls run
+in threads of its own (`GuardedReplica.submit`), so a replica that hangs holds only its own threads; one
+that an operation stopped waiting for is flagged unresponsive (reported degraded) and gets one call in
+flight at a time until a call succeeds (see `resilient.storage.deadlines`). SDK retries and timeouts are
+set in `resilient.storage.sdk` so that they do not multiply with the policy's.
 """
 
 from __future__ import annotations
@@ -41,13 +45,15 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from resilient.codec.buffer import ObjectBuffer
-from resilient.errors import PermanentStorageError, StorageError
+from resilient.errors import PermanentStorageError, StorageError, UnreachableError
 from resilient.retry import RetryPolicy, classify
 from resilient.storage.layout import MANIFEST, TMP_PREFIX
+from resilient.storage.sdk import configure, precondition_failed, sdk_options
 
 __all__ = ["FsspecReplica", "GuardedReplica", "LocalReplica", "ReplicaHealth", "open_backend"]
 
@@ -442,7 +448,7 @@ class FsspecReplica:
         except FileExistsError:
             raise
         except OSError as e:
-            if _precondition_failed(e):
+            if precondition_failed(e):
                 raise FileExistsError(errno.EEXIST, "already exists", path) from e
             raise
         finally:
@@ -516,11 +522,6 @@ class FsspecReplica:
         return iter(())  # object stores never hold partial objects under a name
 
 
-def _precondition_failed(e: BaseException) -> bool:
-    text = f"{e} {e.__cause__!r}"
-    return "PreconditionFailed" in text or "412" in text or "At least one of the pre-conditions" in text
-
-
 def open_backend(url: str, options: dict[str, Any], display_url: str) -> LocalReplica | FsspecReplica:
     """Build the backend for one storage URL (in the process that uses it; never pickled)."""
     if "://" not in url or url.startswith("file://") or url.startswith("local://"):
@@ -528,13 +529,20 @@ def open_backend(url: str, options: dict[str, Any], display_url: str) -> LocalRe
         return LocalReplica(path, display_url)
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(url, **options)
-    return FsspecReplica(fs, root, display_url)
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    fs, root = fsspec.core.url_to_fs(url, **sdk_options(protocol, options))
+    return FsspecReplica(configure(fs), root, display_url)
 
 
 @dataclass
 class ReplicaHealth:
-    """What one replica's recent operations looked like."""
+    """What one replica's recent operations looked like.
+
+    ``unresponsive``: an operation stopped waiting for this replica (others answered) and none of its
+    calls has succeeded since; it is reported ``degraded`` too. ``stale``: ``"key generation N"`` of
+    committed generations this replica was left behind on and that no background fill has completed
+    yet (the newest 100; `resilient repair` rewrites them).
+    """
 
     url: str
     degraded: bool = False
@@ -543,6 +551,12 @@ class ReplicaHealth:
     operations: int = 0
     last_error: str | None = None
     last_success_at: float | None = None
+    unresponsive: bool = False
+    stale: tuple[str, ...] = ()
+
+
+_STALE_SHOWN = 100
+_WORKERS = 8
 
 
 class GuardedReplica:
@@ -567,6 +581,73 @@ class GuardedReplica:
         self._lock = threading.Lock()
         self.health = ReplicaHealth(url=backend.url)
         self._streaks = {"read": 0, "write": 0}
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight = 0
+        self._unresponsive_why = "no answer"
+
+    # -- calls in this replica's own threads (a replica that hangs holds only its own threads)
+
+    def submit(self, fn: Callable[["GuardedReplica"], T]) -> "Future[T]":
+        """Run ``fn(self)`` in this replica's own threads; its future.
+
+        An unresponsive replica that still has a call in flight is not sent another: the future fails
+        at once with `UnreachableError` (one probe at a time, and no piling up of threads on it).
+        """
+        with self._lock:
+            if self.health.unresponsive and self._inflight > 0:
+                fut: Future[T] = Future()
+                fut.set_exception(UnreachableError(
+                    f"not answering ({self._unresponsive_why}; a call is still in flight)", url=self.url))
+                return fut
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="resilient-replica")
+            self._inflight += 1
+        try:
+            fut = self._pool.submit(fn, self)
+        except BaseException:
+            with self._lock:
+                self._inflight -= 1
+            raise
+        fut.add_done_callback(self._settled)
+        return fut
+
+    def _settled(self, _fut: Future) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    @property
+    def inflight(self) -> int:
+        """Calls submitted and not yet ended."""
+        return self._inflight
+
+    def mark_unresponsive(self, why: str) -> None:
+        """An operation stopped waiting for this replica: report it degraded until a call succeeds."""
+        with self._lock:
+            self.health.unresponsive = True
+            self.health.degraded = True
+            self.health.last_error = why
+            self._unresponsive_why = why
+
+    def note_stale(self, what: str, why: str) -> None:
+        """A committed generation (``"key generation N"``) was left behind here."""
+        with self._lock:
+            h = self.health
+            if what not in h.stale:
+                h.stale = (h.stale + (what,))[-_STALE_SHOWN:]
+            h.last_error = f"stale {what}: {why}"
+
+    def note_filled(self, what: str) -> None:
+        """A background fill of a generation this replica was left behind on completed."""
+        with self._lock:
+            self.health.stale = tuple(s for s in self.health.stale if s != what)
+
+    def close(self, *, wait: bool = True) -> None:
+        """Release this replica's threads; without ``wait``, calls still running are abandoned (they end
+        by their own timeouts) and queued ones are cancelled."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=not wait)
 
     def call(
         self,
@@ -608,6 +689,7 @@ class GuardedReplica:
             if writes:
                 self._streaks["write"] = 0
             h.consecutive_failures = max(self._streaks.values())
+            h.unresponsive = False
             h.degraded = h.consecutive_failures >= self.degraded_after
             h.last_success_at = self._clock()
 
@@ -620,4 +702,4 @@ class GuardedReplica:
             self._streaks[kind] += 1
             h.consecutive_failures = max(self._streaks.values())
             h.last_error = f"{type(err).__name__}: {err}"
-            h.degraded = h.consecutive_failures >= self.degraded_after
+            h.degraded = h.unresponsive or h.consecutive_failures >= self.degraded_after

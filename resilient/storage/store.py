@@ -76,6 +76,7 @@ from resilient.storage.manifest import Keyring, Manifest, ShardInfo, choose_mani
 from resilient.storage.parity import Striper, placement
 from resilient.storage.maintenance import VerifyReport
 from resilient.storage.replica import GuardedReplica, ReplicaHealth, open_backend
+from resilient.storage.replicaset import Listings, ReplicaSet
 from resilient.storage.retention import ProofCache
 
 __all__ = ["CheckpointStore", "Commit", "Loaded", "PendingSave"]
@@ -96,6 +97,7 @@ class Commit:
     acked: tuple[str, ...]
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    lagging: tuple[str, ...] = ()  # replicas the save did not wait for: filled in the background, or stale
 
 
 @dataclass(frozen=True)
@@ -156,11 +158,10 @@ class CheckpointStore:
             for b in backends
         ]
         self.quorum = settings.quorum
+        self.set = ReplicaSet(self.replicas, self.quorum)  # every multi-replica operation, with deadlines
         self._shape = redundancy_shape(settings.redundancy)
         self.mode = self._shape[0]  # "replicate", "parity" or "rs" (settings.redundancy gives rs's K+M)
         self._keyring = Keyring.from_setting(settings.signing_key)
-        n = len(self.replicas)
-        self._io = ThreadPoolExecutor(max_workers=max(4, 2 * n), thread_name_prefix="resilient-io")
         self._bg = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resilient-save")
         self._gc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-retention")
         self._retention: list[Future] = []
@@ -317,7 +318,8 @@ class CheckpointStore:
     def keys(self) -> list[str]:
         """Every key with at least one manifest on any replica."""
         found: set[str] = set()
-        for r, paths in zip(self.replicas, self._parallel(lambda r: r.call(lambda: list(r.backend.manifest_paths())))):
+        answers = self._parallel(lambda r: r.call(lambda: list(r.backend.manifest_paths())), what="listing keys")
+        for r, paths in zip(self.replicas, answers):
             if isinstance(paths, BaseException):
                 continue
             for p in paths:
@@ -333,7 +335,8 @@ class CheckpointStore:
     def current_epoch(self, key: str) -> int:
         """The highest epoch claimed for `key` on any replica (0 if none)."""
         best = 0
-        for names in self._parallel(lambda r: r.call(r.backend.listdir, f"{key}/{layout.EPOCHS_DIR}")):
+        for names in self._parallel(lambda r: r.call(r.backend.listdir, f"{key}/{layout.EPOCHS_DIR}"),
+                                    what=f"listing epochs of {key}"):
             if isinstance(names, BaseException):
                 continue
             for n in names:
@@ -363,7 +366,7 @@ class CheckpointStore:
                     if r.call(r.backend.read, rel, path=rel) != body:  # not our own retried create
                         raise
 
-            results = self._parallel(create)
+            results = self._parallel(create, enough=self.quorum, what=f"claiming epoch {epoch} of {key}")
             acked = sum(1 for x in results if not isinstance(x, BaseException))
             taken = any(isinstance(x, FileExistsError) for x in results)
             if acked >= self.quorum:
@@ -400,7 +403,8 @@ class CheckpointStore:
         finally:
             self._bg.shutdown(wait=True)
             self._gc.shutdown(wait=True)
-            self._io.shutdown(wait=True)
+            for r in self.replicas:  # calls left behind on an unresponsive replica end by their timeouts
+                r.close(wait=not r.health.unresponsive)
 
     def __enter__(self) -> "CheckpointStore":
         return self
@@ -421,24 +425,29 @@ class CheckpointStore:
                 self._owners[key] = _Owner()
             return self._owners[key]
 
-    def _parallel(self, fn: Callable[[GuardedReplica], Any], replicas: Iterable[GuardedReplica] | None = None) -> list:
-        """Run `fn` on each replica concurrently; results in order, exceptions returned, not raised."""
-        reps = list(self.replicas if replicas is None else replicas)
+    def _parallel(
+        self,
+        fn: Callable[[GuardedReplica], Any],
+        replicas: Iterable[GuardedReplica] | None = None,
+        *,
+        enough: int | None = None,
+        what: str = "operation",
+    ) -> list:
+        """Run `fn` on each replica concurrently (`ReplicaSet.gather`): results in order, exceptions
+        returned, not raised; a replica left behind gives `UnreachableError`."""
+        idx = None if replicas is None else [self._index(r) for r in replicas]
+        return self.set.gather(fn, idx, enough=enough, what=what)
 
-        def guard(r: GuardedReplica) -> Any:
-            try:
-                return fn(r)
-            except Exception as e:  # noqa: BLE001 - returned to the caller, who decides
-                return e
+    def _index(self, replica: GuardedReplica) -> int:
+        return next(j for j, r in enumerate(self.replicas) if r is replica)
 
-        futures = [self._io.submit(guard, r) for r in reps]
-        return [f.result() for f in futures]
-
-    def _list_generations(self, key: str) -> list[set[int]]:
-        out = []
-        for names in self._parallel(lambda r: r.call(r.backend.listdir, key, path=key)):
+    def _list_generations(self, key: str) -> Listings:
+        out = Listings()
+        answers = self._parallel(lambda r: r.call(r.backend.listdir, key, path=key), what=f"listing {key}")
+        for j, names in enumerate(answers):
             if isinstance(names, BaseException):
                 out.append(set())
+                out.errors[j] = names
                 continue
             out.append({g for g in map(layout.parse_gen_name, names) if g is not None})
         return out
@@ -466,7 +475,9 @@ class CheckpointStore:
             return m
 
         holders = [j for j, gs in enumerate(listings) if g in gs]
-        return dict(zip(holders, self._parallel(read, [self.replicas[j] for j in holders])))
+        answers = self.set.gather(read, holders, enough=min(len(holders), self.set.read_enough),
+                                  what=f"reading manifests of {key} generation {g}")
+        return dict(zip(holders, answers))
 
     def _write(self, key: str, state: Any, epoch: int, generation: int) -> Commit:
         s = self.settings
@@ -484,12 +495,13 @@ class CheckpointStore:
             held = [0] * n
         pieces = [Piece(Tape()) for _ in names]
 
-        def upload(j: int) -> int:
-            r = self.replicas[j]
+        def upload(r: GuardedReplica) -> int:
+            j = self._index(r)
             rel = f"{gdir}/{names[held[j]]}"
             return r.call(r.backend.write_object, rel, pieces[held[j]].tape, path=rel, generation=generation)
 
-        uploads = [self._io.submit(upload, j) for j in range(n)]
+        uploads = [r.submit(upload) for r in self.replicas]
+        _release_when_done(uploads, pieces)  # a straggler replays its tape until its upload ends
         chunks = codec.encode(
             state,
             compression=s.compression,
@@ -502,12 +514,15 @@ class CheckpointStore:
             chunks = _hashing(chunks, digest)
         try:
             length, whole = produce(chunks, pieces, striper=striper)
-        finally:
-            results = [_outcome(f) for f in uploads]
-            for p in pieces:
-                p.tape.release()
+        except BaseException:
+            for f in uploads:  # the tapes are closed: the uploads end; nothing is committed
+                _outcome(f)
+            raise
+        what = f"{key} generation {generation}"
+        results = self.set.settle(uploads, range(n), enough=self.quorum, what=f"upload of {what}")
         failed = {self.replicas[j].url: e for j, e in enumerate(results) if isinstance(e, BaseException)}
         ok = [j for j, e in enumerate(results) if not isinstance(e, BaseException)]
+        lagging = [j for j in range(n) if not uploads[j].done()]
         if len(ok) < self.quorum:
             raise QuorumError(
                 f"storing generation {generation} of {key!r}",
@@ -539,8 +554,8 @@ class CheckpointStore:
                 f"epoch {epoch} of key {key!r} was fenced by epoch {claimed} during the save", generation=generation
             )
 
-        def commit(j: int) -> None:
-            r = self.replicas[j]
+        def commit(r: GuardedReplica) -> None:
+            j = self._index(r)
             try:
                 r.call(r.backend.create_exclusive, rel, manifest.holding(held[j]).to_bytes(), path=rel, generation=generation)
             except FileExistsError:
@@ -552,7 +567,8 @@ class CheckpointStore:
                 if theirs.checkpoint_id != cid:
                     raise
 
-        outcomes = [_outcome(f) for f in [self._io.submit(commit, j) for j in ok]]
+        commits = [self.replicas[j].submit(commit) for j in ok]
+        outcomes = self.set.settle(commits, ok, enough=self.quorum, what=f"commit of {what}")
         acked = [j for j, e in zip(ok, outcomes) if not isinstance(e, BaseException)]
         for j, e in zip(ok, outcomes):
             if isinstance(e, BaseException):
@@ -570,9 +586,24 @@ class CheckpointStore:
                 failures=failed,
                 generation=generation,
             )
+        late = lagging + [j for j, f in zip(ok, commits) if not f.done()]
+        if any(not f.done() for f in uploads):  # the caller may change its state once we return
+            for p in pieces:
+                p.tape.detach()
+        for j in late:  # committed without them: fill them in the background, stale until then
+            self.replicas[j].note_stale(what, "left behind by the save; filled in the background when it ends")
+        for j in range(n):
+            if j not in acked and j not in late:
+                err = failed.get(self.replicas[j].url)
+                self.replicas[j].note_stale(what, f"{type(err).__name__}: {err}" if err else "not written")
+        for j in lagging:
+            uploads[j].add_done_callback(lambda f, j=j: self._fill(j, f, commit, what))
+        for j, f in zip(ok, commits):
+            if j in late:
+                f.add_done_callback(lambda f, j=j: self._filled(j, f, what))
         if failed:
             log.warning(
-                "key %r generation %d committed on %d of %d replicas; failed: %s",
+                "key %r generation %d committed on %d of %d replicas; not (yet) on: %s",
                 key, generation, len(acked), n, {u: f"{type(e).__name__}: {e}" for u, e in failed.items()},
             )
         self.proofs.record(key, generation, cid)  # encoded here, committed on a quorum
@@ -584,7 +615,28 @@ class CheckpointStore:
             length=length,
             acked=tuple(self.replicas[j].url for j in acked),
             failed={u: f"{type(e).__name__}: {e}" for u, e in failed.items()},
+            lagging=tuple(self.replicas[j].url for j in late),
         )
+
+    def _fill(self, j: int, upload: Future, commit: Callable[[GuardedReplica], None], what: str) -> None:
+        """A straggler's upload ended after its save committed: commit it there too (a background fill)."""
+        r = self.replicas[j]
+        if upload.exception() is not None:
+            log.warning("%s stays stale for %s: its upload failed: %s", r.url, what, upload.exception())
+            return
+        try:
+            fut = r.submit(commit)
+        except RuntimeError:  # the store was closed meanwhile: repair fills it
+            return
+        fut.add_done_callback(lambda f: self._filled(j, f, what))
+
+    def _filled(self, j: int, commit: Future, what: str) -> None:
+        r = self.replicas[j]
+        if commit.exception() is None:
+            r.note_filled(what)
+            log.info("%s filled in the background with %s", r.url, what)
+        else:
+            log.warning("%s stays stale for %s: %s", r.url, what, commit.exception())
 
     def _retain(self, key: str) -> None:
         try:
@@ -598,6 +650,23 @@ def _hashing(chunks: Iterable[Any], digest: Any) -> Iterable[Any]:
     for c in chunks:
         digest.update(c)
         yield c
+
+
+def _release_when_done(futures: list[Future], pieces: list[Piece]) -> None:
+    """Release the pieces' tapes once every one of `futures` (the uploads replaying them) has ended."""
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one(_f: Future) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            for p in pieces:
+                p.tape.release()
+
+    for f in futures:
+        f.add_done_callback(one)
 
 
 def _outcome(f: Future) -> Any:

@@ -5,6 +5,7 @@ Real parts where possible, small counting objects where not:
 * `S3Server`: a moto S3 server in its own process on 127.0.0.1 that a test can kill by PID.
 * `FlakyFileSystem`: wraps any fsspec filesystem; a seeded fraction of calls (and of file reads,
   writes, flushes, closes) raise a transient error; uploads can be cut after N bytes.
+* `SilentServer`: a TCP server on 127.0.0.1 that accepts connections and never answers (a hung endpoint).
 * `NoSpaceDirectory`: a tiny tmpfs mount, a real ``ENOSPC`` source (needs root).
 * `kill_pid`: ``SIGKILL`` a process by PID and wait until it is gone.
 * `kill_worker`: ``SIGKILL`` a worker actor of a running job by PID, once it has made some progress.
@@ -32,6 +33,7 @@ from resilient.testing._flaky import FlakyFileSystem
 from resilient.testing._nospace import NoSpaceDirectory, NoSpaceUnavailable
 from resilient.testing._process import kill_pid, kill_worker
 from resilient.testing._s3 import S3Server, S3ServerError
+from resilient.testing._silent import SilentServer
 
 __all__ = [
     "FlakyFileSystem",
@@ -39,6 +41,7 @@ __all__ = [
     "NoSpaceUnavailable",
     "S3Server",
     "S3ServerError",
+    "SilentServer",
     "kill_pid",
     "kill_worker",
 ]
