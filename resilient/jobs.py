@@ -18,7 +18,6 @@ at a job never rewrites anything, also while the job runs.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,6 @@ from resilient.runtime import records
 from resilient.storage import layout
 from resilient.storage.manifest import Manifest, choose_manifest
 from resilient.storage.parity import placement
-from resilient.storage.replica import LocalReplica
 
 if TYPE_CHECKING:
     from resilient.storage import CheckpointStore
@@ -157,15 +155,8 @@ def probe(replica: "GuardedReplica") -> dict[str, Any]:
     A root that does not exist is reported as not ok: a job's storage root disappears only when the
     replica was lost (an unmounted disk, a deleted bucket).
     """
-    backend = replica.backend
     try:
-        if isinstance(backend, LocalReplica):
-            os.listdir(backend.root)
-        else:
-            backend.fs.invalidate_cache(backend.root)
-            if not backend.fs.exists(backend.root):
-                raise FileNotFoundError(f"{redact_url(replica.url)} does not exist")
-            backend.fs.ls(backend.root, detail=False)
+        replica.backend.probe()
     except Exception as e:  # noqa: BLE001 - any failure is the answer
         return {"url": replica.url, "ok": False, "detail": redact_url(f"{type(e).__name__}: {e}")}
     return {"url": replica.url, "ok": True, "detail": "reachable"}

@@ -435,13 +435,15 @@ def test_store_wide_maintenance_goes_on_past_a_key_that_fails(tmp_dirs):
         store.save("bad", state(2))
     (objects(dirs[1], 1, "good")[0]).unlink()  # something for repair to do on the good key
 
-    class Exploding(CheckpointStore):
-        def _list_generations(self, key: str) -> list[set[int]]:
+    with store_of(dirs) as store:
+        listing = store.set.list_generations
+
+        def exploding(key: str):  # the replica set every maintenance pass lists generations through
             if key == "bad":
                 raise OSError("listing failed")
-            return super()._list_generations(key)
+            return listing(key)
 
-    with Exploding(storage=[str(d) for d in dirs], **FAST) as store:
+        store.set.list_generations = exploding
         report = store.verify()
         assert ("good", 1) in report.checked and [k for k, _ in report.unexamined] == ["bad"]
         assert any("'bad' could not be examined" in p for p in report.problems)

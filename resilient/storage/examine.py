@@ -30,7 +30,8 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import xxhash
 
@@ -40,12 +41,10 @@ from resilient.errors import CodecError, CorruptionError, UnreachableError
 from resilient.retry import is_transient
 from resilient.storage import layout
 from resilient.storage.erasure import RsStriper, rebuild
-from resilient.storage.manifest import Manifest, choose_manifest
+from resilient.storage.backend import Backend
+from resilient.storage.manifest import Keyring, Manifest, choose_manifest
 from resilient.storage.parity import Striper, assemble, placement, reconstruct
-from resilient.storage.replica import FsspecReplica, LocalReplica
-
-if TYPE_CHECKING:
-    from resilient.storage.store import CheckpointStore
+from resilient.storage.replicaset import ReplicaSet
 
 __all__ = [
     "DECODE_FAILURES",
@@ -105,22 +104,22 @@ class Examination:
 
 
 def examine_generation(
-    store: "CheckpointStore",
+    rs: ReplicaSet,
     key: str,
     g: int,
-    listings: list[set[int]],
+    listings: Sequence[set[int]],
     *,
     full: bool,
     exclude: frozenset[str] = frozenset(),
 ) -> Examination:
     """Read generation `g`'s manifests and the pieces of the checkpoint they name (not one in `exclude`)."""
-    ex = Examination(key, g, [r.url for r in store.replicas])
+    ex = Examination(key, g, rs.urls)
     ex.listed = {j for j, gs in enumerate(listings) if g in gs}
     unlisted = getattr(listings, "errors", {})
-    for j in range(len(store.replicas)):
+    for j in range(len(rs)):
         if j not in ex.listed:
             ex.manifest_errors[j] = _describe(unlisted[j]) if j in unlisted else "missing (generation absent)"
-    for j, res in store._manifest_outcomes(key, g, listings).items():
+    for j, res in rs.manifest_outcomes(key, g, listings).items():
         if isinstance(res, Manifest):
             ex.manifests[j] = res
         else:
@@ -129,17 +128,17 @@ def examine_generation(
     if ex.manifest is None:
         return ex
     if ex.manifest.mode == "replicate":
-        _recover_replicated(store, ex, full)
+        _recover_replicated(rs, ex, full)
     else:
-        _recover_parity(store, ex, full)
+        _recover_parity(rs, ex, full)
     return ex
 
 
 def examine_checked(
-    store: "CheckpointStore",
+    rs: ReplicaSet,
     key: str,
     g: int,
-    listings: list[set[int]],
+    listings: Sequence[set[int]],
     *,
     full: bool,
     accept: Callable[[Examination], str | None],
@@ -153,7 +152,7 @@ def examine_checked(
     refused: list[str] = []
     excluded: set[str] = set()
     while True:
-        ex = examine_generation(store, key, g, listings, full=full, exclude=frozenset(excluded))
+        ex = examine_generation(rs, key, g, listings, full=full, exclude=frozenset(excluded))
         if ex.manifest is None or ex.object_bytes is None:
             break
         why = accept(ex)
@@ -175,13 +174,13 @@ def _refusal_lines(ex: Examination, why: str) -> list[str]:
     return lines or [f"{gdir}: checkpoint {m.checkpoint_id}: {why}"]
 
 
-def object_problem(store: "CheckpointStore", ex: Examination) -> str | None:
+def object_problem(keyring: Keyring | None, ex: Examination) -> str | None:
     """Why a recovered object is not a checkpoint its manifest vouches for (None when it is): the SHA-256
     bound by a signed manifest when a key is configured, then a full decode dry run (`codec.verify` with
     every compressed block inflated; nothing is built and no pickle is loaded)."""
     m, obj = ex.manifest, ex.object_bytes
     assert m is not None and obj is not None
-    unbound = sha256_problem(store, obj, m)
+    unbound = sha256_problem(keyring, obj, m)
     if unbound:
         return unbound
     try:
@@ -191,10 +190,10 @@ def object_problem(store: "CheckpointStore", ex: Examination) -> str | None:
     return None
 
 
-def sha256_problem(store: "CheckpointStore", obj: Any, m: Manifest) -> str | None:
+def sha256_problem(keyring: Keyring | None, obj: Any, m: Manifest) -> str | None:
     """Why a verified object is not the one its signed manifest binds (None when it is, or when no key is
-    configured)."""
-    if store._keyring is None:
+    configured: ``keyring`` is None)."""
+    if keyring is None:
         return None
     if not m.sha256:  # unreachable: a verified signed manifest always binds one
         return "signed manifest binds no sha256"
@@ -213,11 +212,9 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _read_object(backend: Any, rel: str) -> bytes | bytearray | ObjectBuffer:
+def _read_object(backend: Backend, rel: str) -> bytes | bytearray | ObjectBuffer:
     """An object (or shard), in an `ObjectBuffer` where the backend can read into one."""
-    if isinstance(backend, (LocalReplica, FsspecReplica)):
-        return backend.read(rel, owned=True)
-    return backend.read(rel)
+    return backend.read(rel, owned=True)
 
 
 def _check(data: bytes | bytearray | ObjectBuffer, length: int, digest: str) -> str | None:
@@ -230,14 +227,14 @@ def _check(data: bytes | bytearray | ObjectBuffer, length: int, digest: str) -> 
     return None if ok else "checksum mismatch"
 
 
-def _recover_replicated(store: "CheckpointStore", ex: Examination, full: bool) -> None:
+def _recover_replicated(rs: ReplicaSet, ex: Examination, full: bool) -> None:
     m = ex.manifest
     assert m is not None
     piece = m.pieces[0]
     rel = f"{layout.gen_dir(ex.key, ex.generation)}/{piece.name}"
     agree = [j for j, mm in ex.manifests.items() if mm.checkpoint_id == m.checkpoint_id]
     others = [j for j in sorted(ex.listed) if j not in agree]
-    order = sorted(agree, key=lambda j: _preference(store.replicas[j].health)) + others
+    order = sorted(agree, key=lambda j: _preference(rs[j].health)) + others
 
     def read_piece(r):  # noqa: ANN001
         data = r.call(_read_object, r.backend, rel, path=rel, generation=ex.generation)
@@ -247,10 +244,9 @@ def _recover_replicated(store: "CheckpointStore", ex: Examination, full: bool) -
         return data
 
     if full:
-        outcomes = dict(zip(order, store.set.gather(read_piece, order, enough=len(order),
-                                                    what=f"reading {rel}")))
+        outcomes = dict(zip(order, rs.gather(read_piece, order, enough=len(order), what=f"reading {rel}")))
     else:  # one good copy: hedged, the next replica asked when the current one is slow
-        _, outcomes = store.set.hedged(read_piece, order, delay=store.set.policy.hedge_delay(piece.length))
+        _, outcomes = rs.hedged(read_piece, order, delay=rs.policy.hedge_delay(piece.length))
     for j, res in sorted(outcomes.items()):
         if isinstance(res, BaseException):
             ex.piece_errors[j] = f"{piece.name}: {_describe(res)}"
@@ -265,7 +261,7 @@ def _preference(h: Any) -> tuple[bool, bool]:
     return (h.unresponsive, h.degraded)
 
 
-def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> None:
+def _recover_parity(rs: ReplicaSet, ex: Examination, full: bool) -> None:
     m = ex.manifest
     assert m is not None
     gdir = layout.gen_dir(ex.key, ex.generation)
@@ -286,7 +282,7 @@ def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> No
     listed = sorted(ex.listed)
     good: dict[int, bytes] = {}
     need = len(listed) if full else min(len(listed), m.k)
-    answers = store.set.gather(read_pieces, listed, enough=need, what=f"reading shards of {gdir}")
+    answers = rs.gather(read_pieces, listed, enough=need, what=f"reading shards of {gdir}")
     for j, res in zip(listed, answers):
         if isinstance(res, BaseException):
             ex.piece_errors[j] = _describe(res)
@@ -313,13 +309,13 @@ def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> No
         ex.object_bytes = data
 
 
-def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
+def repair_generation(rs: ReplicaSet, ex: Examination) -> list[str]:
     """Rewrite missing or bad copies of a recovered generation; return ``"url/path"`` of each rewrite."""
     m = ex.manifest
     if m is None or ex.object_bytes is None:
         return []
     gdir = layout.gen_dir(ex.key, ex.generation)
-    n = len(store.replicas)
+    n = len(rs)
     pieces = _pieces_of(ex.object_bytes, m)
     # which piece each replica should hold: its own manifest says so, else fill the gaps in placement order
     holds: dict[int, int] = {j: mm.held for j, mm in ex.manifests.items() if mm.checkpoint_id == m.checkpoint_id}
@@ -335,7 +331,7 @@ def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
         holds.update({j: 0 for j in range(n) if j not in holds})
     done: list[str] = []
     for j, i in sorted(holds.items()):
-        r = store.replicas[j]
+        r = rs[j]
         other = ex.manifests.get(j)
         refused = other is not None and other.checkpoint_id in ex.refused_ids
         if other is not None and other.checkpoint_id != m.checkpoint_id and not refused:

@@ -77,7 +77,7 @@ def _each_key(
 
 
 def _generations(store: "CheckpointStore", key: str) -> tuple[list[set[int]], list[int]]:
-    listings = store._list_generations(key)
+    listings = store.set.list_generations(key)
     return listings, sorted({g for gs in listings for g in gs})
 
 
@@ -91,9 +91,9 @@ def _checked(store: "CheckpointStore", key: str, g: int, listings: list[set[int]
         assert m is not None
         if claims is not None and claims.voids(m):
             return f"written by a fenced writer (epoch {m.epoch}) after a newer epoch was claimed"
-        return object_problem(store, ex)
+        return object_problem(store.set.keyring, ex)
 
-    return examine_checked(store, key, g, listings, full=True, accept=accept)
+    return examine_checked(store.set, key, g, listings, full=True, accept=accept)
 
 
 def verify(store: "CheckpointStore", key: str | None = None) -> VerifyReport:
@@ -127,7 +127,7 @@ def repair(store: "CheckpointStore", key: str | None = None) -> list[str]:
         listings, gens = _generations(store, k)
         done: list[str] = []
         for g in gens:
-            done.extend(repair_generation(store, _checked(store, k, g, listings)))
+            done.extend(repair_generation(store.set, _checked(store, k, g, listings)))
         return done
 
     return [p for _, result in _each_key(store, key, "repair", one) if not isinstance(result, str) for p in result]
@@ -153,13 +153,12 @@ def prove(store: "CheckpointStore", key: str, g: int, listings: list[set[int]], 
 def _still_held(store: "CheckpointStore", key: str, g: int, listings: list[set[int]], claims: EpochClaims,
                 cid: str) -> bool:
     """Whether a quorum of replicas still holds a valid manifest of checkpoint `cid` and lists its piece."""
-    ours = {j: m for j, m in store._read_manifests(key, g, listings).items() if m.checkpoint_id == cid}
+    ours = {j: m for j, m in store.set.manifests(key, g, listings).items() if m.checkpoint_id == cid}
     if len(ours) < store.quorum or claims.voids(next(iter(ours.values()))):
         return False
     gdir = layout.gen_dir(key, g)
     order = sorted(ours)
-    answers = store._parallel(lambda r: r.call(r.backend.listdir, gdir, path=gdir, generation=g),
-                              [store.replicas[j] for j in order])
+    answers = store.set.listdir(gdir, order, generation=g)
     held = sum(isinstance(names, list) and ours[j].pieces[ours[j].held].name in names
                for j, names in zip(order, answers))
     return held >= store.quorum
@@ -168,7 +167,7 @@ def _still_held(store: "CheckpointStore", key: str, g: int, listings: list[set[i
 def _proven_newest(store: "CheckpointStore", key: str, listings: list[set[int]], gens: list[int], *,
                    trust: bool) -> dict[int, Examination]:
     """The newest ``keep`` proven generations (fewer if fewer are), newest first, with their proofs."""
-    claims = EpochClaims(store, key)
+    claims = EpochClaims(store.set, key)
     proven: dict[int, Examination] = {}
     for g in sorted(gens, reverse=True):
         ex = prove(store, key, g, listings, claims, trust=trust)
@@ -197,8 +196,8 @@ def _delete_generations(store: "CheckpointStore", key: str, gens: list[int], dry
             # the manifest goes first: a deletion cut short leaves an uncommitted write (gc's business),
             # never a committed generation with missing data
             manifest = f"{rel}/{layout.MANIFEST}"
-            store._parallel(lambda r: r.call(r.backend.delete, manifest, path=manifest))
-            outcomes = store._parallel(lambda r: r.call(r.backend.delete, rel, recursive=True, path=rel))
+            store.set.delete(manifest)
+            outcomes = store.set.delete(rel, recursive=True)
         for r, out in zip(store.replicas, outcomes):
             if isinstance(out, BaseException):
                 log.warning("could not delete %s/%s: %s: %s", r.url, rel, type(out).__name__, out)
@@ -227,7 +226,7 @@ def collect_garbage(
         return removed
 
     removed = [p for _, result in _each_key(store, key, "gc", one) if not isinstance(result, str) for p in result]
-    now = store._clock()
+    now = store.clock()
     for r in store.replicas:
         try:
             temporaries = list(r.backend.temporaries())
@@ -248,7 +247,7 @@ def _with_manifest(store: "CheckpointStore", key: str, gens: list[int]) -> set[i
     out = set()
     for g in gens:
         rel = layout.gen_dir(key, g)
-        answers = store._parallel(lambda r: r.call(r.backend.listdir, rel, path=rel))
+        answers = store.set.listdir(rel)
         if any(not isinstance(a, list) or layout.MANIFEST in a for a in answers):
             out.add(g)
     return out
@@ -262,7 +261,7 @@ def _delete_losers(store: "CheckpointStore", key: str, g: int, ex: Examination, 
     keep_prefix = m.checkpoint_id + "."
     rel = layout.gen_dir(key, g)
     removed = []
-    for r, names in zip(store.replicas, store._parallel(lambda r: r.call(r.backend.listdir, rel, path=rel))):
+    for r, names in zip(store.replicas, store.set.listdir(rel)):
         if not isinstance(names, list):
             continue
         for name in names:
