@@ -44,6 +44,7 @@ from resilient.storage.erasure import RsStriper, rebuild
 from resilient.storage.backend import Backend
 from resilient.storage.manifest import Keyring, Manifest, choose_manifest
 from resilient.storage.parity import Striper, assemble, placement, reconstruct
+from resilient.storage.problems import Problem
 from resilient.storage.replicaset import ReplicaSet
 
 __all__ = [
@@ -72,27 +73,31 @@ class Examination:
     urls: list[str]
     listed: set[int] = field(default_factory=set)  # replicas whose key directory lists the generation
     manifests: dict[int, Manifest] = field(default_factory=dict)  # valid manifests by replica index
-    manifest_errors: dict[int, str] = field(default_factory=dict)  # missing/corrupt manifest by replica
+    manifest_errors: dict[int, Problem] = field(default_factory=dict)  # missing/corrupt manifest by replica
     manifest: Manifest | None = None  # the chosen one
     piece_ok: dict[int, int] = field(default_factory=dict)  # replica -> piece index verified there
-    piece_errors: dict[int, str] = field(default_factory=dict)  # replica -> what was wrong with its piece
+    piece_errors: dict[int, Problem] = field(default_factory=dict)  # replica -> what was wrong with its piece
     object_bytes: bytes | bytearray | ObjectBuffer | None = None  # verified; a load hands it to decode
-    refused: list[str] = field(default_factory=list)  # problem lines of checkpoints whose object was refused
+    refused: list[Problem] = field(default_factory=list)  # one per copy of each checkpoint refused
     refused_ids: frozenset[str] = frozenset()  # their checkpoint ids
 
-    def problems(self) -> list[str]:
-        """One line per problem found, naming the replica and the object."""
-        gdir = layout.gen_dir(self.key, self.generation)
-        out = [f"{self.urls[j]}/{gdir}/{layout.MANIFEST}: {e}" for j, e in sorted(self.manifest_errors.items())]
-        out += [f"{self.urls[j]}/{gdir}: {e}" for j, e in sorted(self.piece_errors.items())]
+    def problems(self) -> list[Problem]:
+        """Every problem found, each naming its replica and object where it has one."""
+        out = [self.manifest_errors[j] for j in sorted(self.manifest_errors)]
+        out += [self.piece_errors[j] for j in sorted(self.piece_errors)]
         out += self.refused
+        whole = {"key": self.key, "generation": self.generation}
         if self.manifest is None and not out:
-            out.append(f"{gdir}: no manifest on any replica (an uncommitted write)")
+            out.append(Problem("uncommitted", "no manifest on any replica (an uncommitted write)", **whole))
         elif self.manifest is not None and self.object_bytes is None:
-            out.append(f"{gdir}: no verifying copy could be assembled")
+            out.append(Problem("unrecoverable", "no verifying copy could be assembled", **whole))
         elif self.manifest is None and self.refused:
-            out.append(f"{gdir}: no checkpoint of this generation decodes")
+            out.append(Problem("unrecoverable", "no checkpoint of this generation decodes", **whole))
         return out
+
+    def problem(self, j: int, kind: str, detail: str, name: str = "") -> Problem:
+        """A problem of replica ``j``'s copy of this generation (``name``: the object, if one)."""
+        return Problem(kind, detail, url=self.urls[j], key=self.key, generation=self.generation, name=name)
 
     def holders(self) -> list[int]:
         """Replicas holding, beside a manifest of the chosen checkpoint, the piece it names, verified."""
@@ -118,12 +123,13 @@ def examine_generation(
     unlisted = getattr(listings, "errors", {})
     for j in range(len(rs)):
         if j not in ex.listed:
-            ex.manifest_errors[j] = _describe(unlisted[j]) if j in unlisted else "missing (generation absent)"
+            kind, detail = _describe(unlisted[j]) if j in unlisted else ("missing", "missing (generation absent)")
+            ex.manifest_errors[j] = ex.problem(j, kind, detail, layout.MANIFEST)
     for j, res in rs.manifest_outcomes(key, g, listings).items():
         if isinstance(res, Manifest):
             ex.manifests[j] = res
         else:
-            ex.manifest_errors[j] = _describe(res)
+            ex.manifest_errors[j] = ex.problem(j, *_describe(res), layout.MANIFEST)
     ex.manifest = choose_manifest(m for m in ex.manifests.values() if m.checkpoint_id not in exclude)
     if ex.manifest is None:
         return ex
@@ -166,12 +172,12 @@ def examine_checked(
     return ex
 
 
-def _refusal_lines(ex: Examination, why: str) -> list[str]:
+def _refusal_lines(ex: Examination, why: str) -> list[Problem]:
     m = ex.manifest
     assert m is not None
-    gdir = layout.gen_dir(ex.key, ex.generation)
-    lines = [f"{ex.urls[j]}/{gdir}: {m.pieces[i].name}: {why}" for j, i in sorted(ex.piece_ok.items())]
-    return lines or [f"{gdir}: checkpoint {m.checkpoint_id}: {why}"]
+    lines = [ex.problem(j, "refused", why, m.pieces[i].name) for j, i in sorted(ex.piece_ok.items())]
+    return lines or [Problem("refused", f"checkpoint {m.checkpoint_id}: {why}", key=ex.key,
+                             generation=ex.generation)]
 
 
 def object_problem(keyring: Keyring | None, ex: Examination) -> str | None:
@@ -202,14 +208,23 @@ def sha256_problem(keyring: Keyring | None, obj: Any, m: Manifest) -> str | None
     return None
 
 
-def _describe(e: BaseException) -> str:
-    """A replica's failure in words: "missing", "unreachable (...)" for a replica that did not answer or
-    could not be connected to (a transient failure), else the error."""
+def _describe(e: BaseException) -> tuple[str, str]:
+    """A replica's failure: its kind (see `resilient.storage.problems.KINDS`) and, in words, "missing",
+    "unreachable (...)" for a replica that did not answer or could not be connected to (a transient
+    failure), else the error."""
     if isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError):
-        return "missing"
+        return "missing", "missing"
     if isinstance(e, UnreachableError) or is_transient(e):
-        return f"unreachable ({type(e).__name__}: {e})"
-    return f"{type(e).__name__}: {e}"
+        return "unreachable", f"unreachable ({type(e).__name__}: {e})"
+    return "corrupt", f"{type(e).__name__}: {e}"
+
+
+def _describe_piece(e: BaseException) -> tuple[str, str]:
+    """`_describe` of a piece's failure; a failed check is named by its reason alone (the problem names
+    the object already)."""
+    if type(e) is CorruptionError:
+        return "corrupt", e.reason
+    return _describe(e)
 
 
 def _read_object(backend: Backend, rel: str) -> bytes | bytearray | ObjectBuffer:
@@ -249,7 +264,7 @@ def _recover_replicated(rs: ReplicaSet, ex: Examination, full: bool) -> None:
         _, outcomes = rs.hedged(read_piece, order, delay=rs.policy.hedge_delay(piece.length))
     for j, res in sorted(outcomes.items()):
         if isinstance(res, BaseException):
-            ex.piece_errors[j] = f"{piece.name}: {_describe(res)}"
+            ex.piece_errors[j] = ex.problem(j, *_describe_piece(res), piece.name)
         else:
             ex.piece_ok[j] = 0
             if ex.object_bytes is None:
@@ -283,15 +298,23 @@ def _recover_parity(rs: ReplicaSet, ex: Examination, full: bool) -> None:
     good: dict[int, bytes] = {}
     need = len(listed) if full else min(len(listed), m.k)
     answers = rs.gather(read_pieces, listed, enough=need, what=f"reading shards of {gdir}")
+    where = placement(ex.generation, len(rs))
+
+    def expected(j: int) -> str:
+        """The shard replica ``j`` should hold: its own manifest says which, else the placement rule."""
+        own = ex.manifests.get(j)
+        i = own.held if own is not None and own.checkpoint_id == m.checkpoint_id else where[j]
+        return m.pieces[i].name if i < len(m.pieces) else ""
+
     for j, res in zip(listed, answers):
         if isinstance(res, BaseException):
-            ex.piece_errors[j] = _describe(res)
+            ex.piece_errors[j] = ex.problem(j, *_describe(res), expected(j))
             continue
         if not res:
-            ex.piece_errors[j] = "missing (no shard of this checkpoint)"
+            ex.piece_errors[j] = ex.problem(j, "missing", "missing (no shard of this checkpoint)", expected(j))
         for i, data in res.items():
             if isinstance(data, BaseException):
-                ex.piece_errors[j] = f"shard {i}: {data.reason}"
+                ex.piece_errors[j] = ex.problem(j, "corrupt", data.reason, m.pieces[i].name)
             else:
                 ex.piece_ok[j] = i
                 good.setdefault(i, data)
@@ -351,8 +374,8 @@ def repair_generation(rs: ReplicaSet, ex: Examination) -> list[str]:
                 done.append(f"{r.url}/{rel_p}")
             if manifest_bad:
                 body = m.holding(i).to_bytes()
-                if other is not None or ex.manifest_errors.get(j, "missing") not in ("missing",
-                                                                                     "missing (generation absent)"):
+                found = ex.manifest_errors.get(j)
+                if other is not None or (found is not None and found.kind != "missing"):
                     r.call(r.backend.overwrite, rel_m, body, path=rel_m, generation=ex.generation)
                 else:
                     try:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 from resilient.storage import layout
 from resilient.storage.claims import EpochClaims
 from resilient.storage.examine import Examination, examine_checked, object_problem, repair_generation
+from resilient.storage.problems import Problem
 from resilient.storage.retention import plan_failed_writes, plan_retention
 
 if TYPE_CHECKING:
@@ -44,10 +45,10 @@ T = TypeVar("T")
 
 @dataclass
 class VerifyReport:
-    """The outcome of `verify`: every generation checked and every problem found."""
+    """The outcome of `verify`: every generation checked and every problem found (as `Problem` records)."""
 
     checked: list[tuple[str, int]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
     unrecoverable: list[tuple[str, int]] = field(default_factory=list)
     unexamined: list[tuple[str, str]] = field(default_factory=list)  # (key, why it could not be examined)
     unreachable: list[tuple[str, str]] = field(default_factory=list)  # (replica url, how it failed to answer)
@@ -101,7 +102,7 @@ def verify(store: "CheckpointStore", key: str | None = None) -> VerifyReport:
     for probe in store.set.probe():  # first, so that a replica that does not answer is flagged at once
         if not probe.reachable:
             report.unreachable.append((probe.url, probe.detail))
-            report.problems.append(f"{probe.url}: unreachable ({probe.detail})")
+            report.problems.append(Problem("unreachable", f"unreachable ({probe.detail})", url=probe.url))
 
     def one(k: str) -> list[Examination]:
         listings, gens = _generations(store, k)
@@ -110,7 +111,7 @@ def verify(store: "CheckpointStore", key: str | None = None) -> VerifyReport:
     for k, result in _each_key(store, key, "verify", one):
         if isinstance(result, str):
             report.unexamined.append((k, result))
-            report.problems.append(f"key {k!r} could not be examined: {result}")
+            report.problems.append(Problem("unexamined", f"could not be examined: {result}", key=k))
             continue
         for ex in result:
             if ex.manifest is None and not ex.refused:

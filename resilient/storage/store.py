@@ -74,6 +74,7 @@ from resilient.storage.erasure import RsStriper
 from resilient.storage.fanout import Piece, Tape, produce
 from resilient.storage.manifest import Keyring, Manifest, ShardInfo, choose_manifest
 from resilient.storage.parity import Striper, placement
+from resilient.storage.problems import Problem
 from resilient.storage.maintenance import VerifyReport
 from resilient.storage.replica import GuardedReplica, ReplicaHealth, open_backend
 from resilient.storage.replicaset import ReplicaSet
@@ -259,7 +260,7 @@ class CheckpointStore:
         if generation is not None:
             gens = [g for g in gens if g == generation]
         skipped: list[int] = []
-        problems: list[str] = []
+        problems: list[Problem] = []
         claims = EpochClaims(self.set, key)
         for g in gens:
             decoded: list[Any] = []
@@ -294,7 +295,7 @@ class CheckpointStore:
             if skipped:
                 log.warning("key %r: newest generations %s did not verify; loaded generation %d", key, skipped, g)
             return Loaded(decoded[0], key, g, m.epoch, m.checkpoint_id, tuple(skipped), tuple(repaired), m.length)
-        detail = "; ".join(problems[:20]) or "no generation found on any replica"
+        detail = "; ".join(map(str, problems[:20])) or "no generation found on any replica"
         raise NoCheckpointError(f"no committed checkpoint of key {key!r} verifies ({detail})")
 
     def latest(self, key: str) -> int | None:
