@@ -79,7 +79,7 @@ def main() -> int:
         store.repair()
         report = store.verify()
         print(f"outputs identical: {same}; optimizer state restored: {steps_ok}; "
-              f"verify: {'ok' if report.ok else report.problems}")
+              f"verify: {'ok' if report.ok else [str(p) for p in report.problems]}")
     if args.root is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if same and steps_ok and report.ok else 1

@@ -41,7 +41,7 @@ from resilient import __version__
 from resilient.config import Settings, redact_url
 from resilient.errors import ConfigError, ResilientError
 from resilient.runtime import records
-from resilient.jobs import JOB_RECORD, PROGRESS, RETRY, group_keys, load_record, locate_problems, probe, \
+from resilient.jobs import JOB_RECORD, PROGRESS, RETRY, group_keys, load_record, probe, \
     slot_generations, status_view
 from resilient.storage import CheckpointStore, layout
 
@@ -483,14 +483,14 @@ def _verify(ctx: _Context) -> int:
     key = _optional_key(ctx)
     store = ctx.store()
     report = store.verify(key)
-    problems = locate_problems(store, report.problems)
+    problems = report.problems
     keys = sorted({k for k, _ in report.checked})
     if ctx.args.json:
         ctx.json({
             "ok": report.ok and bool(report.checked or key is None),
             "unreachable": [{"url": u, "detail": d} for u, d in report.unreachable],
             "checked": [{"key": k, "generation": g} for k, g in report.checked],
-            "problems": [{"object": p.object, "detail": p.detail} for p in problems],
+            "problems": [p.to_dict() for p in problems],
             "unrecoverable": [{"key": k, "generation": g} for k, g in report.unrecoverable],
         })
     else:
@@ -516,9 +516,9 @@ def _repair(ctx: _Context) -> int:
     store = ctx.store()
     rewritten = store.repair(key)
     report = store.verify(key)
-    remaining = locate_problems(store, report.problems)
+    remaining = report.problems
     if ctx.args.json:
-        ctx.json({"rewritten": rewritten, "remaining": [{"object": p.object, "detail": p.detail} for p in remaining]})
+        ctx.json({"rewritten": rewritten, "remaining": [p.to_dict() for p in remaining]})
     else:
         for path in rewritten:
             ctx.print(f"rewrote {path}")

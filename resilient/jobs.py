@@ -18,18 +18,12 @@ at a job never rewrites anything, also while the job runs.
 
 from __future__ import annotations
 
-import os
-import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from resilient.config import redact_url
 from resilient.errors import NoCheckpointError
 from resilient.runtime import records
-from resilient.storage import layout
-from resilient.storage.manifest import Manifest, choose_manifest
-from resilient.storage.parity import placement
-from resilient.storage.replica import LocalReplica
+from resilient.storage.problems import Problem
 
 if TYPE_CHECKING:
     from resilient.storage import CheckpointStore
@@ -40,7 +34,6 @@ __all__ = [
     "Problem",
     "group_keys",
     "load_record",
-    "locate_problems",
     "probe",
     "slot_generations",
     "status_view",
@@ -157,86 +150,8 @@ def probe(replica: "GuardedReplica") -> dict[str, Any]:
     A root that does not exist is reported as not ok: a job's storage root disappears only when the
     replica was lost (an unmounted disk, a deleted bucket).
     """
-    backend = replica.backend
     try:
-        if isinstance(backend, LocalReplica):
-            os.listdir(backend.root)
-        else:
-            backend.fs.invalidate_cache(backend.root)
-            if not backend.fs.exists(backend.root):
-                raise FileNotFoundError(f"{redact_url(replica.url)} does not exist")
-            backend.fs.ls(backend.root, detail=False)
+        replica.backend.probe()
     except Exception as e:  # noqa: BLE001 - any failure is the answer
         return {"url": replica.url, "ok": False, "detail": redact_url(f"{type(e).__name__}: {e}")}
     return {"url": replica.url, "ok": True, "detail": "reachable"}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One verification problem: the object it is about (``url/key/g.../name``) and what is wrong."""
-
-    object: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.object}: {self.detail}"
-
-
-# "<url>/<key>/g<20 digits>[/MANIFEST]: <detail>" or "<key>/g<20 digits>: <detail>" (see Examination)
-_LINE = re.compile(r"^(?P<where>.*?/g\d{20})(?P<manifest>/MANIFEST)?: (?P<detail>.*)$", re.DOTALL)
-_PIECE = re.compile(r"^(?P<name>[0-9a-f]{32}\.(?:data|s\d+)): (?P<detail>.*)$", re.DOTALL)
-_SHARD = re.compile(r"^shard (?P<index>\d+): (?P<detail>.*)$", re.DOTALL)
-_CORRUPT_PREFIX = re.compile(r"^CorruptionError: \S+: ")
-
-
-def locate_problems(store: "CheckpointStore", lines: list[str]) -> list[Problem]:
-    """Turn `VerifyReport.problems` lines into problems naming the exact object on its replica.
-
-    A parity shard named only by index (``shard 1``), or missing, is resolved to its object name from
-    the generation's manifest (the replica's own, else the shard placement rule).
-    """
-    urls = [r.url for r in store.replicas]
-    manifests: dict[str, tuple[Manifest | None, dict[str, Manifest]]] = {}
-    out: list[Problem] = []
-    for line in lines:
-        m = _LINE.match(line)
-        if m is None:
-            out.append(Problem("", line))
-            continue
-        where, detail = m["where"], m["detail"]
-        if m["manifest"]:
-            out.append(Problem(f"{where}/{layout.MANIFEST}", detail))
-            continue
-        url = next((u for u in sorted(urls, key=len, reverse=True) if where.startswith(u + "/")), None)
-        if url is None:  # "<key>/g...: no verifying copy could be assembled": the generation as a whole
-            out.append(Problem(where, detail))
-            continue
-        piece = _PIECE.match(detail)
-        if piece is not None:
-            out.append(Problem(f"{where}/{piece['name']}", _CORRUPT_PREFIX.sub("", piece["detail"])))
-            continue
-        gdir = where[len(url) + 1 :]
-        if gdir not in manifests:
-            manifests[gdir] = _read_manifests(store, gdir)
-        chosen, own = manifests[gdir]
-        shard = _SHARD.match(detail)
-        index: int | None = int(shard["index"]) if shard else None
-        if chosen is not None and index is None:
-            own_m = own.get(url)
-            index = own_m.held if own_m is not None else placement(chosen.generation, len(urls))[urls.index(url)]
-        if chosen is not None and index is not None and index < len(chosen.pieces):
-            out.append(Problem(f"{where}/{chosen.pieces[index].name}", shard["detail"] if shard else detail))
-        else:
-            out.append(Problem(where, detail))
-    return out
-
-
-def _read_manifests(store: "CheckpointStore", gdir: str) -> tuple[Manifest | None, dict[str, Manifest]]:
-    rel = f"{gdir}/{layout.MANIFEST}"
-    own: dict[str, Manifest] = {}
-    for r in store.replicas:
-        try:
-            own[r.url] = Manifest.from_bytes(bytes(r.backend.read(rel)), where=f"{r.url}/{rel}")
-        except Exception:  # noqa: BLE001 - missing or unreadable here: another replica's may do
-            continue
-    return choose_manifest(own.values()), own

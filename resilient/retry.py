@@ -11,7 +11,9 @@ How errors are judged (`is_transient`), first answer wins:
    `ResilientError` (codec errors, `PermanentStorageError`, `QuorumError`, `FencedError`,
    `ConfigError`...) is not; a retry at this level will not fix them.
 2. An S3 service answer (a botocore ``ClientError``, recognized by its ``response`` dict, without
-   importing botocore) is transient for HTTP 5xx other than 501, 429, and throttling/timeout codes.
+   importing botocore; read by `service_answer`, the one reader of SDK answers, which
+   `resilient.storage.sdk` uses too) is transient for HTTP 5xx other than 501, 429, and
+   throttling/timeout codes.
    s3fs translates ``ClientError`` into builtin ``OSError`` subclasses and keeps the original as
    ``__cause__`` (``s3fs.errors.translate_boto_error``); that translation loses information (``SlowDown``
    becomes ``EBUSY``, ``RequestTimeTooSkewed`` becomes ``PermissionError``, unknown codes ``EIO``), so for
@@ -64,8 +66,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RetryPolicy",
+    "ServiceAnswer",
     "classify",
     "is_transient",
+    "service_answer",
 ]
 
 T = TypeVar("T")
@@ -105,35 +109,74 @@ _JITTER_SCALE = (
 )
 
 
-def _service_response(exc: BaseException | None) -> Mapping[str, Any] | None:
-    """The botocore-style ``response`` dict of a ``ClientError``, if ``exc`` carries one."""
+@dataclass(frozen=True)
+class ServiceAnswer:
+    """A storage service's answer to one request, as its SDK reports it (a botocore ``ClientError``'s
+    ``response``): the error code and the HTTP status. What it means is decided here and nowhere else.
+
+    Example:
+        >>> ServiceAnswer("SlowDown", 503).transient, ServiceAnswer("AccessDenied", 403).transient
+        (True, False)
+        >>> class ClientError(Exception):
+        ...     response = {"Error": {"Code": "412"}}  # HEAD errors carry the status as the code
+        >>> service_answer(OSError("exists").with_traceback(None)) is None, service_answer(ClientError())
+        (True, ServiceAnswer(code='412', status=412))
+        >>> service_answer(ClientError()).precondition_failed
+        True
+    """
+
+    code: str
+    status: int | None
+
+    @property
+    def transient(self) -> bool:
+        """Throttling, a timeout, 429, or a 5xx other than 501 (not implemented)."""
+        if self.code in _TRANSIENT_CODES:
+            return True
+        s = self.status
+        return isinstance(s, int) and (s == 429 or (s >= 500 and s != 501))
+
+    @property
+    def precondition_failed(self) -> bool:
+        """A conditional write refused because its precondition failed (``If-None-Match: *`` on an
+        existing object): code ``PreconditionFailed`` or status 412."""
+        return self.code == "PreconditionFailed" or self.status == 412
+
+
+def _answer(exc: BaseException | None) -> ServiceAnswer | None:
+    """The answer ``exc`` itself carries (a botocore-style ``response`` dict), if any."""
     response = getattr(exc, "response", None)
-    if isinstance(response, Mapping) and ("Error" in response or "ResponseMetadata" in response):
-        return response
-    return None
-
-
-def _response_is_transient(response: Mapping[str, Any]) -> bool:
+    if not isinstance(response, Mapping) or not ("Error" in response or "ResponseMetadata" in response):
+        return None
     error = response.get("Error") or {}
     code = str(error.get("Code", "")) if isinstance(error, Mapping) else ""
     meta = response.get("ResponseMetadata") or {}
     status = meta.get("HTTPStatusCode") if isinstance(meta, Mapping) else None
     if not isinstance(status, int) and code.isdigit():  # HEAD errors carry the status as the code
         status = int(code)
-    if code in _TRANSIENT_CODES:
-        return True
-    return isinstance(status, int) and (status == 429 or (status >= 500 and status != 501))
+    return ServiceAnswer(code, status if isinstance(status, int) else None)
+
+
+def service_answer(exc: BaseException) -> ServiceAnswer | None:
+    """The service answer behind ``exc``: its own, else that of what caused it (followed as
+    `is_transient` follows it; s3fs keeps botocore's ``ClientError`` as ``__cause__``), or None.
+    Only structured answers count: a status code in an error's text is never read."""
+    for link in _chain(exc):
+        answer = _answer(link)
+        if answer is not None:
+            return answer
+    return None
 
 
 def _verdict(exc: BaseException) -> bool | None:
     """True/False when ``exc`` itself says whether it is transient, None when it says nothing."""
     if isinstance(exc, ResilientError):
         return isinstance(exc, TransientStorageError)
-    response = _service_response(exc)
-    if response is None and isinstance(exc, OSError):
-        response = _service_response(exc.__cause__)  # s3fs: translate_boto_error sets __cause__
-    if response is not None:
-        return _response_is_transient(response)
+    answer = _answer(exc)
+    if answer is None and isinstance(exc, OSError):
+        answer = _answer(exc.__cause__)  # s3fs: translate_boto_error sets __cause__
+    if answer is not None:
+        return answer.transient
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & _PERMANENT_NAMES or isinstance(exc, _PERMANENT_TYPES):
         return False

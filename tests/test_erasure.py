@@ -129,7 +129,7 @@ def test_any_two_lost_or_corrupt_shards_of_rs_3_2_load_verify_and_repair(rs_dirs
         report = store.verify()
         assert not report.ok and not report.unrecoverable
         for j, name in zip(lost, damaged):  # verify names each damaged shard on its replica
-            assert any(str(dirs[j]) in p and ("missing" in p or "checksum" in p) for p in report.problems), (
+            assert any(str(dirs[j]) in p.url and p.kind in ("missing", "corrupt") for p in report.problems), (
                 report.problems)
         rewritten = store.repair()
         assert sorted(os.path.basename(p) for p in rewritten if not p.endswith(layout.MANIFEST)) == sorted(damaged)

@@ -158,7 +158,7 @@ def test_tampering_one_replica_is_repaired_from_the_others(signed):
     p = manifest_path(dirs[1], "k", 2)
     p.write_bytes(rewrite(p.read_bytes(), lambda doc: doc.__setitem__("epoch", 9)))
     report = store.verify("k")
-    assert [x for x in report.problems if "SignatureError" in x and str(dirs[1]) in x] and not report.unrecoverable
+    assert [x for x in map(str, report.problems) if "SignatureError" in x and str(dirs[1]) in x] and not report.unrecoverable
     loaded = store.load("k")
     assert loaded.generation == 2 and any(str(dirs[1]) in r for r in loaded.repaired)
     fixed = p.read_bytes()

@@ -83,8 +83,8 @@ def test_dead_s3_replica_does_not_stall_save_load_verify_ls(tmp_dirs, silent, en
         report, took = timed(store.verify)
         assert took < LIVENESS_S
         assert [u for u, _ in report.unreachable] == [store.replicas[2].url]
-        dead_lines = [p for p in report.problems if p.startswith(store.replicas[2].url)]
-        assert dead_lines and all("unreachable" in p and "missing" not in p for p in dead_lines)
+        dead = [p for p in report.problems if p.url == store.replicas[2].url]
+        assert dead and all(p.kind == "unreachable" and "missing" not in str(p) for p in dead)
         assert report.unrecoverable == []
     finally:
         store.close()

@@ -75,6 +75,7 @@ from resilient.errors import (
 )
 from resilient.io._formats import EXTENSIONS, decode_output, encode_output
 from resilient.retry import RetryPolicy, classify
+from resilient.storage.backend import Backend
 from resilient.storage.layout import TMP_PREFIX
 from resilient.storage.replica import open_backend
 
@@ -177,7 +178,7 @@ class FileSink:
         self.shard_width = _check_int("shard_width", shard_width, _MAX_BATCH, lo=1)
         self._sleep = sleep
         self._display = redact_url(self.url)
-        self._backend: Any = None
+        self._backend: Backend | None = None
         self._layout_checked = False  # a layout record, if any, matches ours
         self._layout_recorded = False  # ours is recorded (needed before the first commit)
         self._indexes: dict[str, dict[str, Any]] = {}  # group id -> index, the last few read
@@ -214,7 +215,7 @@ class FileSink:
 
     # -- plumbing ------------------------------------------------------------------------------------
 
-    def _store(self) -> Any:
+    def _store(self) -> Backend:
         if self._backend is None:
             self._backend = open_backend(self.url, dict(self.storage_options), self._display)
         return self._backend
@@ -420,7 +421,7 @@ class FileSink:
         self._call(self._store().write_objects, [(part, [o.data for o in outputs]), (self._index_path(gid), [index])],
                    path=part)
         markers = [self._marker(b) for b in ids]
-        if self._store().protocol == "file":  # hard links to one file: see the module docstring
+        if self._store().linked_pointers:  # hard links to one file: see the module docstring
             created = self._point_all(markers, gid)
         elif len(markers) == 1:
             created = [self._point(markers[0], gid)]
@@ -430,7 +431,7 @@ class FileSink:
         return created
 
     def _point_all(self, markers: list[str], gid: str) -> list[bool]:
-        """Create markers pointing to group `gid` together (`LocalReplica.create_pointers`), with retries;
+        """Create markers pointing to group `gid` together (`Backend.create_pointers`), with retries;
         per marker, True if this call made it. A retry skips the markers made already, and a marker that
         an interrupted attempt may have made is this call's if it names `gid` (a fresh id)."""
         store = self._store()

@@ -8,13 +8,10 @@ was written after the claim, by a writer the claim fenced: it is void, whatever 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from resilient.storage import layout
 from resilient.storage.manifest import Manifest
-
-if TYPE_CHECKING:
-    from resilient.storage.store import CheckpointStore
+from resilient.storage.replicaset import ReplicaSet
 
 __all__ = ["EpochClaims"]
 
@@ -27,14 +24,14 @@ class EpochClaims:
     the claim, by a writer the claim fenced: it is void, whatever it contains.
     """
 
-    def __init__(self, store: CheckpointStore, key: str) -> None:
-        self.store, self.key = store, key
+    def __init__(self, replicas: ReplicaSet, key: str) -> None:
+        self.replicas, self.key = replicas, key
         self._epochs: list[int] | None = None
         self._floors: dict[int, int | None] = {}
 
     def voids(self, m: Manifest) -> bool:
         if self._epochs is None:
-            names = self.store._parallel(lambda r: r.call(r.backend.listdir, f"{self.key}/{layout.EPOCHS_DIR}"))
+            names = self.replicas.listdir(f"{self.key}/{layout.EPOCHS_DIR}")
             found = {layout.parse_epoch_name(n) for ns in names if isinstance(ns, list) for n in ns}
             self._epochs = sorted(e for e in found if e is not None)
         later = [e for e in self._epochs if e > m.epoch]
@@ -47,7 +44,7 @@ class EpochClaims:
         if epoch not in self._floors:
             rel = f"{self.key}/{layout.EPOCHS_DIR}/{layout.epoch_name(epoch)}"
             self._floors[epoch] = None
-            for body in self.store._parallel(lambda r: r.call(r.backend.read, rel, path=rel)):
+            for body in self.replicas.read(rel):
                 try:
                     self._floors[epoch] = int(json.loads(bytes(body))["committed"])
                     break

@@ -30,7 +30,8 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import xxhash
 
@@ -40,12 +41,11 @@ from resilient.errors import CodecError, CorruptionError, UnreachableError
 from resilient.retry import is_transient
 from resilient.storage import layout
 from resilient.storage.erasure import RsStriper, rebuild
-from resilient.storage.manifest import Manifest, choose_manifest
+from resilient.storage.backend import Backend
+from resilient.storage.manifest import Keyring, Manifest, choose_manifest
 from resilient.storage.parity import Striper, assemble, placement, reconstruct
-from resilient.storage.replica import FsspecReplica, LocalReplica
-
-if TYPE_CHECKING:
-    from resilient.storage.store import CheckpointStore
+from resilient.storage.problems import Problem
+from resilient.storage.replicaset import ReplicaSet
 
 __all__ = [
     "DECODE_FAILURES",
@@ -73,27 +73,31 @@ class Examination:
     urls: list[str]
     listed: set[int] = field(default_factory=set)  # replicas whose key directory lists the generation
     manifests: dict[int, Manifest] = field(default_factory=dict)  # valid manifests by replica index
-    manifest_errors: dict[int, str] = field(default_factory=dict)  # missing/corrupt manifest by replica
+    manifest_errors: dict[int, Problem] = field(default_factory=dict)  # missing/corrupt manifest by replica
     manifest: Manifest | None = None  # the chosen one
     piece_ok: dict[int, int] = field(default_factory=dict)  # replica -> piece index verified there
-    piece_errors: dict[int, str] = field(default_factory=dict)  # replica -> what was wrong with its piece
+    piece_errors: dict[int, Problem] = field(default_factory=dict)  # replica -> what was wrong with its piece
     object_bytes: bytes | bytearray | ObjectBuffer | None = None  # verified; a load hands it to decode
-    refused: list[str] = field(default_factory=list)  # problem lines of checkpoints whose object was refused
+    refused: list[Problem] = field(default_factory=list)  # one per copy of each checkpoint refused
     refused_ids: frozenset[str] = frozenset()  # their checkpoint ids
 
-    def problems(self) -> list[str]:
-        """One line per problem found, naming the replica and the object."""
-        gdir = layout.gen_dir(self.key, self.generation)
-        out = [f"{self.urls[j]}/{gdir}/{layout.MANIFEST}: {e}" for j, e in sorted(self.manifest_errors.items())]
-        out += [f"{self.urls[j]}/{gdir}: {e}" for j, e in sorted(self.piece_errors.items())]
+    def problems(self) -> list[Problem]:
+        """Every problem found, each naming its replica and object where it has one."""
+        out = [self.manifest_errors[j] for j in sorted(self.manifest_errors)]
+        out += [self.piece_errors[j] for j in sorted(self.piece_errors)]
         out += self.refused
+        whole = {"key": self.key, "generation": self.generation}
         if self.manifest is None and not out:
-            out.append(f"{gdir}: no manifest on any replica (an uncommitted write)")
+            out.append(Problem("uncommitted", "no manifest on any replica (an uncommitted write)", **whole))
         elif self.manifest is not None and self.object_bytes is None:
-            out.append(f"{gdir}: no verifying copy could be assembled")
+            out.append(Problem("unrecoverable", "no verifying copy could be assembled", **whole))
         elif self.manifest is None and self.refused:
-            out.append(f"{gdir}: no checkpoint of this generation decodes")
+            out.append(Problem("unrecoverable", "no checkpoint of this generation decodes", **whole))
         return out
+
+    def problem(self, j: int, kind: str, detail: str, name: str = "") -> Problem:
+        """A problem of replica ``j``'s copy of this generation (``name``: the object, if one)."""
+        return Problem(kind, detail, url=self.urls[j], key=self.key, generation=self.generation, name=name)
 
     def holders(self) -> list[int]:
         """Replicas holding, beside a manifest of the chosen checkpoint, the piece it names, verified."""
@@ -105,41 +109,42 @@ class Examination:
 
 
 def examine_generation(
-    store: "CheckpointStore",
+    rs: ReplicaSet,
     key: str,
     g: int,
-    listings: list[set[int]],
+    listings: Sequence[set[int]],
     *,
     full: bool,
     exclude: frozenset[str] = frozenset(),
 ) -> Examination:
     """Read generation `g`'s manifests and the pieces of the checkpoint they name (not one in `exclude`)."""
-    ex = Examination(key, g, [r.url for r in store.replicas])
+    ex = Examination(key, g, rs.urls)
     ex.listed = {j for j, gs in enumerate(listings) if g in gs}
     unlisted = getattr(listings, "errors", {})
-    for j in range(len(store.replicas)):
+    for j in range(len(rs)):
         if j not in ex.listed:
-            ex.manifest_errors[j] = _describe(unlisted[j]) if j in unlisted else "missing (generation absent)"
-    for j, res in store._manifest_outcomes(key, g, listings).items():
+            kind, detail = _describe(unlisted[j]) if j in unlisted else ("missing", "missing (generation absent)")
+            ex.manifest_errors[j] = ex.problem(j, kind, detail, layout.MANIFEST)
+    for j, res in rs.manifest_outcomes(key, g, listings).items():
         if isinstance(res, Manifest):
             ex.manifests[j] = res
         else:
-            ex.manifest_errors[j] = _describe(res)
+            ex.manifest_errors[j] = ex.problem(j, *_describe(res), layout.MANIFEST)
     ex.manifest = choose_manifest(m for m in ex.manifests.values() if m.checkpoint_id not in exclude)
     if ex.manifest is None:
         return ex
     if ex.manifest.mode == "replicate":
-        _recover_replicated(store, ex, full)
+        _recover_replicated(rs, ex, full)
     else:
-        _recover_parity(store, ex, full)
+        _recover_parity(rs, ex, full)
     return ex
 
 
 def examine_checked(
-    store: "CheckpointStore",
+    rs: ReplicaSet,
     key: str,
     g: int,
-    listings: list[set[int]],
+    listings: Sequence[set[int]],
     *,
     full: bool,
     accept: Callable[[Examination], str | None],
@@ -153,7 +158,7 @@ def examine_checked(
     refused: list[str] = []
     excluded: set[str] = set()
     while True:
-        ex = examine_generation(store, key, g, listings, full=full, exclude=frozenset(excluded))
+        ex = examine_generation(rs, key, g, listings, full=full, exclude=frozenset(excluded))
         if ex.manifest is None or ex.object_bytes is None:
             break
         why = accept(ex)
@@ -167,21 +172,21 @@ def examine_checked(
     return ex
 
 
-def _refusal_lines(ex: Examination, why: str) -> list[str]:
+def _refusal_lines(ex: Examination, why: str) -> list[Problem]:
     m = ex.manifest
     assert m is not None
-    gdir = layout.gen_dir(ex.key, ex.generation)
-    lines = [f"{ex.urls[j]}/{gdir}: {m.pieces[i].name}: {why}" for j, i in sorted(ex.piece_ok.items())]
-    return lines or [f"{gdir}: checkpoint {m.checkpoint_id}: {why}"]
+    lines = [ex.problem(j, "refused", why, m.pieces[i].name) for j, i in sorted(ex.piece_ok.items())]
+    return lines or [Problem("refused", f"checkpoint {m.checkpoint_id}: {why}", key=ex.key,
+                             generation=ex.generation)]
 
 
-def object_problem(store: "CheckpointStore", ex: Examination) -> str | None:
+def object_problem(keyring: Keyring | None, ex: Examination) -> str | None:
     """Why a recovered object is not a checkpoint its manifest vouches for (None when it is): the SHA-256
     bound by a signed manifest when a key is configured, then a full decode dry run (`codec.verify` with
     every compressed block inflated; nothing is built and no pickle is loaded)."""
     m, obj = ex.manifest, ex.object_bytes
     assert m is not None and obj is not None
-    unbound = sha256_problem(store, obj, m)
+    unbound = sha256_problem(keyring, obj, m)
     if unbound:
         return unbound
     try:
@@ -191,10 +196,10 @@ def object_problem(store: "CheckpointStore", ex: Examination) -> str | None:
     return None
 
 
-def sha256_problem(store: "CheckpointStore", obj: Any, m: Manifest) -> str | None:
+def sha256_problem(keyring: Keyring | None, obj: Any, m: Manifest) -> str | None:
     """Why a verified object is not the one its signed manifest binds (None when it is, or when no key is
-    configured)."""
-    if store._keyring is None:
+    configured: ``keyring`` is None)."""
+    if keyring is None:
         return None
     if not m.sha256:  # unreachable: a verified signed manifest always binds one
         return "signed manifest binds no sha256"
@@ -203,21 +208,28 @@ def sha256_problem(store: "CheckpointStore", obj: Any, m: Manifest) -> str | Non
     return None
 
 
-def _describe(e: BaseException) -> str:
-    """A replica's failure in words: "missing", "unreachable (...)" for a replica that did not answer or
-    could not be connected to (a transient failure), else the error."""
+def _describe(e: BaseException) -> tuple[str, str]:
+    """A replica's failure: its kind (see `resilient.storage.problems.KINDS`) and, in words, "missing",
+    "unreachable (...)" for a replica that did not answer or could not be connected to (a transient
+    failure), else the error."""
     if isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError):
-        return "missing"
+        return "missing", "missing"
     if isinstance(e, UnreachableError) or is_transient(e):
-        return f"unreachable ({type(e).__name__}: {e})"
-    return f"{type(e).__name__}: {e}"
+        return "unreachable", f"unreachable ({type(e).__name__}: {e})"
+    return "corrupt", f"{type(e).__name__}: {e}"
 
 
-def _read_object(backend: Any, rel: str) -> bytes | bytearray | ObjectBuffer:
+def _describe_piece(e: BaseException) -> tuple[str, str]:
+    """`_describe` of a piece's failure; a failed check is named by its reason alone (the problem names
+    the object already)."""
+    if type(e) is CorruptionError:
+        return "corrupt", e.reason
+    return _describe(e)
+
+
+def _read_object(backend: Backend, rel: str) -> bytes | bytearray | ObjectBuffer:
     """An object (or shard), in an `ObjectBuffer` where the backend can read into one."""
-    if isinstance(backend, (LocalReplica, FsspecReplica)):
-        return backend.read(rel, owned=True)
-    return backend.read(rel)
+    return backend.read(rel, owned=True)
 
 
 def _check(data: bytes | bytearray | ObjectBuffer, length: int, digest: str) -> str | None:
@@ -230,14 +242,14 @@ def _check(data: bytes | bytearray | ObjectBuffer, length: int, digest: str) -> 
     return None if ok else "checksum mismatch"
 
 
-def _recover_replicated(store: "CheckpointStore", ex: Examination, full: bool) -> None:
+def _recover_replicated(rs: ReplicaSet, ex: Examination, full: bool) -> None:
     m = ex.manifest
     assert m is not None
     piece = m.pieces[0]
     rel = f"{layout.gen_dir(ex.key, ex.generation)}/{piece.name}"
     agree = [j for j, mm in ex.manifests.items() if mm.checkpoint_id == m.checkpoint_id]
     others = [j for j in sorted(ex.listed) if j not in agree]
-    order = sorted(agree, key=lambda j: _preference(store.replicas[j].health)) + others
+    order = sorted(agree, key=lambda j: _preference(rs[j].health)) + others
 
     def read_piece(r):  # noqa: ANN001
         data = r.call(_read_object, r.backend, rel, path=rel, generation=ex.generation)
@@ -247,13 +259,12 @@ def _recover_replicated(store: "CheckpointStore", ex: Examination, full: bool) -
         return data
 
     if full:
-        outcomes = dict(zip(order, store.set.gather(read_piece, order, enough=len(order),
-                                                    what=f"reading {rel}")))
+        outcomes = dict(zip(order, rs.gather(read_piece, order, enough=len(order), what=f"reading {rel}")))
     else:  # one good copy: hedged, the next replica asked when the current one is slow
-        _, outcomes = store.set.hedged(read_piece, order, delay=store.set.policy.hedge_delay(piece.length))
+        _, outcomes = rs.hedged(read_piece, order, delay=rs.policy.hedge_delay(piece.length))
     for j, res in sorted(outcomes.items()):
         if isinstance(res, BaseException):
-            ex.piece_errors[j] = f"{piece.name}: {_describe(res)}"
+            ex.piece_errors[j] = ex.problem(j, *_describe_piece(res), piece.name)
         else:
             ex.piece_ok[j] = 0
             if ex.object_bytes is None:
@@ -265,7 +276,7 @@ def _preference(h: Any) -> tuple[bool, bool]:
     return (h.unresponsive, h.degraded)
 
 
-def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> None:
+def _recover_parity(rs: ReplicaSet, ex: Examination, full: bool) -> None:
     m = ex.manifest
     assert m is not None
     gdir = layout.gen_dir(ex.key, ex.generation)
@@ -286,16 +297,24 @@ def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> No
     listed = sorted(ex.listed)
     good: dict[int, bytes] = {}
     need = len(listed) if full else min(len(listed), m.k)
-    answers = store.set.gather(read_pieces, listed, enough=need, what=f"reading shards of {gdir}")
+    answers = rs.gather(read_pieces, listed, enough=need, what=f"reading shards of {gdir}")
+    where = placement(ex.generation, len(rs))
+
+    def expected(j: int) -> str:
+        """The shard replica ``j`` should hold: its own manifest says which, else the placement rule."""
+        own = ex.manifests.get(j)
+        i = own.held if own is not None and own.checkpoint_id == m.checkpoint_id else where[j]
+        return m.pieces[i].name if i < len(m.pieces) else ""
+
     for j, res in zip(listed, answers):
         if isinstance(res, BaseException):
-            ex.piece_errors[j] = _describe(res)
+            ex.piece_errors[j] = ex.problem(j, *_describe(res), expected(j))
             continue
         if not res:
-            ex.piece_errors[j] = "missing (no shard of this checkpoint)"
+            ex.piece_errors[j] = ex.problem(j, "missing", "missing (no shard of this checkpoint)", expected(j))
         for i, data in res.items():
             if isinstance(data, BaseException):
-                ex.piece_errors[j] = f"shard {i}: {data.reason}"
+                ex.piece_errors[j] = ex.problem(j, "corrupt", data.reason, m.pieces[i].name)
             else:
                 ex.piece_ok[j] = i
                 good.setdefault(i, data)
@@ -313,13 +332,13 @@ def _recover_parity(store: "CheckpointStore", ex: Examination, full: bool) -> No
         ex.object_bytes = data
 
 
-def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
+def repair_generation(rs: ReplicaSet, ex: Examination) -> list[str]:
     """Rewrite missing or bad copies of a recovered generation; return ``"url/path"`` of each rewrite."""
     m = ex.manifest
     if m is None or ex.object_bytes is None:
         return []
     gdir = layout.gen_dir(ex.key, ex.generation)
-    n = len(store.replicas)
+    n = len(rs)
     pieces = _pieces_of(ex.object_bytes, m)
     # which piece each replica should hold: its own manifest says so, else fill the gaps in placement order
     holds: dict[int, int] = {j: mm.held for j, mm in ex.manifests.items() if mm.checkpoint_id == m.checkpoint_id}
@@ -335,7 +354,7 @@ def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
         holds.update({j: 0 for j in range(n) if j not in holds})
     done: list[str] = []
     for j, i in sorted(holds.items()):
-        r = store.replicas[j]
+        r = rs[j]
         other = ex.manifests.get(j)
         refused = other is not None and other.checkpoint_id in ex.refused_ids
         if other is not None and other.checkpoint_id != m.checkpoint_id and not refused:
@@ -355,8 +374,8 @@ def repair_generation(store: "CheckpointStore", ex: Examination) -> list[str]:
                 done.append(f"{r.url}/{rel_p}")
             if manifest_bad:
                 body = m.holding(i).to_bytes()
-                if other is not None or ex.manifest_errors.get(j, "missing") not in ("missing",
-                                                                                     "missing (generation absent)"):
+                found = ex.manifest_errors.get(j)
+                if other is not None or (found is not None and found.kind != "missing"):
                     r.call(r.backend.overwrite, rel_m, body, path=rel_m, generation=ex.generation)
                 else:
                     try:

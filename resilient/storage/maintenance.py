@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 from resilient.storage import layout
 from resilient.storage.claims import EpochClaims
 from resilient.storage.examine import Examination, examine_checked, object_problem, repair_generation
+from resilient.storage.problems import Problem
 from resilient.storage.retention import plan_failed_writes, plan_retention
 
 if TYPE_CHECKING:
@@ -44,10 +45,10 @@ T = TypeVar("T")
 
 @dataclass
 class VerifyReport:
-    """The outcome of `verify`: every generation checked and every problem found."""
+    """The outcome of `verify`: every generation checked and every problem found (as `Problem` records)."""
 
     checked: list[tuple[str, int]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
     unrecoverable: list[tuple[str, int]] = field(default_factory=list)
     unexamined: list[tuple[str, str]] = field(default_factory=list)  # (key, why it could not be examined)
     unreachable: list[tuple[str, str]] = field(default_factory=list)  # (replica url, how it failed to answer)
@@ -77,7 +78,7 @@ def _each_key(
 
 
 def _generations(store: "CheckpointStore", key: str) -> tuple[list[set[int]], list[int]]:
-    listings = store._list_generations(key)
+    listings = store.set.list_generations(key)
     return listings, sorted({g for gs in listings for g in gs})
 
 
@@ -91,9 +92,9 @@ def _checked(store: "CheckpointStore", key: str, g: int, listings: list[set[int]
         assert m is not None
         if claims is not None and claims.voids(m):
             return f"written by a fenced writer (epoch {m.epoch}) after a newer epoch was claimed"
-        return object_problem(store, ex)
+        return object_problem(store.set.keyring, ex)
 
-    return examine_checked(store, key, g, listings, full=True, accept=accept)
+    return examine_checked(store.set, key, g, listings, full=True, accept=accept)
 
 
 def verify(store: "CheckpointStore", key: str | None = None) -> VerifyReport:
@@ -101,7 +102,7 @@ def verify(store: "CheckpointStore", key: str | None = None) -> VerifyReport:
     for probe in store.set.probe():  # first, so that a replica that does not answer is flagged at once
         if not probe.reachable:
             report.unreachable.append((probe.url, probe.detail))
-            report.problems.append(f"{probe.url}: unreachable ({probe.detail})")
+            report.problems.append(Problem("unreachable", f"unreachable ({probe.detail})", url=probe.url))
 
     def one(k: str) -> list[Examination]:
         listings, gens = _generations(store, k)
@@ -110,7 +111,7 @@ def verify(store: "CheckpointStore", key: str | None = None) -> VerifyReport:
     for k, result in _each_key(store, key, "verify", one):
         if isinstance(result, str):
             report.unexamined.append((k, result))
-            report.problems.append(f"key {k!r} could not be examined: {result}")
+            report.problems.append(Problem("unexamined", f"could not be examined: {result}", key=k))
             continue
         for ex in result:
             if ex.manifest is None and not ex.refused:
@@ -127,7 +128,7 @@ def repair(store: "CheckpointStore", key: str | None = None) -> list[str]:
         listings, gens = _generations(store, k)
         done: list[str] = []
         for g in gens:
-            done.extend(repair_generation(store, _checked(store, k, g, listings)))
+            done.extend(repair_generation(store.set, _checked(store, k, g, listings)))
         return done
 
     return [p for _, result in _each_key(store, key, "repair", one) if not isinstance(result, str) for p in result]
@@ -153,13 +154,12 @@ def prove(store: "CheckpointStore", key: str, g: int, listings: list[set[int]], 
 def _still_held(store: "CheckpointStore", key: str, g: int, listings: list[set[int]], claims: EpochClaims,
                 cid: str) -> bool:
     """Whether a quorum of replicas still holds a valid manifest of checkpoint `cid` and lists its piece."""
-    ours = {j: m for j, m in store._read_manifests(key, g, listings).items() if m.checkpoint_id == cid}
+    ours = {j: m for j, m in store.set.manifests(key, g, listings).items() if m.checkpoint_id == cid}
     if len(ours) < store.quorum or claims.voids(next(iter(ours.values()))):
         return False
     gdir = layout.gen_dir(key, g)
     order = sorted(ours)
-    answers = store._parallel(lambda r: r.call(r.backend.listdir, gdir, path=gdir, generation=g),
-                              [store.replicas[j] for j in order])
+    answers = store.set.listdir(gdir, order, generation=g)
     held = sum(isinstance(names, list) and ours[j].pieces[ours[j].held].name in names
                for j, names in zip(order, answers))
     return held >= store.quorum
@@ -168,7 +168,7 @@ def _still_held(store: "CheckpointStore", key: str, g: int, listings: list[set[i
 def _proven_newest(store: "CheckpointStore", key: str, listings: list[set[int]], gens: list[int], *,
                    trust: bool) -> dict[int, Examination]:
     """The newest ``keep`` proven generations (fewer if fewer are), newest first, with their proofs."""
-    claims = EpochClaims(store, key)
+    claims = EpochClaims(store.set, key)
     proven: dict[int, Examination] = {}
     for g in sorted(gens, reverse=True):
         ex = prove(store, key, g, listings, claims, trust=trust)
@@ -197,8 +197,8 @@ def _delete_generations(store: "CheckpointStore", key: str, gens: list[int], dry
             # the manifest goes first: a deletion cut short leaves an uncommitted write (gc's business),
             # never a committed generation with missing data
             manifest = f"{rel}/{layout.MANIFEST}"
-            store._parallel(lambda r: r.call(r.backend.delete, manifest, path=manifest))
-            outcomes = store._parallel(lambda r: r.call(r.backend.delete, rel, recursive=True, path=rel))
+            store.set.delete(manifest)
+            outcomes = store.set.delete(rel, recursive=True)
         for r, out in zip(store.replicas, outcomes):
             if isinstance(out, BaseException):
                 log.warning("could not delete %s/%s: %s: %s", r.url, rel, type(out).__name__, out)
@@ -227,7 +227,7 @@ def collect_garbage(
         return removed
 
     removed = [p for _, result in _each_key(store, key, "gc", one) if not isinstance(result, str) for p in result]
-    now = store._clock()
+    now = store.clock()
     for r in store.replicas:
         try:
             temporaries = list(r.backend.temporaries())
@@ -248,7 +248,7 @@ def _with_manifest(store: "CheckpointStore", key: str, gens: list[int]) -> set[i
     out = set()
     for g in gens:
         rel = layout.gen_dir(key, g)
-        answers = store._parallel(lambda r: r.call(r.backend.listdir, rel, path=rel))
+        answers = store.set.listdir(rel)
         if any(not isinstance(a, list) or layout.MANIFEST in a for a in answers):
             out.add(g)
     return out
@@ -262,7 +262,7 @@ def _delete_losers(store: "CheckpointStore", key: str, g: int, ex: Examination, 
     keep_prefix = m.checkpoint_id + "."
     rel = layout.gen_dir(key, g)
     removed = []
-    for r, names in zip(store.replicas, store._parallel(lambda r: r.call(r.backend.listdir, rel, path=rel))):
+    for r, names in zip(store.replicas, store.set.listdir(rel)):
         if not isinstance(names, list):
             continue
         for name in names:

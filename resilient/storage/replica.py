@@ -1,6 +1,6 @@
 """One replica root: the only place that touches a filesystem, and how each backend commits atomically.
 
-Two backends share one small interface:
+Two backends implement `resilient.storage.backend.Backend`; nothing above this module asks which:
 
 * `LocalReplica` (``file://`` URLs and plain paths) uses the OS directly, because fsspec's local
   ``autocommit=False`` writes its temporary file in the system temp dir and never fsyncs:
@@ -52,13 +52,13 @@ from typing import Any, TypeVar
 from resilient.codec.buffer import ObjectBuffer
 from resilient.errors import PermanentStorageError, StorageError, UnreachableError
 from resilient.retry import RetryPolicy, classify
+from resilient.storage.backend import Backend, Buffer
 from resilient.storage.layout import MANIFEST, TMP_PREFIX
 from resilient.storage.sdk import configure, precondition_failed, sdk_options
 
 __all__ = ["FsspecReplica", "GuardedReplica", "LocalReplica", "ReplicaHealth", "open_backend"]
 
 T = TypeVar("T")
-Buffer = bytes | bytearray | memoryview
 _ATOMIC_CREATE = {"s3", "s3a"}
 _warned: set[str] = set()
 _WRITES = frozenset({"write_object", "create_exclusive", "overwrite", "delete"})
@@ -105,10 +105,15 @@ class LocalReplica:
     """A replica on a local (or locally mounted) filesystem."""
 
     protocol = "file"
+    linked_pointers = True  # `create_pointers`: hard links to one file
 
     def __init__(self, root: str, url: str) -> None:
         self.root = os.path.abspath(root)
         self.url = url
+
+    def probe(self) -> None:
+        """List the root once (FileNotFoundError if it does not exist)."""
+        os.listdir(self.root)
 
     def _abs_all(self, rels: Iterable[str]) -> dict[str, str]:
         """`_abs` of many names, each distinct directory checked once (a group's markers share a few)."""
@@ -403,6 +408,8 @@ def _unlink_quietly(path: str) -> None:
 class FsspecReplica:
     """A replica on any fsspec filesystem (S3, GCS, memory...)."""
 
+    linked_pointers = False  # one conditional create per pointer
+
     def __init__(self, fs: Any, root: str, url: str) -> None:
         self.fs = fs
         self.root = root.rstrip("/")
@@ -465,6 +472,28 @@ class FsspecReplica:
         """Create-only small object ``rel`` holding ``target`` (a conditional create, as `create_exclusive`)."""
         self.create_exclusive(rel, target.encode())
 
+    def create_pointers(self, rels: list[str], target: str) -> list[bool]:
+        """`create_pointer` for each name, one after the other; per name, True if this call created it."""
+        created = []
+        for rel in rels:
+            try:
+                self.create_pointer(rel, target)
+            except FileExistsError:
+                created.append(False)
+                continue
+            created.append(True)
+        return created
+
+    def probe(self) -> None:
+        """List the root once (FileNotFoundError if it does not exist)."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            found = self.fs.ls(self.root, detail=False)  # a failure to answer surfaces here, as it is
+        except NotADirectoryError:
+            found = []
+        if not found and not self.fs.exists(self.root):
+            raise FileNotFoundError(f"{self.url} does not exist")
+
     def sync_dirs(self, rels: Iterable[str]) -> None:
         """Object stores make each object durable when its upload returns: nothing to do."""
 
@@ -522,7 +551,7 @@ class FsspecReplica:
         return iter(())  # object stores never hold partial objects under a name
 
 
-def open_backend(url: str, options: dict[str, Any], display_url: str) -> LocalReplica | FsspecReplica:
+def open_backend(url: str, options: dict[str, Any], display_url: str) -> Backend:
     """Build the backend for one storage URL (in the process that uses it; never pickled)."""
     if "://" not in url or url.startswith("file://") or url.startswith("local://"):
         path = url.split("://", 1)[1] if "://" in url else url
@@ -565,7 +594,7 @@ class GuardedReplica:
 
     def __init__(
         self,
-        backend: LocalReplica | FsspecReplica,
+        backend: Backend,
         policy: RetryPolicy,
         *,
         degraded_after: int,

@@ -3,6 +3,10 @@
 Every operation that involves several replicas goes through here: `gather` (one call per replica,
 waiting as `resilient.storage.deadlines.wait_more` decides), `hedged` (one good answer from any
 replica, asking the next one when the current one is slow) and `probe` (is each replica answering?).
+On top of them, what the store, `resilient.storage.examine`, `resilient.storage.maintenance` and
+`resilient.storage.claims` ask of all replicas at once: `listdir`, `read` and `delete` of one name,
+`list_generations` of a key and `manifest_outcomes` of one generation (validated against ``keyring``).
+Each replica is reached through its `resilient.storage.backend.Backend`, whatever its class.
 Each replica's calls run in its own threads (`GuardedReplica.submit`), so a replica that hangs never
 holds up the others, and a call left behind goes on in the background: its outcome is still recorded
 in the replica's health when it ends.
@@ -21,9 +25,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from resilient.errors import UnreachableError
+from resilient.errors import CorruptionError, UnreachableError
 from resilient.retry import classify, is_transient
+from resilient.storage import layout
 from resilient.storage.deadlines import WaitPolicy, decided, read_enough, wait_more
+from resilient.storage.manifest import Keyring, Manifest
 from resilient.storage.replica import GuardedReplica
 
 __all__ = ["Listings", "Reachability", "ReplicaSet", "describe_unreachable"]
@@ -55,6 +61,7 @@ class ReplicaSet:
     Args:
         replicas: the guarded replicas, in storage order.
         quorum: the write quorum.
+        keyring: the signing keys manifests read through this set must be signed with (None: unsigned).
         policy: grace and hedging delays (`WaitPolicy`).
         clock: monotonic seconds (injectable).
     """
@@ -64,11 +71,13 @@ class ReplicaSet:
         replicas: Sequence[GuardedReplica],
         quorum: int,
         *,
+        keyring: Keyring | None = None,
         policy: WaitPolicy = WaitPolicy(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.replicas = list(replicas)
         self.quorum = quorum
+        self.keyring = keyring
         self.policy = policy
         self._clock = clock
 
@@ -189,14 +198,74 @@ class ReplicaSet:
             timeout = max(0.0, delay - (self._clock() - started_at)) if queue else None
             wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
 
+    # -- one name on every replica
+
+    def listdir(self, rel: str, indices: Sequence[int] | None = None, *,
+                generation: int | None = None) -> list[list[str] | BaseException]:
+        """The names in directory ``rel`` on each replica (all, or those at ``indices``), or its error."""
+        return self.gather(lambda r: r.call(r.backend.listdir, rel, path=rel, generation=generation), indices,
+                           what=f"listing {rel}")
+
+    def read(self, rel: str, indices: Sequence[int] | None = None, *,
+             generation: int | None = None) -> list[Any]:
+        """The bytes of object ``rel`` on each replica (all, or those at ``indices``), or its error."""
+        return self.gather(lambda r: r.call(r.backend.read, rel, path=rel, generation=generation), indices,
+                           what=f"reading {rel}")
+
+    def delete(self, rel: str, *, recursive: bool = False) -> list[Any]:
+        """Delete ``rel`` on every replica (see `Backend.delete`): None, or the error, per replica."""
+        return self.gather(lambda r: r.call(r.backend.delete, rel, recursive=recursive, path=rel),
+                           what=f"deleting {rel}")
+
+    # -- a key's generations and their manifests
+
+    def list_generations(self, key: str) -> Listings:
+        """The generation numbers each replica lists for ``key`` (an empty set, and the error in
+        ``errors``, for one that could not list)."""
+        out = Listings()
+        for j, names in enumerate(self.gather(lambda r: r.call(r.backend.listdir, key, path=key),
+                                              what=f"listing {key}")):
+            if isinstance(names, BaseException):
+                out.append(set())
+                out.errors[j] = names
+                continue
+            out.append({g for g in map(layout.parse_gen_name, names) if g is not None})
+        return out
+
+    def manifest_outcomes(self, key: str, g: int, listings: Sequence[set[int]]) -> dict[int, Manifest | Exception]:
+        """Read and validate generation ``g``'s manifest on every replica that lists it: the manifest, or
+        the error that replica gave (missing, corrupt, meant for another key or generation), by index."""
+        rel = f"{layout.gen_dir(key, g)}/{layout.MANIFEST}"
+        keyring = self.keyring
+
+        def read(r: GuardedReplica) -> Manifest:
+            m = Manifest.from_bytes(
+                r.call(r.backend.read, rel, path=rel, generation=g),
+                where=f"{r.url}/{rel}", keyring=keyring, key=key, generation=g,
+            )
+            if m.key != key or m.generation != g:
+                raise CorruptionError(f"{r.url}/{rel}", f"manifest is for {m.key!r} generation {m.generation}")
+            return m
+
+        holders = [j for j, gs in enumerate(listings) if g in gs]
+        answers = self.gather(read, holders, enough=min(len(holders), self.read_enough),
+                              what=f"reading manifests of {key} generation {g}")
+        return dict(zip(holders, answers))
+
+    def manifests(self, key: str, g: int, listings: Sequence[set[int]]) -> dict[int, Manifest]:
+        """The valid manifests of generation ``g``, by replica index."""
+        return {j: m for j, m in self.manifest_outcomes(key, g, listings).items() if isinstance(m, Manifest)}
+
     def probe(self, *, grace_floor: float = 1.0) -> list[Reachability]:
-        """Whether each replica answers a listing of its root (a missing root answers too), without
+        """Whether each replica answers a listing of its root (`Backend.probe`; a missing root answers too), without
         retries and without waiting for one that does not answer while the others do. One that fails
         to connect or does not answer is flagged unresponsive, so that what follows does not wait on it."""
 
         def listing(r: GuardedReplica) -> None:
             try:
-                r.backend.listdir("")
+                r.backend.probe()
+            except FileNotFoundError:
+                return  # it answered: a root nothing was written to yet
             except Exception as e:  # noqa: BLE001 - the answer, with credentials masked
                 raise classify(e, url=r.url) from e
 

@@ -16,14 +16,18 @@ S3 (s3fs):
 
 Whatever the user sets in ``config_kwargs`` (through ``RESILIENT_STORAGE_OPTIONS``) wins, key by key.
 
-`precondition_failed` reads an SDK error's structured answer (the botocore ``ClientError`` that s3fs
-keeps as ``__cause__``): a conditional write refused because the object exists.
+`precondition_failed` says whether an SDK error is a conditional write refused because the object
+exists. Like every reading of an SDK's answers (transient or permanent, see `resilient.retry`), it goes
+through `resilient.retry.service_answer`: the structured answer (the botocore ``ClientError`` that s3fs
+keeps as ``__cause__``), never a status code matched in an error's text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from resilient.retry import service_answer
 
 __all__ = ["S3_DEFAULTS", "configure", "precondition_failed", "sdk_options"]
 
@@ -64,11 +68,6 @@ def configure(fs: Any) -> Any:
     return fs
 
 
-def _response(e: BaseException | None) -> Mapping[str, Any] | None:
-    response = getattr(e, "response", None)
-    return response if isinstance(response, Mapping) else None
-
-
 def precondition_failed(e: BaseException) -> bool:
     """Whether ``e`` (or what caused it) is a service's answer that a conditional write's precondition
     failed: error code ``PreconditionFailed`` or HTTP status 412.
@@ -82,17 +81,5 @@ def precondition_failed(e: BaseException) -> bool:
         >>> precondition_failed(err), precondition_failed(OSError("412 in a message is not an answer"))
         (True, False)
     """
-    seen: list[BaseException] = []
-    link: BaseException | None = e
-    while link is not None and len(seen) < 3 and all(link is not s for s in seen):
-        seen.append(link)
-        response = _response(link)
-        if response is not None:
-            error = response.get("Error") or {}
-            meta = response.get("ResponseMetadata") or {}
-            code = str(error.get("Code", "")) if isinstance(error, Mapping) else ""
-            status = meta.get("HTTPStatusCode") if isinstance(meta, Mapping) else None
-            if code == "PreconditionFailed" or status == 412 or code == "412":
-                return True
-        link = link.__cause__ if link.__cause__ is not None else link.__context__
-    return False
+    answer = service_answer(e)
+    return answer is not None and answer.precondition_failed

@@ -64,7 +64,7 @@ from typing import Any
 
 from resilient import codec
 from resilient.config import Settings, redact_url, redundancy_shape
-from resilient.errors import CorruptionError, FencedError, NoCheckpointError, QuorumError
+from resilient.errors import FencedError, NoCheckpointError, QuorumError
 from resilient.retry import RetryPolicy
 from resilient.storage import layout, maintenance
 from resilient.storage.claims import EpochClaims
@@ -74,9 +74,10 @@ from resilient.storage.erasure import RsStriper
 from resilient.storage.fanout import Piece, Tape, produce
 from resilient.storage.manifest import Keyring, Manifest, ShardInfo, choose_manifest
 from resilient.storage.parity import Striper, placement
+from resilient.storage.problems import Problem
 from resilient.storage.maintenance import VerifyReport
 from resilient.storage.replica import GuardedReplica, ReplicaHealth, open_backend
-from resilient.storage.replicaset import Listings, ReplicaSet
+from resilient.storage.replicaset import ReplicaSet
 from resilient.storage.retention import ProofCache
 
 __all__ = ["CheckpointStore", "Commit", "Loaded", "PendingSave"]
@@ -147,7 +148,7 @@ class CheckpointStore:
         elif overrides:
             settings = settings.with_options(**overrides)
         self.settings = settings
-        self._clock = clock
+        self.clock = clock  # wall-clock seconds: manifest timestamps, the age of temporaries (injectable)
         policy = RetryPolicy.from_settings(settings)
         if backends is None:
             backends = [
@@ -158,10 +159,11 @@ class CheckpointStore:
             for b in backends
         ]
         self.quorum = settings.quorum
-        self.set = ReplicaSet(self.replicas, self.quorum)  # every multi-replica operation, with deadlines
+        self._keyring = Keyring.from_setting(settings.signing_key)
+        # every multi-replica operation, with deadlines; what examine, maintenance and claims are given
+        self.set = ReplicaSet(self.replicas, self.quorum, keyring=self._keyring)
         self._shape = redundancy_shape(settings.redundancy)
         self.mode = self._shape[0]  # "replicate", "parity" or "rs" (settings.redundancy gives rs's K+M)
-        self._keyring = Keyring.from_setting(settings.signing_key)
         self._bg = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resilient-save")
         self._gc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-retention")
         self._retention: list[Future] = []
@@ -253,13 +255,13 @@ class CheckpointStore:
         for another replica's copy or checkpoint, then for the next older generation.
         """
         layout.validate_key(key)
-        listings = self._list_generations(key)
+        listings = self.set.list_generations(key)
         gens = sorted({g for gs in listings for g in gs}, reverse=True)
         if generation is not None:
             gens = [g for g in gens if g == generation]
         skipped: list[int] = []
-        problems: list[str] = []
-        claims = EpochClaims(self, key)
+        problems: list[Problem] = []
+        claims = EpochClaims(self.set, key)
         for g in gens:
             decoded: list[Any] = []
 
@@ -268,7 +270,7 @@ class CheckpointStore:
                 assert m is not None
                 if claims.voids(m):
                     return f"written by a fenced writer (epoch {m.epoch}) after a newer epoch was claimed"
-                bad = sha256_problem(self, ex.object_bytes, m)
+                bad = sha256_problem(self._keyring, ex.object_bytes, m)
                 if bad:
                     return bad
                 try:
@@ -279,7 +281,7 @@ class CheckpointStore:
                     return f"does not decode: {type(e).__name__}: {e}"
                 return None
 
-            exam = examine_checked(self, key, g, listings, full=False, accept=accept)
+            exam = examine_checked(self.set, key, g, listings, full=False, accept=accept)
             if not decoded:
                 if exam.manifest is not None or exam.refused:
                     skipped.append(g)
@@ -289,11 +291,11 @@ class CheckpointStore:
             assert m is not None
             repaired: list[str] = []
             if repair:
-                repaired = repair_generation(self, exam)
+                repaired = repair_generation(self.set, exam)
             if skipped:
                 log.warning("key %r: newest generations %s did not verify; loaded generation %d", key, skipped, g)
             return Loaded(decoded[0], key, g, m.epoch, m.checkpoint_id, tuple(skipped), tuple(repaired), m.length)
-        detail = "; ".join(problems[:20]) or "no generation found on any replica"
+        detail = "; ".join(map(str, problems[:20])) or "no generation found on any replica"
         raise NoCheckpointError(f"no committed checkpoint of key {key!r} verifies ({detail})")
 
     def latest(self, key: str) -> int | None:
@@ -306,11 +308,11 @@ class CheckpointStore:
         return self._committed_generations(key, apply_claims=True)
 
     def _committed_generations(self, key: str, *, apply_claims: bool) -> list[int]:
-        listings = self._list_generations(key)
-        claims = EpochClaims(self, key) if apply_claims else None
+        listings = self.set.list_generations(key)
+        claims = EpochClaims(self.set, key) if apply_claims else None
         out = []
         for g in sorted({g for gs in listings for g in gs}):
-            m = choose_manifest(self._read_manifests(key, g, listings).values())
+            m = choose_manifest(self.set.manifests(key, g, listings).values())
             if m is not None and not (claims and claims.voids(m)):
                 out.append(g)
         return out
@@ -318,7 +320,7 @@ class CheckpointStore:
     def keys(self) -> list[str]:
         """Every key with at least one manifest on any replica."""
         found: set[str] = set()
-        answers = self._parallel(lambda r: r.call(lambda: list(r.backend.manifest_paths())), what="listing keys")
+        answers = self.set.gather(lambda r: r.call(lambda: list(r.backend.manifest_paths())), what="listing keys")
         for r, paths in zip(self.replicas, answers):
             if isinstance(paths, BaseException):
                 continue
@@ -335,8 +337,7 @@ class CheckpointStore:
     def current_epoch(self, key: str) -> int:
         """The highest epoch claimed for `key` on any replica (0 if none)."""
         best = 0
-        for names in self._parallel(lambda r: r.call(r.backend.listdir, f"{key}/{layout.EPOCHS_DIR}"),
-                                    what=f"listing epochs of {key}"):
+        for names in self.set.listdir(f"{key}/{layout.EPOCHS_DIR}"):
             if isinstance(names, BaseException):
                 continue
             for n in names:
@@ -366,7 +367,7 @@ class CheckpointStore:
                     if r.call(r.backend.read, rel, path=rel) != body:  # not our own retried create
                         raise
 
-            results = self._parallel(create, enough=self.quorum, what=f"claiming epoch {epoch} of {key}")
+            results = self.set.gather(create, enough=self.quorum, what=f"claiming epoch {epoch} of {key}")
             acked = sum(1 for x in results if not isinstance(x, BaseException))
             taken = any(isinstance(x, FileExistsError) for x in results)
             if acked >= self.quorum:
@@ -425,59 +426,11 @@ class CheckpointStore:
                 self._owners[key] = _Owner()
             return self._owners[key]
 
-    def _parallel(
-        self,
-        fn: Callable[[GuardedReplica], Any],
-        replicas: Iterable[GuardedReplica] | None = None,
-        *,
-        enough: int | None = None,
-        what: str = "operation",
-    ) -> list:
-        """Run `fn` on each replica concurrently (`ReplicaSet.gather`): results in order, exceptions
-        returned, not raised; a replica left behind gives `UnreachableError`."""
-        idx = None if replicas is None else [self._index(r) for r in replicas]
-        return self.set.gather(fn, idx, enough=enough, what=what)
-
     def _index(self, replica: GuardedReplica) -> int:
         return next(j for j, r in enumerate(self.replicas) if r is replica)
 
-    def _list_generations(self, key: str) -> Listings:
-        out = Listings()
-        answers = self._parallel(lambda r: r.call(r.backend.listdir, key, path=key), what=f"listing {key}")
-        for j, names in enumerate(answers):
-            if isinstance(names, BaseException):
-                out.append(set())
-                out.errors[j] = names
-                continue
-            out.append({g for g in map(layout.parse_gen_name, names) if g is not None})
-        return out
-
     def _newest_dir(self, key: str) -> int:
-        return max((g for gs in self._list_generations(key) for g in gs), default=0)
-
-    def _read_manifests(self, key: str, g: int, listings: list[set[int]]) -> dict[int, Manifest]:
-        """The valid manifests of generation `g`, by replica index."""
-        outcomes = self._manifest_outcomes(key, g, listings)
-        return {j: m for j, m in outcomes.items() if isinstance(m, Manifest)}
-
-    def _manifest_outcomes(self, key: str, g: int, listings: list[set[int]]) -> dict[int, Manifest | Exception]:
-        """Read and validate generation `g`'s manifest on every replica that lists it: the manifest, or
-        the error that replica gave (missing, corrupt, meant for another key or generation)."""
-        rel = f"{layout.gen_dir(key, g)}/{layout.MANIFEST}"
-
-        def read(r: GuardedReplica) -> Manifest:
-            m = Manifest.from_bytes(
-                r.call(r.backend.read, rel, path=rel, generation=g),
-                where=f"{r.url}/{rel}", keyring=self._keyring, key=key, generation=g,
-            )
-            if m.key != key or m.generation != g:
-                raise CorruptionError(f"{r.url}/{rel}", f"manifest is for {m.key!r} generation {m.generation}")
-            return m
-
-        holders = [j for j, gs in enumerate(listings) if g in gs]
-        answers = self.set.gather(read, holders, enough=min(len(holders), self.set.read_enough),
-                                  what=f"reading manifests of {key} generation {g}")
-        return dict(zip(holders, answers))
+        return max((g for gs in self.set.list_generations(key) for g in gs), default=0)
 
     def _write(self, key: str, state: Any, epoch: int, generation: int) -> Commit:
         s = self.settings
@@ -541,7 +494,7 @@ class CheckpointStore:
             xxh3=whole,
             pieces=tuple(ShardInfo(nm, p.length, p.xxh3) for nm, p in zip(names, pieces)),
             block=PARITY_BLOCK if striper else 0,
-            created_at=self._clock(),
+            created_at=self.clock(),
             info={"writer": f"{socket.gethostname()}:{os.getpid()}"},
             sha256=digest.hexdigest() if digest is not None else "",
             signer=self._keyring,
