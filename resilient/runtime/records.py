@@ -55,7 +55,9 @@ _SLOT = re.compile(r"slot-(\d+)")
 
 
 def job_key(job_id: str) -> str:
-    """>>> job_key("score-v1")
+    """The job record's key.
+
+    >>> job_key("score-v1")
     'score-v1/job'
     """
     return f"{job_id}/{JOB}"
@@ -70,7 +72,9 @@ def retry_key(job_id: str) -> str:
 
 
 def slot_key(job_id: str, slot: int) -> str:
-    """>>> slot_key("score-v1", 3)
+    """The key of a slot's checkpoints.
+
+    >>> slot_key("score-v1", 3)
     'score-v1/slot-3'
     """
     return f"{job_id}/slot-{slot}"

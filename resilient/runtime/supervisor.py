@@ -131,7 +131,7 @@ def _first_line(text: str) -> str:
 
 
 def _raised(text: str) -> str:
-    """The exception line ("Type: message") at the end of a remote traceback's text.
+    r"""The exception line ("Type: message") at the end of a remote traceback's text.
 
     >>> _raised("Traceback ...\n  File \"p.py\", line 3, in f\nOSError: no weights\n")
     'OSError: no weights'

@@ -1,0 +1,158 @@
+"""The scheduler's decisions, one at a time, without Ray or storage; and the runtime modules' doctests."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+from resilient.runtime import events as ev
+from resilient.runtime.ledger import Ledger
+from resilient.runtime.protocol import (
+    ActorDown,
+    ActorUp,
+    CallAnswered,
+    Cause,
+    Emit,
+    FailJob,
+    Failure,
+    KillActor,
+    NodeDraining,
+    Result,
+    RollbackActor,
+    RollbackDone,
+    SendCall,
+    StartActor,
+)
+from resilient.runtime.scheduler import Policy, Scheduler
+
+MODULES = ["calls", "events", "ledger", "policy", "protocol", "reader", "records", "scheduler", "supervisor"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests_of_the_runtime(name):
+    module = importlib.import_module(f"resilient.runtime.{name}")
+    result = doctest.testmod(module)
+    assert result.failed == 0
+
+
+def test_doctests_of_the_simulation():
+    from resilient.testing import simulation
+
+    assert doctest.testmod(simulation).failed == 0
+
+
+def up(s: Scheduler, now: float = 0.0, **policy) -> list:
+    """Start every slot and bring each incarnation up; return the commands of the last one."""
+    cmds = []
+    for c in s.start(now):
+        if isinstance(c, StartActor):
+            cmds = s.handle(ActorUp(c.slot, c.inc, epoch=c.inc, node=f"n{c.slot}", cursor=c.slot), now)
+    return cmds
+
+
+def tick_until(s: Scheduler, kind: type, limit: float = 120.0) -> list:
+    """Fire timers in order until one leads to a command of `kind`; return those commands."""
+    while (t := s.next_wakeup()) is not None and t < limit:
+        cmds = s.tick(t)
+        if any(isinstance(c, kind) for c in cmds):
+            return cmds
+    return []
+
+
+def sends(cmds: list) -> list[SendCall]:
+    return [c for c in cmds if isinstance(c, SendCall)]
+
+
+def emitted(cmds: list, kind: type) -> list:
+    return [c.event for c in cmds if isinstance(c, Emit) and isinstance(c.event, kind)]
+
+
+def make(n: int = 10, **kw) -> Scheduler:
+    return Scheduler(Policy(**{"slots": 1, "stateful": False, "standby": 0, "batches_per_call": 1, **kw}),
+                     Ledger(n, 64), now=0.0)
+
+
+def test_a_plain_death_with_one_batch_in_flight_charges_it_and_an_external_one_never_does():
+    s = make(queue_depth=1)
+    [call] = sends(up(s))
+    cmds = s.handle(ActorDown(0, call.inc, Cause.PROCESS, "killed"), 1.0)
+    assert [e.batch_id for e in emitted(cmds, ev.BatchRetried)] == [0]
+    start = next(c for c in cmds if isinstance(c, StartActor))
+    [call] = sends(s.handle(ActorUp(0, start.inc, epoch=9), 2.0))
+    for cause in (Cause.NODE, Cause.PREEMPTED, Cause.OOM):
+        cmds = s.handle(ActorDown(0, call.inc, cause, "gone"), 3.0)
+        assert emitted(cmds, ev.BatchRetried) == [] and emitted(cmds, ev.BatchDeadLettered) == []
+        start = next(c for c in cmds if isinstance(c, StartActor))
+        [call] = sends(s.handle(ActorUp(0, start.inc, epoch=start.inc), 4.0))
+    assert s.ledger.attempts == {0: 1}
+
+
+def test_deaths_while_starting_are_retried_after_a_backoff_and_the_users_exception_is_not():
+    s = make(max_attempts=2, start_deaths=3)
+    [start] = s.start(0.0)
+    cmds = s.handle(ActorDown(0, start.inc, Cause.PROCESS, "killed while starting"), 0.0)
+    assert not any(isinstance(c, StartActor) for c in cmds)  # not at once: after a backoff (a timer)
+    again = [c for c in tick_until(s, StartActor) if isinstance(c, StartActor)]
+    assert len(again) == 1
+    for _ in range(3):  # its own budget: 3 in a row pass, the 4th fails the job
+        cmds = s.handle(ActorDown(0, again[0].inc, Cause.OOM, "oom"), 60.0)
+        if any(isinstance(c, FailJob) for c in cmds):
+            break
+        again = [c for c in tick_until(s, StartActor, limit=1e9) if isinstance(c, StartActor)]
+    assert any(isinstance(c, FailJob) and "died while starting" in c.error for c in cmds)
+    user = make(max_attempts=2)
+    [start] = user.start(0.0)
+    user.handle(ActorDown(0, start.inc, Cause.USER, "OSError: no weights", "Traceback..."), 0.0)
+    [start] = [c for c in tick_until(user, StartActor) if isinstance(c, StartActor)]
+    cmds = user.handle(ActorDown(0, start.inc, Cause.USER, "OSError: no weights", "Traceback..."), 5.0)
+    [fail] = [c for c in cmds if isinstance(c, FailJob)]
+    assert "raised 2 times in a row" in fail.error and "OSError: no weights" in fail.error
+    assert fail.traceback == "Traceback..."
+
+
+def test_a_stateful_exception_rolls_back_without_waiting_and_replays_after_the_backoff():
+    s = Scheduler(Policy(slots=1, stateful=True, standby=0, batches_per_call=1, queue_depth=1), Ledger(5, 64))
+    [call] = sends(up(s))
+    tb = 'Traceback:\n  File "p.py", line 3, in f\nValueError: x'
+    cmds = s.handle(CallAnswered(call.call, (Failure(0, 0, call.inc, "ValueError: x", tb),)), 1.0)
+    assert [type(c) for c in cmds if isinstance(c, RollbackActor)] == [RollbackActor]  # a command, at once
+    cmds = s.handle(RollbackDone(0, call.inc, 0), 1.01)
+    assert emitted(cmds, ev.SlotRolledBack) and sends(cmds) == []  # the backoff has not passed yet
+    [replay] = sends(tick_until(s, SendCall))
+    assert replay.items == ((0, False),)
+
+
+def test_the_first_batches_failing_alike_fail_the_job_and_different_errors_do_not():
+    tb = 'Traceback:\n  File "p.py", line {}, in f\nValueError: bad'
+
+    def run(lines):
+        s = make(n=10, queue_depth=3, fail_fast_after=3)
+        calls = sends(up(s))
+        out = []
+        for call, line in zip(calls, lines):
+            b = call.items[0][0]
+            out += s.handle(CallAnswered(call.call, (Failure(b, 0, call.inc, f"ValueError: bad {b}",
+                                                             tb.format(line)),)), 1.0)
+        return [c for c in out if isinstance(c, FailJob)]
+
+    [fail] = run([7, 7, 7])
+    assert "the first 3 batches that ran (0, 1, 2) all raised the same error" in fail.error
+    assert run([7, 8, 7]) == []
+
+
+def test_a_draining_node_hands_its_slot_over_once_its_call_answers_and_charges_nothing():
+    s = make(queue_depth=1)
+    [call] = sends(up(s))
+    cmds = s.handle(NodeDraining("n0", deadline=30.0), 1.0)
+    assert not any(isinstance(c, (KillActor, SendCall)) for c in cmds)  # the call in flight may finish
+    cmds = s.handle(CallAnswered(call.call, (Result(0, 0, call.inc, "out-0", 0.01, 0),)), 2.0)
+    [replaced] = emitted(cmds, ev.ActorReplaced)
+    assert replaced.reason.startswith("handed over") and replaced.cause == "preempted"
+    assert any(isinstance(c, KillActor) for c in cmds) and s.ledger.attempts == {}
+
+
+def test_inputs_of_another_kind_are_refused():
+    with pytest.raises(TypeError, match="takes inputs of resilient.runtime.protocol"):
+        make().handle(("answer", {}), 0.0)
