@@ -156,3 +156,24 @@ def test_a_draining_node_hands_its_slot_over_once_its_call_answers_and_charges_n
 def test_inputs_of_another_kind_are_refused():
     with pytest.raises(TypeError, match="takes inputs of resilient.runtime.protocol"):
         make().handle(("answer", {}), 0.0)
+
+
+def test_a_stateless_call_that_fails_as_a_whole_sends_its_other_batches_again():
+    s = make(n=6, batches_per_call=3, queue_depth=1)
+    [call] = sends(up(s))
+    assert [b for b, _ in call.items] == [0, 1, 2]
+    # what escaped the worker is put on the call's first batch; nothing was answered for 1 and 2
+    cmds = s.handle(CallAnswered(call.call, (Failure(0, 0, call.inc, "RaySystemError: lost", ""),)), 1.0)
+    [again] = sends(cmds)
+    assert [b for b, _ in again.items] == [1, 2, 3] and s.ledger.attempts == {0: 1}
+
+
+def test_an_answer_under_a_fenced_epoch_replaces_the_incarnation_and_sends_its_batches_again():
+    s = make(n=4, batches_per_call=2, queue_depth=1)
+    [call] = sends(up(s))
+    cmds = s.handle(CallAnswered(call.call, (Result(0, 0, call.inc + 100, "zombie", 0.01, 0),
+                                             Result(1, 0, call.inc + 100, "zombie", 0.01, 0))), 1.0)
+    assert any(isinstance(c, KillActor) for c in cmds) and s.group == [] and s.ledger.attempts == {}
+    [start] = [c for c in cmds if isinstance(c, StartActor)]
+    [again] = sends(s.handle(ActorUp(0, start.inc, epoch=start.inc), 2.0))
+    assert [b for b, _ in again.items] == [0, 1]

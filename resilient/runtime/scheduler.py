@@ -326,12 +326,16 @@ class Scheduler:
                       now, error=e.error)
 
     def _on_answer(self, e: CallAnswered, now: float) -> None:
-        call = self.calls.pop(e.call, None)
+        call = self.calls.get(e.call)
         if call is None:
             return  # its incarnation was replaced or rolled back: dropped
         slot = self.slots[call.slot]
-        if slot.inc != call.inc:
+        if any(answer.epoch != slot.epoch for answer in e.answers):
+            # a zombie answered in the incarnation's place: nothing of it is committed, and the
+            # incarnation is replaced like a dead one (its calls, this one too, go again)
+            self._replace(slot, "answered under a fenced epoch", Cause.PROCESS, None, now)
             return
+        del self.calls[e.call]
         if slot.inflight and slot.inflight[0] is call:
             slot.inflight.popleft()
             if slot.inflight:
@@ -345,8 +349,6 @@ class Scheduler:
         stateful = self.policy.stateful
         for answer in e.answers:
             b = answer.batch_id
-            if answer.epoch != slot.epoch:
-                return  # a zombie's answer: never committed
             self.suspects.discard(b)
             if type(answer) is Failure:
                 self._raised(slot, b, answer.error, answer.traceback, now)
@@ -361,6 +363,12 @@ class Scheduler:
             self.group.append((slot.index, b, answer.output))
             if b in self.urgent:
                 self._group_urgent += 1
+        if not stateful and len(e.answers) < len(call.ids):  # the call failed as a whole: the rest go again
+            answered = {answer.batch_id for answer in e.answers}
+            again = [b for b in call.ids if b not in answered and not self.ledger.is_done(b)
+                     and b not in self.committing]
+            self.ready.extendleft(reversed(again))
+            self._queued += len(again)
         if self._draining and slot.inc == call.inc:
             self._drain_check(slot, now)
 
