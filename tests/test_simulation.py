@@ -106,11 +106,11 @@ def test_it_catches_a_scheduler_that_charges_external_deaths(monkeypatch):
 def test_it_catches_a_scheduler_that_finishes_before_replaying(monkeypatch):
     original = scheduler_module.Scheduler._maybe_finish
 
-    def early(self):
+    def early(self, now):
         reading, read = self.reading, self.read_pos
         self.reading, self.read_pos = True, self.total  # finish as soon as every batch is done
         try:
-            original(self)
+            original(self, now)
         finally:
             self.reading, self.read_pos = reading, read
 

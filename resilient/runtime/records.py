@@ -30,7 +30,7 @@ Keys (under the job id, which may itself contain ``/``):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -97,7 +97,7 @@ class Resume:
     watermark: int = 0
     done_above: tuple[int, ...] = ()
     redo: tuple[int, ...] = ()
-    dead: tuple[dict, ...] = field(default_factory=tuple)
+    dead: tuple[dict, ...] = ()
     retry_generation: int = -1
 
 

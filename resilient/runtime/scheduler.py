@@ -180,7 +180,7 @@ class Scheduler:
         self.urgent: set[int] = set()  # redelivered after a death: committed without waiting
         self.failures: dict[int, list[tuple[str, str]]] = {}
         self.timer = BatchTimer()
-        self.restarts = self.retries = self.calls_sent = self.committed = 0
+        self.restarts = self.retries = self.calls_sent = 0
         self.read_pos = 0
         self.reading = False
         self.state = "running"  # then "complete" or "failed"
@@ -212,7 +212,6 @@ class Scheduler:
         self._fail_fast = p.fail_fast_after > 0
         self._queued = 0
         self._out: list = []
-        self._now = now
         per = most_per_call(p.batches_per_call)
         self._room = 2 * p.slots * p.queue_depth * per
 
@@ -252,10 +251,6 @@ class Scheduler:
         """When `tick` next has something to do (None: only an input can move the job)."""
         return self._timers[0][0] if self._timers else None
 
-    @property
-    def finished(self) -> bool:
-        return self.state != "running"
-
     def commit_floor(self, slot: int) -> int:
         out = self.slots[slot].outstanding
         return min(out) if out else INF
@@ -278,10 +273,6 @@ class Scheduler:
                                  for s in self.slots if s.pid is not None]
         return list(self._actors_seen)
 
-    def queued(self) -> int:
-        """Batches read and waiting for a call (bounded: back-pressure)."""
-        return self._queued
-
     # ------------------------------------------------------------------ inputs
 
     def _on_up(self, e: ActorUp, now: float) -> None:
@@ -300,11 +291,12 @@ class Scheduler:
         self._idle[slot.index] = None
         if len(self.spares) < self.policy.standby and self._spares_due is None:
             self._spares_due = now + SPARE_DELAY_S
-            self._timer(self._spares_due, "spares", None)
+            self._timer(self._spares_due, "spares", self._spares_due)
+        self._maybe_top_up_spares()
         if not self.reading and all(s.started for s in self.slots):
             self._begin_reading()
         if self._draining:
-            self._drain_check(slot, now)
+            self._drain_check(slot, now, arm=True)
 
     def _on_down(self, e: ActorDown, now: float) -> None:
         slot = self.slots[e.slot]
@@ -381,11 +373,11 @@ class Scheduler:
         self._emit(ev.SlotRolledBack(slot.index, slot.rolled_for, slot.cursor))
         self._rebuild_queue(slot)
         self._idle[slot.index] = None
-        if self._draining:
-            self._drain_check(slot, now)
         if slot.resume_at > now:
             slot.paused_until = slot.resume_at
             self._timer(slot.resume_at, "resume", slot.index)
+        if self._draining:
+            self._drain_check(slot, now, arm=True)
 
     def _on_finished(self, e: FinishDone, now: float) -> None:
         slot = self.slots[e.slot]
@@ -405,9 +397,9 @@ class Scheduler:
             if stateful:
                 self.slots[s].outstanding.discard(b)
             self.failures.pop(b, None)
-            if ledger.mark_done(b):
-                self.committed += 1
+            ledger.mark_done(b)
         self._emit(ev.BatchesCommitted(tuple(b for _, b, _ in group), tuple(o for _, _, o in group)))
+        self._maybe_top_up_spares()
 
     def _on_commit_failed(self, e: CommitFailed, now: float) -> None:
         if e.group not in self.commits:
@@ -440,16 +432,18 @@ class Scheduler:
         self._draining[e.node] = e.deadline
         for slot in self.slots:
             if slot.node == e.node:
-                self._drain_check(slot, now)
+                self._drain_check(slot, now, arm=True)
 
-    def _drain_check(self, slot: _Slot, now: float) -> None:
+    def _drain_check(self, slot: _Slot, now: float, *, arm: bool = False) -> None:
+        """Hand the slot over if its node is draining and nothing holds it; with `arm`, also set the timer
+        that hands it over before the deadline whatever it holds."""
         deadline = self._draining.get(slot.node) if slot.node is not None else None
         if deadline is None or slot.phase in (STARTING, WAITING, FINISHED):
             return
         self._idle.pop(slot.index, None)
         if slot.phase == RUNNING and (not slot.inflight or now >= deadline - DRAIN_MARGIN_S):
             self._replace(slot, f"handed over: its node {slot.node} is draining", Cause.PREEMPTED, None, now)
-        elif slot.phase == RUNNING:
+        elif arm:
             self._timer(max(now, deadline - DRAIN_MARGIN_S), "drain", (slot.index, slot.inc))
 
     def _t_drain(self, arg: tuple[int, int], now: float) -> None:
@@ -506,11 +500,9 @@ class Scheduler:
         if slot.phase == RUNNING and slot.paused_until <= now:
             self._idle[s] = None  # the backoff after its rollback has passed: it replays
 
-    def _t_spares(self, arg: Any, now: float) -> None:
-        if self._spares_due is not None and (not self.urgent or now >= self._spares_due):
+    def _t_spares(self, due: float, now: float) -> None:
+        if self._spares_due == due:  # SPARE_DELAY_S after the hand-over at the latest
             self._top_up_spares()
-        elif self._spares_due is not None:
-            self._timer(self._spares_due, "spares", None)
 
     def _t_recommit(self, group: int, now: float) -> None:
         outputs = self.commits.get(group)
@@ -541,6 +533,13 @@ class Scheduler:
         self._spare += 1
         self.spares.append(self._spare)
         self._out.append(StartSpare(self._spare))
+
+    def _maybe_top_up_spares(self) -> None:
+        """Standbys used by a hand-over are rebuilt once the batches it redelivered are committed (or, by
+        the "spares" timer, SPARE_DELAY_S after it): building one takes a core for about a second, which
+        the replacement needs first."""
+        if self._spares_due is not None and not self.urgent:
+            self._top_up_spares()
 
     def _top_up_spares(self) -> None:
         self._spares_due = None
@@ -627,10 +626,10 @@ class Scheduler:
     def _raised(self, slot: _Slot, b: int, error: str, tb: str, now: float) -> None:
         if self._fail_fast and self._systematic(b, error, tb):
             return
-        dead = self._charge(b, error, tb)
+        attempts = self._charge(b, error, tb)
         if self.state != "running":
             return
-        attempts = len(self.failures.get(b, ())) or (self.dead[b].attempts if b in self.dead else 1)
+        dead = b in self.dead
         if self.policy.stateful:
             for call in slot.inflight:
                 self.calls.pop(call.id, None)
@@ -666,21 +665,22 @@ class Scheduler:
             return True
         return False
 
-    def _charge(self, b: int, error: str, tb: str) -> bool:
-        """Count a failed attempt of batch `b`; dead-letter it when it has had enough. True if dead."""
+    def _charge(self, b: int, error: str, tb: str) -> int:
+        """Count a failed attempt of batch `b`; dead-letter it when it has had enough (or fail the job,
+        ``on_poison="fail"``). Return how many attempts it has had."""
         attempts = self.ledger.failed_attempt(b)
         self.retries += 1
         history = self.failures.setdefault(b, [])
         history.append((error, tb))
         if attempts < self.policy.max_attempts:
             self._emit(ev.BatchRetried(b, attempts, error))
-            return False
+            return attempts
         del self.failures[b]
         every = "; ".join(f"attempt {i}: {e}" for i, (e, _) in enumerate(history, 1))
         last_tb = next((t for _, t in reversed(history) if t), "")
         if self.policy.on_poison == "fail":
             self._fail(f"batch {b} failed {attempts} times (poison): {every}", last_tb)
-            return True
+            return attempts
         self.dead[b] = DeadLetter(b, every, last_tb, attempts)
         self.urgent.discard(b)
         self.suspects.discard(b)
@@ -689,7 +689,7 @@ class Scheduler:
         self.ledger.mark_done(b)
         self._progress_soon = True
         self._emit(ev.BatchDeadLettered(b, every, attempts))
-        return True
+        return attempts
 
     def _backoff(self, attempt: int) -> float:
         p = self.policy
@@ -866,7 +866,7 @@ class Scheduler:
         self.commits[self._group_id] = group
         self._out.append(CommitGroup(self._group_id, tuple(b for _, b, _ in group), tuple(o for _, _, o in group)))
 
-    def _maybe_finish(self) -> None:
+    def _maybe_finish(self, now: float) -> None:
         """Once every batch is done: each idle stateful slot persists its final state, once; then the job
         is complete."""
         if not self.reading or self.read_pos < self.total or not self.ledger.finished or self.commits or self.group:
@@ -882,7 +882,7 @@ class Scheduler:
                 slot.phase = FINISHING
                 self._idle.pop(slot.index, None)
                 self._out.append(FinishActor(slot.index, slot.inc))
-                self._timer(self._now + self.policy.batch_timeout_seconds, "stuck", (slot.index, slot.inc, FINISHING))
+                self._timer(now + self.policy.batch_timeout_seconds, "stuck", (slot.index, slot.inc, FINISHING))
         if self._n_finished == len(self.slots):
             self.state = "complete"
             self._out.append(SaveProgress(self._next_progress(), self.progress_fields(), final=True))
@@ -905,13 +905,12 @@ class Scheduler:
             self._timer(self._progress_due, "progress", None)
 
     def _flush_out(self, now: float) -> list:
-        self._now = now
         if self.state == "running":
             if self.reading:
                 self._fill()
             self._dispatch(now)
             self._maybe_flush(now)
-            self._maybe_finish()
+            self._maybe_finish(now)
         if self.state == "running":
             self._maybe_save_progress(now)
         out, self._out = self._out, []

@@ -408,14 +408,13 @@ class Supervisor:
         kind, slot, inc = tag[0], tag[1], tag[2]
         cause = getattr(e, "cause", None)
         text = str(e)
+        error = f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(text)
         if kind == "call":
             if isinstance(cause, DirtyWorkerError):
                 return None  # queued behind a failed batch: the scheduler forgot this call at the rollback
             ids, epoch = tag[4], tag[5]
-            error = f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(text)
             return CallAnswered(tag[3], (Failure(ids[0], slot, epoch, error, text),))
         if kind in ("up", "rollback"):  # the restore raised: the user's state does not load
-            error = f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(text)
             return ActorDown(slot, inc, Cause.USER, error, text)
         return ActorDown(slot, inc, Cause.PROCESS, _first_line(text))  # the final save failed: try again
 
@@ -502,9 +501,7 @@ class Supervisor:
         key = records.progress_key(self.spec.job_id)
         record = self._progress_record(c.fields)
         if c.final:  # the last word of the run: after any save still in flight, and inline
-            self._settle_progress()
-            self.store.save(key, record)
-            self._driver_replica_events()
+            self._save_progress_now(record)
             return
 
         def save() -> Any:
@@ -561,10 +558,14 @@ class Supervisor:
 
         return pool.submit(run)
 
-    def _settle_progress(self) -> None:
+    def _save_progress_now(self, record: dict) -> None:
+        """Save the progress record inline, after the save in flight (if any): the record never goes back.
+        The background save never raises (its failure is an input of the scheduler)."""
         if self._progress_future is not None:
             self._progress_future.result()
             self._progress_future = None
+        self.store.save(records.progress_key(self.spec.job_id), record)
+        self._driver_replica_events()
 
     # ------------------------------------------------------------------ what workers report
 
@@ -604,12 +605,8 @@ class Supervisor:
         self.sched.state = "failed"
         self.sched.error = f"{type(error).__name__}: {_first_line(str(error))}"
         try:
-            self._settle_progress()
+            self._save_progress_now(self._progress_record(self.sched.progress_fields()))
         except Exception:  # noqa: BLE001 - the original error matters more
-            pass
-        try:
-            self.store.save(records.progress_key(self.spec.job_id), self._progress_record(self.sched.progress_fields()))
-        except Exception:  # noqa: BLE001
             pass
 
     def _shutdown(self, ray: Any) -> None:

@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import heapq
 import random
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from resilient.runtime import events as ev
+from resilient.runtime import records
 from resilient.runtime.ledger import Ledger
 from resilient.runtime.protocol import (
     ActorDown,
@@ -90,7 +92,7 @@ class Scenario:
     checkpoint_every: int = 5
     max_attempts: int = 3
     fail_fast_after: int = 0
-    kill_rate: float = 0.0  # per scheduler command: an actor dies (some of them for external causes)
+    kill_rate: float = 0.0  # per scheduler step (an input or a tick): an actor dies (some for external causes)
     external_share: float = 0.3  # of those deaths, reported as node lost, preempted or OOM-killed
     notice_share: float = 0.0  # of those deaths, announced first by a preemption notice (a node draining)
     hang_rate: float = 0.0  # per call: it never answers
@@ -305,16 +307,18 @@ class _World:
 
     # ------------------------------------------------------------------ the scheduler's edge
 
+    def _decide(self, step: Callable[..., list], *args: Any) -> list:
+        """One scheduler step, its CPU time counted."""
+        t0 = time.process_time()
+        commands = step(*args, self.now)
+        self.outcome.scheduler_seconds += time.process_time() - t0
+        self.outcome.decisions += 1
+        return commands
+
     def feed(self, item: Any) -> None:
         if self.ended is not None or self.sched is None:
             return
-        sched = self.sched
-        import time
-
-        t0 = time.process_time()
-        commands = sched.handle(item, self.now)
-        self.outcome.scheduler_seconds += time.process_time() - t0
-        self.outcome.decisions += 1
+        commands = self._decide(self.sched.handle, item)
         external = isinstance(item, NodeDraining) or (isinstance(item, ActorDown) and item.cause.external)
         if external and any(isinstance(c, Emit) and isinstance(c.event, (ev.BatchRetried, ev.BatchDeadLettered))
                             for c in commands):
@@ -326,13 +330,7 @@ class _World:
     def tick(self) -> None:
         if self.ended is not None or self.sched is None:
             return
-        import time
-
-        t0 = time.process_time()
-        commands = self.sched.tick(self.now)
-        self.outcome.scheduler_seconds += time.process_time() - t0
-        self.outcome.decisions += 1
-        self.apply(commands)
+        self.apply(self._decide(self.sched.tick))
 
     def apply(self, commands: list) -> None:
         for c in commands:
@@ -576,9 +574,9 @@ class _World:
         s = self.scenario
         self.run_id += 1
         self.outcome.runs += 1
-        record = self.storage.progress or {}
-        watermark = int(record.get("watermark", 0))
-        dead = {d["batch_id"]: DeadLetter(**d) for d in record.get("dead", [])}
+        resume = records.read_progress(self.storage.progress)
+        watermark = resume.watermark
+        dead = {d["batch_id"]: DeadLetter(**d) for d in resume.dead}
         done = {b for b in self.storage.markers if b >= watermark} | {b for b in dead if b >= watermark}
         ledger = Ledger(s.batches, max(64, 4 * s.slots * s.queue_depth * 8), watermark=watermark, done_above=done)
         policy = Policy(
@@ -724,5 +722,3 @@ def sweep(seeds: range, *, max_batches: int = 300, make: Callable[[int], Scenari
                 on_violation(out)
     return bad
 
-
-_ = replace  # for `Scenario` variations in callers
