@@ -34,7 +34,7 @@ from resilient.errors import (
     UnsupportedTypeError,
 )
 from resilient.retry import RetryPolicy, is_transient
-from resilient.runtime.supervisor import DeadLetter, JobFailedError, JobMismatchError, JobResult
+from resilient.runtime.supervisor import DeadLetter, JobFailedError, JobMismatchError, JobResult, JobStoppedError
 from resilient.storage import CheckpointStore, Commit, Loaded, PendingSave, ReplicaHealth, VerifyReport
 
 
@@ -50,6 +50,7 @@ __all__ = [
     "JobHandle",
     "JobMismatchError",
     "JobResult",
+    "JobStoppedError",
     "Loaded",
     "NoCheckpointError",
     "PendingSave",

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import queue
+import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar, overload
 
@@ -39,6 +42,10 @@ class JobHandle:
     Every event of the job is also recorded as a Ray metric (`resilient.metrics.JobMetrics`), and a
     progress line is drawn on standard error while the job runs (`resilient.progress.ProgressReporter`):
     by default only on a terminal outside CI; ``progress=True``/``False`` forces it on or off.
+
+    SIGTERM and Ctrl-C (SIGINT) of the driver stop its running jobs gracefully (`stop`); a second one
+    acts as it would have without resilient (Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process).
+    ``ray job stop`` sends SIGTERM. The handlers are installed when a job starts from the main thread.
     """
 
     def __init__(self, supervisor: Supervisor, *, progress: bool | None = None, stream: int = 0) -> None:
@@ -55,8 +62,16 @@ class JobHandle:
         self._reporter = ProgressReporter(self.progress, enabled=progress)
         supervisor.on_event = self._on_event
         self._thread = threading.Thread(target=self._run, name=f"resilient-job-{self.job_id}", daemon=True)
+        _LIVE.add(self)
+        _install_stop_handlers()
         self._thread.start()
         self._reporter.start()
+
+    def stop(self, reason: str = "stop() was called") -> None:
+        """Stop the job gracefully: nothing more is sent to the actors; what has answered is committed, the
+        slots' state and the progress are saved, within ``stop_timeout_seconds``; then `wait` raises
+        `resilient.JobStoppedError`. Running the job again (same job id) resumes it."""
+        self._supervisor.request_stop(reason)
 
     def _on_event(self, event: JobEvent) -> None:
         self._metrics.on_event(event)
@@ -193,9 +208,14 @@ class Pipeline(Generic[T]):
         from resilient.io.sources import as_source
         from resilient.storage.layout import validate_key
 
+        from resilient.placement import ACCEPTED
+
         validate_key(job_id)
         settings = settings or Settings.from_env()
-        runtime = {k: v for k, v in self.options.items()}
+        runtime = {k: v for k, v in self.options.items() if k not in ACCEPTED}
+        ray_style = {k: v for k, v in self.options.items() if k in ACCEPTED}
+        if ray_style:  # @resilient.pipeline(memory=..., resources=...): Ray's own keywords
+            runtime["ray_remote_args"] = {**dict(runtime.get("ray_remote_args", settings.ray_remote_args)), **ray_style}
         if runtime:
             settings = settings.with_options(**runtime)
         src = as_source(source, batch_size=batch_size)
@@ -219,6 +239,40 @@ class Pipeline(Generic[T]):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.target(*args, **kwargs)  # type: ignore[operator]
+
+
+_LIVE: weakref.WeakSet[JobHandle] = weakref.WeakSet()
+_PREVIOUS: dict[int, Any] = {}  # signal -> the handler before ours
+
+
+def _install_stop_handlers() -> None:
+    """Route SIGTERM and SIGINT to `_on_stop_signal`, once per process (only the main thread may)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if sig in _PREVIOUS:
+            continue
+        previous = signal.getsignal(sig)
+        if previous is None:  # installed outside Python: leave it alone
+            continue
+        _PREVIOUS[sig] = previous
+        signal.signal(sig, _on_stop_signal)
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    """The first signal stops the running jobs gracefully; with none running, or at the second signal,
+    the handler that was there before acts."""
+    running = [h for h in list(_LIVE) if not h.done()]
+    if running and not any(h._supervisor._stop_asked for h in running):
+        for h in running:
+            h.stop(f"the driver received {signal.Signals(signum).name}")
+        return
+    previous = _PREVIOUS.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def _refuse_in_code_secrets(settings: Settings, sink: Any) -> None:
@@ -275,7 +329,10 @@ def pipeline(target: Any = None, **options: Any) -> Any:
 
     Works bare (``@resilient.pipeline``) or with options (``@resilient.pipeline(num_actors=4,
     checkpoint_every=100)``); options are the ``RESILIENT_*`` settings in lower case and win over the
-    environment.
+    environment. Ray's actor options go to every worker actor, as ``ray_remote_args={...}`` or as
+    ``@ray.remote``-style keywords (``memory=``, ``resources=``, ``accelerator_type=``,
+    ``label_selector=``, ``runtime_env=``, ``scheduling_strategy=``, ``placement_group_bundles=``): see
+    `resilient.placement` for what is accepted and what resilient keeps for itself.
     """
     if target is not None:
         return Pipeline(target, options)

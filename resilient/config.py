@@ -408,6 +408,27 @@ class _StorageOptions(_Parser):
             for k, v in raw.items()
         }
 
+class _RemoteArgs(_Parser):
+    kind = "JSON object"
+    accepted = "a JSON object of Ray actor options (see resilient.placement)"
+
+    def parse(self, raw: Any) -> Mapping[str, Any]:
+        from resilient.placement import check_remote_args
+
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw) if raw.strip() else {}
+            except json.JSONDecodeError as e:
+                raise _Refused(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        try:
+            return _freeze(check_remote_args(raw))
+        except ValueError as e:
+            raise _Refused(str(e)) from None
+
+    def format(self, value: Any) -> str:
+        return json.dumps(_thaw(value), sort_keys=True, default=repr)
+
+
 class _SigningKeys(_Parser):
     kind = "secret text"
     accepted = (
@@ -521,6 +542,10 @@ FIELDS: tuple[Field, ...] = (
     Field("actor_cpus", "RESILIENT_ACTOR_CPUS", _Number(), 0.25, "CPUs Ray reserves per worker actor", "1"),
     Field("actor_gpus", "RESILIENT_ACTOR_GPUS", _Number(allow_zero=True), 0.0,
           "GPUs Ray reserves per worker actor", "1"),
+    Field("ray_remote_args", "RESILIENT_RAY_REMOTE_ARGS", _RemoteArgs(), _FrozenDict(),
+          "Ray actor options for every worker actor and standby: memory, resources, accelerator_type, "
+          "label_selector, runtime_env, scheduling_strategy, placement_group_bundles (see Placing the actors)",
+          '{"memory": 4294967296, "resources": {"special": 1}}'),
     Field("standby", "RESILIENT_STANDBY", _Integer(0, 64), 1,
           "spare worker actors started ahead, model loaded, to replace a failed one at once", "2"),
     Field("queue_depth", "RESILIENT_QUEUE_DEPTH", _Integer(1, 64), 2,
@@ -548,6 +573,14 @@ FIELDS: tuple[Field, ...] = (
     Field("start_timeout_seconds", "RESILIENT_START_TIMEOUT_SECONDS", _Number(), 600.0,
           "an actor that has not built the pipeline and restored its state within this long is killed and "
           "started again (counts as a death while starting)", "1800"),
+    Field("preemptions", "RESILIENT_PREEMPTIONS", _WordOrInteger(("unlimited",), 0, None, "`unlimited` | integer >= 0",
+                                                                  '"unlimited", or an integer >= 0'),
+          "unlimited", "worker actors the job may lose to preemption (announced by a drain, or reported by Ray) "
+          "before it fails; never charged to a batch or a start", "100"),
+    Field("stop_timeout_seconds", "RESILIENT_STOP_TIMEOUT_SECONDS", _Number(), 2.5,
+          "on SIGTERM, Ctrl-C or `ray job stop`, the driver commits what has answered, persists the slots and the "
+          "progress, and exits within this long; keep it under Ray's RAY_JOB_STOP_WAIT_TIME_S (3 s by default)",
+          "20"),
     Field("commit_group_size", "RESILIENT_COMMIT_GROUP_SIZE", _Integer(1, 100_000), 256,
           "most batch outputs the driver commits together (one part file, one sync); 1 writes one file per "
           "batch", "64"),
@@ -602,6 +635,7 @@ class Settings:
     num_actors: int
     actor_cpus: float
     actor_gpus: float
+    ray_remote_args: Mapping[str, Any]
     standby: int
     queue_depth: int
     batches_per_call: int | str
@@ -613,6 +647,8 @@ class Settings:
     fail_fast_after: int
     start_deaths: int
     start_timeout_seconds: float
+    preemptions: int | str
+    stop_timeout_seconds: float
     commit_group_size: int
     commit_interval_seconds: float
     #: attribute -> "keyword" | "environment" | "default"; not part of equality.
@@ -651,6 +687,14 @@ class Settings:
                 why = f"; {mode} needs its {low} data shards" if mode != "replicate" else ""
                 raise ConfigError(label["write_quorum"], wq,
                                   f'"majority", "all", or an integer from {low} to {n}', detail=storage_note + why)
+        try:
+            from resilient.placement import placement_bundles
+
+            placement_bundles(self.ray_remote_args, self.actor_cpus, self.actor_gpus)
+        except ValueError as e:
+            raise ConfigError(label["ray_remote_args"], _RemoteArgs().format(self.ray_remote_args),
+                              "placement_group_bundles whose first bundle holds RESILIENT_ACTOR_CPUS and "
+                              "RESILIENT_ACTOR_GPUS", detail=str(e)) from None
         if self.retry_backoff_max_seconds < self.retry_backoff_seconds:
             raise ConfigError(label["retry_backoff_max_seconds"], self.retry_backoff_max_seconds,
                               f"a number >= {label['retry_backoff_seconds']} ({self.retry_backoff_seconds:g})")

@@ -23,7 +23,7 @@ def test_exported_names_are_pinned():
         "NoCheckpointError", "PendingSave", "PermanentStorageError", "QuorumError", "RedundancyWarning",
         "ReplicaHealth", "ResilientError", "RetryPolicy", "Settings", "StorageError", "TransientStorageError",
         "UnsafeCheckpointError", "UnsupportedTypeError", "VerifyReport", "__version__", "is_transient",
-        "DeadLetter", "JobFailedError", "JobHandle", "JobMismatchError", "JobResult", "Pipeline", "pipeline",
+        "DeadLetter", "JobFailedError", "JobHandle", "JobMismatchError", "JobResult", "JobStoppedError", "Pipeline", "pipeline",
     }
     for name in resilient.__all__:
         assert getattr(resilient, name) is not None

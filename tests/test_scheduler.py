@@ -37,6 +37,43 @@ def test_doctests_of_the_runtime(name):
     assert result.failed == 0
 
 
+def test_doctests_of_placement():
+    from resilient import placement
+
+    result = doctest.testmod(placement)
+    assert result.failed == 0 and result.attempted >= 5
+
+
+def test_ray_actor_options_are_checked_before_any_actor_starts():
+    import warnings
+
+    from resilient.config import Settings
+    from resilient.errors import ConfigError
+
+    warnings.simplefilter("ignore")
+    env = {"RESILIENT_STORAGE": "memory://a"}
+    ok = Settings.from_env({**env, "RESILIENT_RAY_REMOTE_ARGS": '{"resources": {"special": 1}, "memory": 1e9, '
+                                   '"scheduling_strategy": "spread", "label_selector": {"zone": "a"}}'})
+    assert ok.ray_remote_args["scheduling_strategy"] == "SPREAD" and ok.preemptions == "unlimited"
+    refused = {
+        '{"max_restarts": 2}': "resilient's own", '{"num_gpus": 1}': "RESILIENT_ACTOR_GPUS",
+        '{"memroy": 1}': "accepted: accelerator_type", '{"memory": -1}': "memory must be a number > 0",
+        '{"resources": {"CPU": 2}}': "may not name", '{"scheduling_strategy": "PACK"}': "DEFAULT",
+        '{"placement_group_strategy": "PACK"}': "needs placement_group_bundles", "[1]": "mapping",
+        '{"placement_group_bundles": [{"CPU": 1}], "scheduling_strategy": "SPREAD"}': "exclude each other",
+        '{"placement_group_bundles": [{"GPU": 1}]}': "must hold the actor itself",
+    }
+    for raw, says in refused.items():
+        with pytest.raises(ConfigError, match="RESILIENT_RAY_REMOTE_ARGS") as info:
+            Settings.from_env({**env, "RESILIENT_RAY_REMOTE_ARGS": raw})
+        assert says in str(info.value), (raw, str(info.value))
+    with pytest.raises(ConfigError, match="RESILIENT_PREEMPTIONS"):
+        Settings.from_env({**env, "RESILIENT_PREEMPTIONS": "some"})
+    with pytest.raises(ConfigError, match="RESILIENT_STOP_TIMEOUT_SECONDS"):
+        Settings.from_env({**env, "RESILIENT_STOP_TIMEOUT_SECONDS": "-1"})
+    assert Policy.from_settings(Settings.from_env({**env, "RESILIENT_PREEMPTIONS": "4"}), 1, False).preemptions == 4
+
+
 def test_doctests_of_the_simulation():
     from resilient.testing import simulation
 
@@ -151,6 +188,91 @@ def test_a_draining_node_hands_its_slot_over_once_its_call_answers_and_charges_n
     [replaced] = emitted(cmds, ev.ActorReplaced)
     assert replaced.reason.startswith("handed over") and replaced.cause == "preempted"
     assert any(isinstance(c, KillActor) for c in cmds) and s.ledger.attempts == {}
+
+
+def test_a_stateful_hand_over_commits_then_persists_then_takes_a_standby_off_the_draining_node():
+    from resilient.runtime.protocol import CommitDone, CommitGroup, FinishActor, FinishDone, KillSpare, SpareUp
+
+    s = Scheduler(Policy(slots=1, stateful=True, standby=2, batches_per_call=1, queue_depth=1), Ledger(6, 64))
+    first = s.start(0.0)
+    [start] = [c for c in first if isinstance(c, StartActor)]
+    spares = [c.spare for c in first if type(c).__name__ == "StartSpare"]
+    s.handle(SpareUp(spares[0], "n0"), 0.0)  # the first standby shares the active actor's node
+    s.handle(SpareUp(spares[1], "n9"), 0.0)
+    [call] = sends(s.handle(ActorUp(0, start.inc, epoch=1, node="n0", cursor=0), 0.0))
+    cmds = s.handle(NodeDraining("n0", deadline=60.0), 1.0)
+    assert [c.spare for c in cmds if isinstance(c, KillSpare)] == [spares[0]]  # replaced elsewhere
+    assert not any(isinstance(c, (KillActor, SendCall, FinishActor)) for c in cmds)
+    cmds = s.handle(CallAnswered(call.call, (Result(0, 0, 1, "out-0", 0.01, 1),)), 1.1)
+    [commit] = [c for c in cmds if isinstance(c, CommitGroup)]  # at once: the hand-over waits for it
+    assert commit.batch_ids == (0,) and not any(isinstance(c, (FinishActor, KillActor, SendCall)) for c in cmds)
+    cmds = s.handle(CommitDone(commit.group), 1.2)
+    assert [type(c) for c in cmds if isinstance(c, (FinishActor, KillActor))] == [FinishActor]
+    cmds = s.handle(FinishDone(0, start.inc), 1.3)
+    [kill] = [c for c in cmds if isinstance(c, KillActor)]
+    [again] = [c for c in cmds if isinstance(c, StartActor)]
+    assert kill.inc == start.inc and again.spare == spares[1]  # the standby on a healthy node
+    assert emitted(cmds, ev.ActorReplaced)[0].redelivered == ()
+    [nxt] = sends(s.handle(ActorUp(0, again.inc, epoch=2, node="n9", cursor=1), 1.4))
+    assert nxt.items == ((1, False),)  # the persisted cursor: nothing replayed
+    assert s.ledger.attempts == {} and s.preempted == 1
+
+
+def test_a_drain_too_close_to_its_deadline_hands_over_at_once_and_sends_the_calls_again():
+    s = make(queue_depth=2, n=4)
+    calls = sends(up(s))
+    cmds = s.handle(NodeDraining("n0", deadline=2.5), 1.0)  # within DRAIN_MARGIN_S: no time to wait
+    [replaced] = emitted(cmds, ev.ActorReplaced)
+    assert replaced.redelivered == tuple(c.items[0][0] for c in calls) and s.ledger.attempts == {}
+
+
+def test_a_death_on_a_draining_node_is_a_preemption_whatever_ray_says():
+    s = make(queue_depth=1)
+    [call] = sends(up(s))
+    s.handle(NodeDraining("n0", deadline=60.0), 1.0)
+    cmds = s.handle(ActorDown(0, call.inc, Cause.PROCESS, "worker died"), 1.5)
+    assert emitted(cmds, ev.ActorReplaced)[0].cause == "preempted" and emitted(cmds, ev.BatchRetried) == []
+    assert s.ledger.attempts == {} and s.preempted == 1
+
+
+def test_a_stop_commits_what_answered_persists_the_slots_and_ends_with_stop_job():
+    from resilient.runtime.protocol import (CommitDone, CommitGroup, FinishActor, FinishDone, SaveProgress, StopJob,
+                                            StopRequested)
+
+    s = Scheduler(Policy(slots=2, stateful=True, standby=0, batches_per_call=1, queue_depth=1), Ledger(8, 64))
+    calls = []
+    for c in s.start(0.0):
+        calls += sends(s.handle(ActorUp(c.slot, c.inc, epoch=c.inc, node=f"n{c.slot}", cursor=c.slot), 0.0))
+    cmds = s.handle(StopRequested(deadline=10.0, reason="SIGTERM"), 1.0)
+    assert not any(isinstance(c, (SendCall, KillActor, StartActor)) for c in cmds)
+    out = []
+    for call in calls:
+        b = call.items[0][0]
+        out += s.handle(CallAnswered(call.call, (Result(b, call.slot, call.inc, f"o{b}", 0.01, b + 2),)), 1.1)
+    assert not sends(out)
+    done = set()
+    while todo := [c for c in out if isinstance(c, CommitGroup) and c.group not in done]:
+        done.add(todo[0].group)
+        out += s.handle(CommitDone(todo[0].group), 1.2)
+    finish = [c for c in out if isinstance(c, FinishActor)]
+    assert len(finish) == 2
+    for f in finish:
+        out += s.handle(FinishDone(f.slot, f.inc), 1.3)
+    [stop] = [c for c in out if isinstance(c, StopJob)]
+    assert stop.committed == 2 and stop.total == 8 and "SIGTERM" in stop.reason
+    [final] = [c for c in out if isinstance(c, SaveProgress) and c.final]
+    assert final.fields["state"] == "stopped" and final.fields["watermark"] == 2
+    assert sum(isinstance(c, KillActor) for c in out) == 2 and s.handle(ActorDown(0, 1, Cause.PROCESS), 2.0) == []
+
+
+def test_a_stop_past_its_deadline_abandons_the_calls_in_flight():
+    from resilient.runtime.protocol import StopJob, StopRequested
+
+    s = make(queue_depth=2, n=4)
+    sends(up(s))
+    assert not any(isinstance(c, StopJob) for c in s.handle(StopRequested(deadline=3.0, reason="SIGINT"), 1.0))
+    [stop] = [c for c in tick_until(s, StopJob) if isinstance(c, StopJob)]
+    assert stop.committed == 0 and s.ledger.attempts == {}
 
 
 def test_inputs_of_another_kind_are_refused():

@@ -15,6 +15,7 @@ __all__ = [
     "DRAIN_MARGIN_S",
     "INF",
     "PROGRESS_EVERY_S",
+    "STOP_MARGIN_S",
     "SPARE_DELAY_S",
     "DeadLetter",
     "Policy",
@@ -26,6 +27,7 @@ INF = 1 << 62
 SPARE_DELAY_S = 1.0  # the longest a hand-over defers rebuilding the standby it used
 PROGRESS_EVERY_S = 1.0  # progress saves, at most this often (and soon after a dead letter)
 DRAIN_MARGIN_S = 2.0  # a slot on a draining node is handed over at the latest this long before it goes
+STOP_MARGIN_S = 0.3  # a stopping job abandons what is left this long before its stop deadline
 COMMIT_ATTEMPTS = 10  # a group whose commit fails (transiently) this many times in a row fails the job
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Policy:
     commit_interval_seconds: float = 0.1
     backoff_seconds: float = 0.2
     backoff_max_seconds: float = 10.0
+    preemptions: int | None = None  # preempted incarnations the job tolerates (None: no limit)
 
     @classmethod
     def from_settings(cls, settings: Any, slots: int, stateful: bool) -> Policy:
@@ -68,7 +71,7 @@ class Policy:
             max_attempts=s.max_attempts, on_poison=s.on_poison, start_deaths=s.start_deaths,
             fail_fast_after=s.fail_fast_after, standby=s.standby, commit_group_size=s.commit_group_size,
             commit_interval_seconds=s.commit_interval_seconds, backoff_seconds=s.retry_backoff_seconds,
-            backoff_max_seconds=s.retry_backoff_max_seconds,
+            backoff_max_seconds=s.retry_backoff_max_seconds, preemptions=None if s.preemptions == "unlimited" else s.preemptions,
         )
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "FinishDone",
     "Input",
     "KillActor",
+    "KillSpare",
     "NodeDraining",
     "ProgressDone",
     "ProgressFailed",
@@ -60,8 +61,11 @@ __all__ = [
     "RollbackDone",
     "SaveProgress",
     "SendCall",
+    "SpareUp",
     "StartActor",
     "StartSpare",
+    "StopJob",
+    "StopRequested",
 ]
 
 
@@ -204,8 +208,26 @@ class NodeDraining:
     deadline: float
 
 
+@dataclass(frozen=True, slots=True)
+class SpareUp:
+    """Standby `spare` is built (its model loaded) on node `node`."""
+
+    spare: int
+    node: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequested:
+    """Stop the job gracefully (SIGTERM, Ctrl-C, ``ray job stop``): dispatch nothing more, commit what has
+    answered, persist the slots' state and the progress, and stop by `deadline` (the scheduler's clock)
+    whatever is left; `reason` says why, for the log and the error."""
+
+    deadline: float
+    reason: str
+
+
 Input = (ActorUp | ActorDown | CallAnswered | RollbackDone | FinishDone | CommitDone | CommitFailed
-         | ProgressDone | ProgressFailed | NodeDraining)
+         | ProgressDone | ProgressFailed | NodeDraining | SpareUp | StopRequested)
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -250,6 +272,13 @@ class KillActor:
 
 
 @dataclass(frozen=True, slots=True)
+class KillSpare:
+    """Kill standby `spare` (its node is draining): it will never serve."""
+
+    spare: int
+
+
+@dataclass(frozen=True, slots=True)
 class RollbackActor:
     """Incarnation `inc` of `slot` reloads its last persisted checkpoint; answer `RollbackDone`."""
 
@@ -259,7 +288,9 @@ class RollbackActor:
 
 @dataclass(frozen=True, slots=True)
 class FinishActor:
-    """Incarnation `inc` of `slot` persists its final state; answer `FinishDone`."""
+    """Incarnation `inc` of `slot` persists its state now (every output it made is committed: the
+    checkpoint is exact); answer `FinishDone`. Sent at the end of the job, before a hand-over off a
+    draining node, and when the job stops."""
 
     slot: int
     inc: int
@@ -305,5 +336,14 @@ class CompleteJob:
     """Every batch is done and every slot's final state persisted: mark the job complete."""
 
 
-Command = (StartSpare | StartActor | SendCall | KillActor | RollbackActor | FinishActor | CommitGroup
-           | SaveProgress | Emit | FailJob | CompleteJob)
+@dataclass(frozen=True, slots=True)
+class StopJob:
+    """The job stopped as asked (`StopRequested`): its progress is saved; a re-run resumes it."""
+
+    reason: str
+    committed: int
+    total: int
+
+
+Command = (StartSpare | StartActor | SendCall | KillActor | KillSpare | RollbackActor | FinishActor
+           | CommitGroup | SaveProgress | Emit | FailJob | CompleteJob | StopJob)

@@ -17,7 +17,8 @@ Keys (under the job id, which may itself contain ``/``):
     this run; ``restarts``, ``retries``: this run;
   - ``actors``: ``{slot, pid, node_id, epoch}`` of each running slot;
   - ``started_at``, ``updated_at``: Unix times of this run's start and of this record;
-  - ``state``: ``"running"``, ``"complete"`` or ``"failed"``; ``error``: why it failed, or None;
+  - ``state``: ``"running"``, ``"complete"``, ``"failed"`` or ``"stopped"`` (asked to stop: SIGTERM, Ctrl-C);
+    ``error``: why it failed, or None;
   - ``retry_generation``: the last retry request acted on.
 
   Records written by older versions lack some fields; readers use `read_progress`.

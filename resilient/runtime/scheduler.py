@@ -43,8 +43,22 @@ Failures
 * Hang: a call running ``batch_timeout_seconds`` kills its actor; attributed like a death. A rollback or
   a final save running that long is a hang too (nothing is charged).
 * Node draining (`NodeDraining`, a preemption notice): the node's slots take no more batches and are
-  handed over to new incarnations once their calls in flight answer, or ``DRAIN_MARGIN_S`` before the
-  deadline at the latest (what is still in flight is sent again); nothing is charged.
+  handed over to new incarnations, in this order: (1) the calls in flight answer; (2) stateful: the
+  slot's answered outputs are committed (the next group goes at once), then the incarnation persists
+  its state (`FinishActor`): a checkpoint exactly at its cursor, so the next incarnation replays
+  nothing; (3) the old incarnation is killed and a standby not on a draining node takes the slot (or a
+  new actor: Ray places none on a draining node). ``DRAIN_MARGIN_S`` before the deadline, whatever has
+  not finished is abandoned: the slot is handed over as it is, its calls in flight are sent again and a
+  stateful slot replays from its last checkpoint. Standbys on a draining node (`SpareUp` says where
+  each is) are killed (`KillSpare`) and built again elsewhere.
+* Preemption is never the batches' fault: a hand-over, a death Ray reports as a preemption, or any death
+  on a node known to be draining charges no batch and no start budget. It counts towards
+  ``preemptions`` (None: no limit), past which the job fails.
+* Graceful stop (`StopRequested`: SIGTERM, Ctrl-C, ``ray job stop``): nothing more is read or sent and
+  no actor is started; every slot stops like a hand-over (answers committed, stateful state persisted)
+  but is not replaced; then the progress record is saved and the job ends with `StopJob`.
+  ``STOP_MARGIN_S`` before the stop deadline, whatever is left is abandoned (calls in flight are run
+  again by the next run). A re-run resumes with nothing replayed beyond those calls.
 * Poison: ``max_attempts`` failed attempts make a dead letter (or fail the job, ``on_poison="fail"``).
 * Systematic errors: when the first ``fail_fast_after`` distinct batches all raise the same error
   (exception type and raising line) before any batch succeeds, the job fails at once with it.
@@ -69,6 +83,7 @@ from resilient.runtime.policy import (
     COMMIT_ATTEMPTS,
     DRAIN_MARGIN_S,
     INF,
+    STOP_MARGIN_S,
     PROGRESS_EVERY_S,
     SPARE_DELAY_S,
     DeadLetter,
@@ -91,6 +106,7 @@ from resilient.runtime.protocol import (
     FinishActor,
     FinishDone,
     KillActor,
+    KillSpare,
     NodeDraining,
     ProgressDone,
     ProgressFailed,
@@ -98,8 +114,11 @@ from resilient.runtime.protocol import (
     RollbackDone,
     SaveProgress,
     SendCall,
+    SpareUp,
     StartActor,
     StartSpare,
+    StopJob,
+    StopRequested,
 )
 
 __all__ = ["INF", "DeadLetter", "Policy", "Scheduler", "backoff", "failure_signature"]
@@ -107,6 +126,7 @@ __all__ = ["INF", "DeadLetter", "Policy", "Scheduler", "backoff", "failure_signa
 # slot phases
 STARTING, WAITING, RUNNING, ROLLING, FINISHING, FINISHED = "starting", "waiting", "running", "rolling", \
     "finishing", "finished"
+HANDING, STOPPED = "handing", "stopped"  # persisting its state before a hand-over; done for a stopped job
 
 
 @dataclass(slots=True)
@@ -202,6 +222,10 @@ class Scheduler:
         self._n_finished = 0
         self._actors_seen: list[dict] | None = None
         self._draining: dict[str, float] = {}  # node -> when it goes
+        self._spare_nodes: dict[int, str | None] = {}  # standby -> its node, once it is built
+        self._awaiting: set[int] = set()  # leaving slots waiting for their outputs to be committed
+        self._stop: StopRequested | None = None
+        self.preempted = 0  # incarnations lost to a preemption (announced or not), this run
         self._progress_seq = 0
         self._progress_inflight: int | None = None
         self._progress_due = now + PROGRESS_EVERY_S
@@ -295,26 +319,29 @@ class Scheduler:
         self._maybe_top_up_spares()
         if not self.reading and all(s.started for s in self.slots):
             self._begin_reading()
-        if self._draining:
+        if self._draining or self._stop is not None:
             self._drain_check(slot, now, arm=True)
 
     def _on_down(self, e: ActorDown, now: float) -> None:
         slot = self.slots[e.slot]
-        if slot.inc != e.inc or slot.phase in (WAITING, FINISHED):
+        if slot.inc != e.inc or slot.phase in (WAITING, FINISHED, STOPPED):
             return
+        cause = e.cause
+        if cause in (Cause.PROCESS, Cause.NODE) and slot.node is not None and slot.node in self._draining:
+            cause = Cause.PREEMPTED  # its node was announced to go: the preemption, not the batch
         if slot.phase == STARTING:
-            self._start_died(slot, e.cause, e.error, e.traceback, now)
+            self._start_died(slot, cause, e.error, e.traceback, now)
             return
         lost = self._inflight_ids(slot)
         culprit = None
-        if e.cause is Cause.PROCESS and slot.phase == RUNNING:
+        if cause is Cause.PROCESS and slot.phase == RUNNING:
             if len(lost) == 1:
                 culprit = lost[0]
             else:
                 self.suspects.update(lost)
         what = {Cause.USER: "could not restore its state", Cause.NODE: "lost its node",
-                Cause.PREEMPTED: "was preempted", Cause.OOM: "was killed for lack of memory"}.get(e.cause, "died")
-        self._replace(slot, f"{what} ({e.error.splitlines()[0] if e.error else e.cause.value})", e.cause, culprit,
+                Cause.PREEMPTED: "was preempted", Cause.OOM: "was killed for lack of memory"}.get(cause, "died")
+        self._replace(slot, f"{what} ({e.error.splitlines()[0] if e.error else cause.value})", cause, culprit,
                       now, error=e.error)
 
     def _on_answer(self, e: CallAnswered, now: float) -> None:
@@ -361,7 +388,7 @@ class Scheduler:
                      and b not in self.committing]
             self.ready.extendleft(reversed(again))
             self._queued += len(again)
-        if self._draining and slot.inc == call.inc:
+        if (self._draining or self._stop is not None) and slot.inc == call.inc:
             self._drain_check(slot, now)
 
     def _on_rolled(self, e: RollbackDone, now: float) -> None:
@@ -376,14 +403,19 @@ class Scheduler:
         if slot.resume_at > now:
             slot.paused_until = slot.resume_at
             self._timer(slot.resume_at, "resume", slot.index)
-        if self._draining:
+        if self._draining or self._stop is not None:
             self._drain_check(slot, now, arm=True)
 
     def _on_finished(self, e: FinishDone, now: float) -> None:
         slot = self.slots[e.slot]
-        if slot.inc == e.inc and slot.phase == FINISHING:
+        if slot.inc != e.inc:
+            return
+        if slot.phase == FINISHING:
             slot.phase = FINISHED
             self._n_finished += 1
+        elif slot.phase == HANDING:  # its state is persisted at its cursor: the next incarnation replays nothing
+            slot.phase = RUNNING
+            self._leave(slot, now)
 
     def _on_commit(self, e: CommitDone, now: float) -> None:
         group = self.commits.pop(e.group, None)
@@ -400,6 +432,8 @@ class Scheduler:
             ledger.mark_done(b)
         self._emit(ev.BatchesCommitted(tuple(b for _, b, _ in group), tuple(o for _, _, o in group)))
         self._maybe_top_up_spares()
+        for s in list(self._awaiting):
+            self._drain_check(self.slots[s], now)
 
     def _on_commit_failed(self, e: CommitFailed, now: float) -> None:
         if e.group not in self.commits:
@@ -426,31 +460,129 @@ class Scheduler:
         self._progress_soon = True  # the next one goes as soon as allowed: a record is whole or absent
 
     def _on_draining(self, e: NodeDraining, now: float) -> None:
-        """A node is about to go: its slots take no more batches and are handed over to new incarnations
-        once their calls in flight have answered, or a margin before the deadline (whatever is still in
-        flight then is sent again). Nothing is charged: it is not the batches' doing."""
+        """A node is about to go: its slots are handed over (see the module docstring) and its standbys
+        replaced. Nothing is charged: it is not the batches' doing."""
+        if self._draining.get(e.node) == e.deadline:
+            return  # told again
         self._draining[e.node] = e.deadline
+        for spare in [sp for sp in self.spares if self._spare_nodes.get(sp) == e.node]:
+            self._drop_spare(spare)
         for slot in self.slots:
             if slot.node == e.node:
                 self._drain_check(slot, now, arm=True)
 
+    def _on_spare_up(self, e: SpareUp, now: float) -> None:
+        if e.spare not in self.spares:
+            return
+        self._spare_nodes[e.spare] = e.node
+        if e.node is not None and e.node in self._draining:
+            self._drop_spare(e.spare)
+
+    def _drop_spare(self, spare: int) -> None:
+        self.spares.remove(spare)
+        self._spare_nodes.pop(spare, None)
+        self._out.append(KillSpare(spare))
+        if self._stop is None:
+            self._top_up_spares()
+
+    def _on_stop(self, e: StopRequested, now: float) -> None:
+        if self._stop is not None:
+            return
+        self._stop = e
+        self._spares_due = None
+        for sp in list(self.spares):
+            self._spare_nodes.pop(sp, None)
+            self._out.append(KillSpare(sp))
+        self.spares.clear()
+        for slot in self.slots:
+            if slot.phase in (STARTING, WAITING, ROLLING):
+                self._stop_slot(slot)  # nothing of it to save: its state is its last checkpoint
+            else:
+                self._drain_check(slot, now, arm=True)
+        self._timer(e.deadline - STOP_MARGIN_S, "stop", None)
+
+    def _leaving_at(self, slot: _Slot) -> float | None:
+        """When `slot` must be off its incarnation (its node's drain deadline, the stop deadline), with the
+        margin taken off; None if it is not leaving."""
+        at = None
+        if slot.node is not None and slot.node in self._draining:
+            at = self._draining[slot.node] - DRAIN_MARGIN_S
+        if self._stop is not None:
+            stop = self._stop.deadline - STOP_MARGIN_S
+            at = stop if at is None else min(at, stop)
+        return at
+
     def _drain_check(self, slot: _Slot, now: float, *, arm: bool = False) -> None:
-        """Hand the slot over if its node is draining and nothing holds it; with `arm`, also set the timer
-        that hands it over before the deadline whatever it holds."""
-        deadline = self._draining.get(slot.node) if slot.node is not None else None
-        if deadline is None or slot.phase in (STARTING, WAITING, FINISHED):
+        """Move a leaving slot (node draining, job stopping) one step on: wait for its calls in flight,
+        then (stateful) for its outputs' commit, then persist its state, then leave; past its deadline,
+        leave as it is. With `arm`, also set the timer of that deadline."""
+        at = self._leaving_at(slot)
+        if at is None or slot.phase in (STARTING, WAITING, FINISHED, STOPPED):
+            self._awaiting.discard(slot.index)
             return
         self._idle.pop(slot.index, None)
-        if slot.phase == RUNNING and (not slot.inflight or now >= deadline - DRAIN_MARGIN_S):
+        if now >= at:
+            if slot.phase in (RUNNING, HANDING, ROLLING):
+                self._awaiting.discard(slot.index)
+                self._leave(slot, now)
+            return
+        if slot.phase == RUNNING and not slot.inflight:
+            if not self.policy.stateful:
+                self._leave(slot, now)
+            elif self._uncommitted(slot):
+                self._awaiting.add(slot.index)  # the group goes at once (`_maybe_flush`); checked at its commit
+            else:
+                self._awaiting.discard(slot.index)
+                slot.phase = HANDING
+                self._out.append(FinishActor(slot.index, slot.inc))
+        if arm:
+            self._timer(at, "drain", (slot.index, slot.inc))
+
+    def _uncommitted(self, slot: _Slot) -> bool:
+        """Some output of `slot` has answered and is not committed yet (in the group or a commit)."""
+        i = slot.index
+        return any(s == i for s, _, _ in self.group) or any(s == i for g in self.commits.values() for s, _, _ in g)
+
+    def _leave(self, slot: _Slot, now: float) -> None:
+        """Take the slot off its incarnation: stopped, if the job is stopping; else handed over."""
+        self._awaiting.discard(slot.index)
+        if self._stop is not None:
+            self._stop_slot(slot)
+        else:
             self._replace(slot, f"handed over: its node {slot.node} is draining", Cause.PREEMPTED, None, now)
-        elif arm:
-            self._timer(max(now, deadline - DRAIN_MARGIN_S), "drain", (slot.index, slot.inc))
+
+    def _stop_slot(self, slot: _Slot) -> None:
+        if slot.phase != WAITING:
+            self._out.append(KillActor(slot.index, slot.inc))
+        for call in slot.inflight:  # run again by the next run
+            self.calls.pop(call.id, None)
+        slot.inflight.clear()
+        self._idle.pop(slot.index, None)
+        self._awaiting.discard(slot.index)
+        slot.phase = STOPPED
 
     def _t_drain(self, arg: tuple[int, int], now: float) -> None:
         s, inc = arg
         slot = self.slots[s]
         if slot.inc == inc:
             self._drain_check(slot, now)
+
+    def _t_stop(self, arg: Any, now: float) -> None:
+        for slot in self.slots:
+            if slot.phase not in (FINISHED, STOPPED, FINISHING):
+                self._stop_slot(slot)
+        self._maybe_stopped(now, late=True)
+
+    def _maybe_stopped(self, now: float, *, late: bool = False) -> None:
+        """A stopping job ends once every slot has stopped and every answered output is committed (or at
+        its deadline, whatever is left)."""
+        if not late and (self.group or self.commits or any(s.phase not in (STOPPED, FINISHED) for s in self.slots)):
+            return
+        assert self._stop is not None
+        self.state = "stopped"
+        self._out.append(SaveProgress(self._next_progress(), self.progress_fields(), final=True))
+        ledger = self.ledger
+        self._out.append(StopJob(self._stop.reason, ledger.watermark + len(ledger.done_above), self.total))
 
     # ------------------------------------------------------------------ timers
 
@@ -488,7 +620,10 @@ class Scheduler:
     def _t_restart(self, s: int, now: float) -> None:
         slot = self.slots[s]
         if slot.phase == WAITING:
-            self._start(slot, now)
+            if self._stop is not None:
+                self._stop_slot(slot)
+            else:
+                self._start(slot, now)
 
     def _t_retry(self, b: int, now: float) -> None:
         if not self.ledger.is_done(b) and b not in self.dead:
@@ -525,7 +660,13 @@ class Scheduler:
         slot.pid = slot.node = None
         slot.epoch = -1
         self._actors_seen = None
-        spare = self.spares.pop(0) if spare_ok and self.spares else None
+        spare = None
+        if spare_ok:  # the oldest standby not on a draining node (where it is may not be known yet)
+            draining = self._draining
+            spare = next((sp for sp in self.spares if self._spare_nodes.get(sp) not in draining), None)
+            if spare is not None:
+                self.spares.remove(spare)
+                self._spare_nodes.pop(spare, None)
         self._out.append(StartActor(slot.index, slot.inc, spare))
         self._timer(now + self.policy.start_timeout_seconds, "start_timeout", (slot.index, slot.inc))
 
@@ -543,7 +684,7 @@ class Scheduler:
 
     def _top_up_spares(self) -> None:
         self._spares_due = None
-        while len(self.spares) < self.policy.standby:
+        while len(self.spares) < self.policy.standby and self._stop is None:
             self._build_spare()
 
     def _start_died(self, slot: _Slot, cause: Cause, error: str, tb: str, now: float) -> None:
@@ -560,6 +701,11 @@ class Scheduler:
                            f"row; the last time: {error}", tb)
                 return
             reason = f"could not start: {error.splitlines()[0] if error else 'its constructor raised'}"
+        elif cause is Cause.PREEMPTED:  # not a crash loop: the preemption budget counts it
+            n = max(1, slot.start_deaths)
+            if not self._preempted():
+                return
+            reason = f"was preempted while starting ({error.splitlines()[0] if error else cause.value})"
         else:
             slot.start_deaths += 1
             n = slot.start_deaths
@@ -572,6 +718,9 @@ class Scheduler:
         slot.phase = WAITING
         self._idle.pop(slot.index, None)
         self._emit(ev.ActorReplaced(slot.index, reason, cause.value, ()))
+        if self._stop is not None:
+            self._stop_slot(slot)
+            return
         self._timer(now + self._backoff(n), "restart", slot.index)
 
     def _replace(self, slot: _Slot, reason: str, cause: Cause, culprit: int | None, now: float,
@@ -588,6 +737,8 @@ class Scheduler:
         self._out.append(KillActor(slot.index, slot.inc))
         self.restarts += 1
         self._emit(ev.ActorReplaced(slot.index, reason, cause.value, tuple(lost)))
+        if cause is Cause.PREEMPTED and not self._preempted():
+            return
         if culprit is not None and not ledger.is_done(culprit):
             self._charge(culprit, f"{reason}: {error}".strip(": ") if error else reason, "")
             if self.state != "running":
@@ -600,7 +751,21 @@ class Scheduler:
         else:
             self._queued -= len(slot.queue)
             slot.queue.clear()
+        if self._stop is not None:
+            slot.phase = WAITING  # its actor is killed above
+            self._stop_slot(slot)
+            return
         self._start(slot, now)
+
+    def _preempted(self) -> bool:
+        """Count one preempted incarnation; False (and the job failed) past the preemption budget."""
+        self.preempted += 1
+        budget = self.policy.preemptions
+        if budget is not None and self.preempted > budget:
+            self._fail(f"{self.preempted} worker actors were preempted, more than the {budget} allowed "
+                       "(RESILIENT_PREEMPTIONS); the job stops here and resumes when re-run")
+            return False
+        return True
 
     def _rebuild_queue(self, slot: _Slot) -> None:
         """After a restore or a rollback: every batch of the slot from its cursor up to the read position,
@@ -851,7 +1016,7 @@ class Scheduler:
             return
         p = self.policy
         full = len(self.group) >= p.commit_group_size
-        urgent = not self.calls or self._group_urgent
+        urgent = not self.calls or self._group_urgent or self._awaiting or self._stop is not None
         due = self._last_flush + p.commit_interval_seconds
         if not (full or urgent) and now < due:
             if not self._flush_timer:
@@ -906,11 +1071,15 @@ class Scheduler:
 
     def _flush_out(self, now: float) -> list:
         if self.state == "running":
-            if self.reading:
-                self._fill()
-            self._dispatch(now)
+            if self._stop is None:
+                if self.reading:
+                    self._fill()
+                self._dispatch(now)
             self._maybe_flush(now)
-            self._maybe_finish(now)
+            if self._stop is None:
+                self._maybe_finish(now)
+            else:
+                self._maybe_stopped(now)
         if self.state == "running":
             self._maybe_save_progress(now)
         out, self._out = self._out, []
@@ -928,6 +1097,8 @@ _HANDLERS = {
     ProgressDone: "_on_progress",
     ProgressFailed: "_on_progress_failed",
     NodeDraining: "_on_draining",
+    SpareUp: "_on_spare_up",
+    StopRequested: "_on_stop",
 }
 
 _TIMERS = {
@@ -942,4 +1113,5 @@ _TIMERS = {
     "flush": "_t_flush",
     "progress": "_t_progress",
     "drain": "_t_drain",
+    "stop": "_t_stop",
 }

@@ -15,6 +15,19 @@ blocks on one actor or one write while the job runs:
 Why an actor died is read from Ray's error (`death_cause`): the constructor's or a restore's exception,
 preemption, a lost node, the memory monitor, or a plain process death.
 
+Preemption notices: every ``DRAIN_POLL_S`` the loop asks Ray's GCS which nodes are draining
+(``ray._private.state.state.get_draining_nodes()``: ``{node_id: deadline_ms}``, about 0.3 ms a call; Ray
+marks a node draining when KubeRay, a managed platform, the autoscaler or ``ray drain-node`` announces its
+end) and tells the scheduler of each new one (`NodeDraining`, the deadline moved to the scheduler's
+clock; a drain with no deadline gets none). It is a private Ray API: where it is missing or fails, the
+driver says so once, loudly, and preemptions are handled when the actors die. Each worker reports its
+node when it comes up; each standby when it is built (`SpareUp`).
+
+Graceful stop: `request_stop` (SIGTERM, Ctrl-C, ``ray job stop``: see `resilient.api`) is turned into
+`StopRequested` with a deadline ``stop_timeout_seconds`` away; the scheduler's `StopJob` ends the run
+with `JobStoppedError` once the progress record is saved. Ray actor options (`resilient.placement`) go
+to every worker and standby; an actor with placement-group bundles gets its own group, removed with it.
+
 At the start, the job record is checked (`resilient.runtime.records`), the progress record read, and
 retry requests for dead letters taken; at the end the progress record is written last and the sink
 marked complete. A failed job still writes its progress record (state "failed", with the error).
@@ -52,21 +65,27 @@ from resilient.runtime.protocol import (
     FinishActor,
     FinishDone,
     KillActor,
+    KillSpare,
+    NodeDraining,
     ProgressDone,
     ProgressFailed,
     RollbackActor,
     RollbackDone,
     SaveProgress,
     SendCall,
+    SpareUp,
     StartActor,
     StartSpare,
+    StopJob,
+    StopRequested,
 )
 from resilient.runtime.reader import BatchReader
 from resilient.runtime.scheduler import INF, SPARE_DELAY_S, DeadLetter, Policy, Scheduler
 from resilient.runtime.worker import JobSpec, Worker
 from resilient.storage import CheckpointStore
 
-__all__ = ["DeadLetter", "JobFailedError", "JobMismatchError", "JobResult", "Supervisor", "death_cause"]
+__all__ = ["DeadLetter", "JobFailedError", "JobMismatchError", "JobResult", "JobStoppedError", "Supervisor",
+           "death_cause"]
 
 log = logging.getLogger("resilient.runtime")
 _ = (INF, SPARE_DELAY_S)  # re-exported for callers of the driver
@@ -79,6 +98,23 @@ class JobFailedError(ResilientError):
     def __init__(self, message: str, traceback: str = "") -> None:
         self.traceback = traceback
         super().__init__(message + (f"\n\nThe pipeline's traceback:\n{traceback.rstrip()}" if traceback else ""))
+
+
+class JobStoppedError(JobFailedError):
+    """The job stopped as asked (SIGTERM, Ctrl-C, ``ray job stop``): what had answered is committed, the
+    slots' state and the progress are saved; running it again with the same job id resumes it."""
+
+
+DRAIN_POLL_S = 0.1  # how often the driver asks Ray which nodes are draining (one GCS call, ~0.3 ms)
+NO_DEADLINE_S = 1e9  # a drain announced without a deadline
+
+
+def draining_nodes() -> dict[str, int]:
+    """``{node_id: deadline_ms}`` of the nodes Ray is draining (deadline 0: none). Raises where the
+    private API is missing."""
+    from ray._private.state import state
+
+    return dict(state.get_draining_nodes())
 
 
 class JobMismatchError(ResilientError):
@@ -188,6 +224,13 @@ class Supervisor:
         self._progress_future: Future | None = None
         self._outcome: str | None = None
         self._failure: FailJob | None = None
+        self._pgs: dict[Any, Any] = {}  # actor id -> its placement group (placement_group_bundles)
+        self._stop_asked: str | None = None
+        self._stop_told = False
+        self._stopped: StopJob | None = None
+        self._drains_seen: dict[str, int] = {}
+        self._next_drain_poll = 0.0
+        self._drain_source: Callable[[], dict[str, int]] | None = draining_nodes
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="resilient-io")
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resilient-commit")
 
@@ -217,6 +260,11 @@ class Supervisor:
     def actors(self) -> list[dict]:
         """The worker actors now serving the job: slot, pid, node id, epoch."""
         return list(self.sched.progress_fields()["actors"]) if self.sched else []
+
+    def request_stop(self, reason: str) -> None:
+        """Stop the job gracefully (thread-safe; a signal handler may call it): see `JobStoppedError`."""
+        if self._stop_asked is None:
+            self._stop_asked = reason
 
     # ------------------------------------------------------------------ job record and resume
 
@@ -314,8 +362,12 @@ class Supervisor:
             if self._outcome == "failed":
                 assert self._failure is not None
                 raise JobFailedError(self._failure.error, self._failure.traceback)
+            if self._outcome == "stopped":
+                raise self._stopped_error()
             summary = {"total": self.total, "dead_letters": sorted(self.dead), "restarts": self.restarts}
             self.sink.mark_complete(summary, replace=self._retried)
+        except JobStoppedError:
+            raise
         except BaseException as e:
             self._save_failed(e)
             raise
@@ -329,6 +381,14 @@ class Supervisor:
         sched = self.sched
         assert sched is not None
         now = self.clock()
+        if self._stop_asked is not None and not self._stop_told:
+            self._stop_told = True
+            log.warning("job %s: %s; stopping: committing what has answered and saving the slots' state "
+                        "(at most %gs)", self.spec.job_id, self._stop_asked, self.settings.stop_timeout_seconds)
+            self._feed(StopRequested(now + self.settings.stop_timeout_seconds, self._stop_asked))
+        if now >= self._next_drain_poll and self._drain_source is not None:
+            self._next_drain_poll = now + DRAIN_POLL_S
+            self._poll_drains(now)
         wake = sched.next_wakeup()
         wait = 0.05 if wake is None else min(0.05, max(0.0, wake - now))
         if self._futures:
@@ -352,6 +412,29 @@ class Supervisor:
         if self._outcome is None:
             self._apply(sched.tick(self.clock()))
 
+    def _poll_drains(self, now: float) -> None:
+        """Tell the scheduler of each node that started draining (or whose deadline moved)."""
+        assert self._drain_source is not None
+        try:
+            draining = self._drain_source()
+        except Exception as e:  # noqa: BLE001 - a private Ray API: degrade, loudly, once
+            log.warning("job %s: this Ray cannot tell which nodes are draining (%s: %s): preemption notices are "
+                        "not followed; a preempted actor is replaced when it dies (never charged to a batch)",
+                        self.spec.job_id, type(e).__name__, e)
+            self._drain_source = None
+            return
+        wall = time.time()
+        for node, deadline_ms in draining.items():
+            if self._drains_seen.get(node) == deadline_ms:
+                continue
+            self._drains_seen[node] = deadline_ms
+            left = deadline_ms / 1000 - wall if deadline_ms else NO_DEADLINE_S
+            log.warning("job %s: node %s is draining (%s); its actors are handed over", self.spec.job_id, node,
+                        f"it goes in {left:.1f}s" if deadline_ms else "no deadline")
+            self._feed(NodeDraining(node, now + left))
+        for node in [n for n in self._drains_seen if n not in draining]:
+            del self._drains_seen[node]  # gone, or no longer draining
+
     def _feed(self, item: Any) -> None:
         if item is None or self._outcome is not None:
             return
@@ -366,6 +449,12 @@ class Supervisor:
 
         tag = self._refs.pop(ref)
         kind, slot, inc = tag[0], tag[1], tag[2]
+        if kind == "spare":  # a standby is built: where (if it died, its activation will say)
+            try:
+                self._feed(SpareUp(inc, ray.get(ref)["node_id"]))
+            except Exception:  # noqa: BLE001
+                pass
+            return
         try:
             value = ray.get(ref)
         except RayActorError as e:
@@ -428,14 +517,47 @@ class Supervisor:
     def _new_actor(self) -> Any:
         import ray
 
+        from resilient.placement import actor_options, placement_bundles
+
         if self._actor_cls is None:
             self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
-        return self._actor_cls.options(
-            num_cpus=self.settings.actor_cpus, num_gpus=self.settings.actor_gpus
-        ).remote(self.spec)
+        s = self.settings
+        pg = None
+        group = placement_bundles(s.ray_remote_args, s.actor_cpus, s.actor_gpus)
+        if group is not None:
+            from ray.util.placement_group import placement_group
+
+            pg = placement_group(group[0], strategy=group[1])
+        actor = self._actor_cls.options(**actor_options(s.ray_remote_args, s.actor_cpus, s.actor_gpus, pg)).remote(
+            self.spec)
+        if pg is not None:
+            self._pgs[actor._actor_id] = pg
+        return actor
+
+    def _kill_actor(self, actor: Any) -> None:
+        import ray
+
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001 - it may be gone already
+            pass
+        pg = self._pgs.pop(actor._actor_id, None)
+        if pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001
+                pass
 
     def _c_spare(self, c: StartSpare) -> None:
-        self._spares[c.spare] = self._new_actor()
+        actor = self._spares[c.spare] = self._new_actor()
+        self._refs[actor.ready.remote()] = ("spare", None, c.spare)
+
+    def _c_kill_spare(self, c: KillSpare) -> None:
+        actor = self._spares.pop(c.spare, None)
+        if actor is not None:
+            self._kill_actor(actor)
 
     def _c_start(self, c: StartActor) -> None:
         actor = self._spares.pop(c.spare) if c.spare is not None and c.spare in self._spares else self._new_actor()
@@ -467,17 +589,12 @@ class Supervisor:
             self._reader.drop(replays)  # sent for the last time (a later replay reads them again)
 
     def _c_kill(self, c: KillActor) -> None:
-        import ray
-
         actor = self._incs.pop(c.inc, None)
         self._epochs.pop(c.inc, None)
         for state in self._replica_state.values():  # the dead incarnation's view of the replicas goes
             state[1].pop(f"inc-{c.inc}", None)
         if actor is not None:
-            try:
-                ray.kill(actor)
-            except Exception:  # noqa: BLE001 - it may be gone already
-                pass
+            self._kill_actor(actor)
 
     def _c_rollback(self, c: RollbackActor) -> None:
         self._refs[self._incs[c.inc].rollback.remote()] = ("rollback", c.slot, c.inc)
@@ -545,6 +662,18 @@ class Supervisor:
     def _c_complete(self, c: CompleteJob) -> None:
         self._outcome = "complete"
 
+    def _c_stop(self, c: StopJob) -> None:
+        self._outcome, self._stopped = "stopped", c
+
+    def _stopped_error(self) -> JobStoppedError:
+        c = self._stopped
+        assert c is not None
+        return JobStoppedError(
+            f"job {self.spec.job_id!r} stopped ({c.reason}): {c.committed} of {c.total} batches committed, the "
+            f"slots' state and the progress saved. To resume, run the same pipeline again with job id "
+            f"{self.spec.job_id!r} (the same command, or `ray job submit` again); `resilient status "
+            f"{self.spec.job_id}` shows where it stands")
+
     def _submit(self, pool: ThreadPoolExecutor, fn: Callable[[], Any]) -> Future:
         self._futures += 1
 
@@ -611,10 +740,7 @@ class Supervisor:
 
     def _shutdown(self, ray: Any) -> None:
         for actor in list(self._incs.values()) + list(self._spares.values()):
-            try:
-                ray.kill(actor)
-            except Exception:  # noqa: BLE001
-                pass
+            self._kill_actor(actor)
         self._incs.clear()
         self._spares.clear()
         self.committer.shutdown(wait=True)
@@ -658,6 +784,7 @@ _COMMANDS = {
     StartActor: Supervisor._c_start,
     SendCall: Supervisor._c_send,
     KillActor: Supervisor._c_kill,
+    KillSpare: Supervisor._c_kill_spare,
     RollbackActor: Supervisor._c_rollback,
     FinishActor: Supervisor._c_finish,
     CommitGroup: Supervisor._c_commit,
@@ -665,4 +792,5 @@ _COMMANDS = {
     Emit: Supervisor._c_emit,
     FailJob: Supervisor._c_fail,
     CompleteJob: Supervisor._c_complete,
+    StopJob: Supervisor._c_stop,
 }

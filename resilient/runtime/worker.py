@@ -189,7 +189,10 @@ class Worker:
 
     def finish(self, commit_floor: int) -> dict:
         """End of job: snapshot the final state and persist it; return the final cursor and the outcomes
-        of the saves finished since the last answer."""
+        of the saves finished since the last answer. Also persists the state before a hand-over (every
+        output it made is committed by then). Refused while the state is suspect (`rollback` first)."""
+        if self.dirty:
+            raise DirtyWorkerError(f"slot {self.slot} epoch {self.epoch}: its state is suspect; not persisted")
         if self.spec.stateful:
             self._take_snapshot()
             self.persist(commit_floor)

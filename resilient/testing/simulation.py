@@ -18,7 +18,8 @@ Faults, each at a seeded rate:
   deterministic (poison batches, and batches that crash their actor every time); constructors that raise;
 * failed or slow storage writes: group commits and progress saves;
 * the driver crashing (every actor dies with it, a commit in flight lands partly) and the job re-run
-  from its records, as `resilient.runtime.supervisor` does.
+  from its records, as `resilient.runtime.supervisor` does;
+* the driver asked to stop (SIGTERM: `StopRequested` with a deadline), then the job re-run.
 
 After the run, `check` lists every violation of the guarantees:
 
@@ -26,8 +27,11 @@ After the run, `check` lists every violation of the guarantees:
   letters are only batches that failed by themselves (poison, crashers) or were charged for deaths Ray
   could not tell apart from a crash;
 * for stateful pipelines, every slot's final checkpoint equals a fault-free run (dead letters skipped);
-* the job finishes once faults stop; no attempt is charged for an external death; the scheduler's
-  memory stays bounded by the work in flight.
+* the job finishes once faults stop; no attempt is charged for an external death, a drain notice or a
+  stop; the scheduler's memory stays bounded by the work in flight;
+* replays are counted (``replayed``, and ``replayed_after_stop`` in the runs after a stop): with
+  preemption notices as the only fault and deadlines the hand-over fits in, and after a stop given
+  the time it needs, nothing is replayed (tests/test_simulation.py).
 
 Example:
     >>> r = simulate(Scenario(seed=3, batches=40, slots=2, stateful=True))
@@ -62,6 +66,7 @@ from resilient.runtime.protocol import (
     FinishActor,
     FinishDone,
     KillActor,
+    KillSpare,
     NodeDraining,
     ProgressDone,
     ProgressFailed,
@@ -70,8 +75,11 @@ from resilient.runtime.protocol import (
     RollbackDone,
     SaveProgress,
     SendCall,
+    SpareUp,
     StartActor,
     StartSpare,
+    StopJob,
+    StopRequested,
 )
 from resilient.runtime.scheduler import DeadLetter, Policy, Scheduler
 
@@ -95,6 +103,7 @@ class Scenario:
     kill_rate: float = 0.0  # per scheduler step (an input or a tick): an actor dies (some for external causes)
     external_share: float = 0.3  # of those deaths, reported as node lost, preempted or OOM-killed
     notice_share: float = 0.0  # of those deaths, announced first by a preemption notice (a node draining)
+    notice_seconds: tuple[float, float] = (0.5, 5.0)  # how far ahead a preemption notice comes
     hang_rate: float = 0.0  # per call: it never answers
     zombie_rate: float = 0.0  # per kill: it does not take, the old incarnation goes on
     transient_rate: float = 0.0  # per batch: raises once (half-applied)
@@ -104,6 +113,8 @@ class Scenario:
     commit_fail_rate: float = 0.0
     progress_fail_rate: float = 0.0
     driver_crashes: int = 0  # the driver dies this many times; each time the job is re-run
+    stops: int = 0  # the driver is asked to stop (SIGTERM) this many times; each time the job is re-run
+    stop_seconds: tuple[float, float] = (0.5, 5.0)  # the stop deadline, after the request
     fault_window: float = 60.0  # virtual seconds after which no new fault is injected
     batch_seconds: float = 0.01
     time_limit: float = 3600.0  # virtual seconds: a run still going then has not finished (liveness)
@@ -136,7 +147,7 @@ def random_scenario(seed: int, *, max_batches: int = 300) -> Scenario:
         transient_rate=r.choice([0.0, 0.02, 0.1]), poison=poison, crashers=crashers,
         broken_starts=r.choice([0, 0, 0, 1]), commit_fail_rate=r.choice([0.0, 0.05]),
         progress_fail_rate=r.choice([0.0, 0.1]), driver_crashes=r.choice([0, 0, 1, 2]),
-        fault_window=r.choice([5.0, 30.0]),
+        fault_window=r.choice([5.0, 30.0]), stops=r.choice([0, 0, 0, 1]),
     )
 
 
@@ -156,6 +167,9 @@ class Outcome:
     restarts: int = 0
     start_deaths: int = 0  # incarnations that died while starting, not by the pipeline's exception
     handovers: int = 0  # slots handed over ahead of a preemption (a node draining)
+    replayed: int = 0  # batches sent again as replays (stateful: rebuilding state), all runs
+    replayed_after_stop: int = 0  # of those, in the runs that follow a stop
+    stops: int = 0  # runs that ended by a stop
     charged_external: int = 0
     peak_timers: int = 0
     peak_calls: int = 0
@@ -319,11 +333,13 @@ class _World:
         if self.ended is not None or self.sched is None:
             return
         commands = self._decide(self.sched.handle, item)
-        external = isinstance(item, NodeDraining) or (isinstance(item, ActorDown) and item.cause.external)
+        external = isinstance(item, (NodeDraining, StopRequested)) or (
+            isinstance(item, ActorDown) and item.cause.external)
         if external and any(isinstance(c, Emit) and isinstance(c.event, (ev.BatchRetried, ev.BatchDeadLettered))
                             for c in commands):
             self.outcome.charged_external += 1
-            what = "a drain notice" if isinstance(item, NodeDraining) else f"an external death ({item.cause.value})"
+            what = {NodeDraining: "a drain notice", StopRequested: "a stop"}.get(
+                type(item), f"an external death ({getattr(item, 'cause', None)})")
             self.outcome.violations.append(f"{what} was charged to a batch")
         self.apply(commands)
 
@@ -354,7 +370,18 @@ class _World:
         return a
 
     def _c_StartSpare(self, c: StartSpare) -> None:
-        self.spares[c.spare] = self._new_actor(self.rng.uniform(0.5, 2.0))
+        a = self.spares[c.spare] = self._new_actor(self.rng.uniform(0.5, 2.0))
+
+        def up() -> None:
+            if a.alive and self.spares.get(c.spare) is a:
+                self.feed(SpareUp(c.spare, a.node))
+
+        self.at(a.ready_at, up)
+
+    def _c_KillSpare(self, c: KillSpare) -> None:
+        a = self.spares.pop(c.spare, None)
+        if a is not None:
+            a.alive = False
 
     def _c_StartActor(self, c: StartActor) -> None:
         a = self.spares.pop(c.spare, None) if c.spare is not None else None
@@ -398,6 +425,10 @@ class _World:
         if self._gone(a):
             return
         s = self.scenario
+        replays = sum(1 for _, replay in c.items if replay)
+        self.outcome.replayed += replays
+        if self.outcome.stops:
+            self.outcome.replayed_after_stop += replays
         start = max(self.now, a.busy_until)
         done = start + s.batch_seconds * len(c.items) * self.rng.uniform(0.5, 2.0) + 0.001
         a.busy_until = done
@@ -539,6 +570,9 @@ class _World:
     def _c_CompleteJob(self, c: CompleteJob) -> None:
         self.ended = "complete"
 
+    def _c_StopJob(self, c: StopJob) -> None:
+        self.ended = "stopped"
+
     # ------------------------------------------------------------------ faults
 
     def die(self, a: _Actor, cause: Cause, *, told: bool = True) -> None:
@@ -559,7 +593,7 @@ class _World:
             return
         a = self.rng.choice(live)
         if self.rng.random() < self.scenario.notice_share:  # a preemption notice, then the node goes
-            deadline = self.now + self.rng.uniform(0.5, 5.0)
+            deadline = self.now + self.rng.uniform(*self.scenario.notice_seconds)
             self.feed(NodeDraining(a.node, deadline))
             self.at(deadline, lambda: self.die(a, Cause.PREEMPTED))
             return
@@ -608,11 +642,24 @@ class _World:
         # the driver dies once this share of the batches is committed (1.0: after the last commit, while
         # the slots save their final state): early, in the middle and at the very end
         crash_at = sorted(1.0 if self.rng.random() < 0.3 else self.rng.random() for _ in range(s.driver_crashes))
+        stop_at = sorted(self.rng.random() for _ in range(s.stops))
+        stopping = False
         while True:
             if self.ended == "complete":
                 break
             if self.ended == "failed":
                 break
+            if self.ended == "stopped":  # the driver exits (its actors with it); the job is run again
+                self.outcome.stops += 1
+                stopping = False
+                self.crash_driver()
+                self.start_run()
+                continue
+            if stop_at and not stopping and len(self.storage.markers) >= stop_at[0] * s.batches:
+                stop_at.pop(0)
+                stopping = True
+                self.feed(StopRequested(self.now + self.rng.uniform(*s.stop_seconds), "SIGTERM"))
+                continue
             wake = self.sched.next_wakeup() if self.sched else None
             nxt = self.queue[0][0] if self.queue else None
             when = min(x for x in (wake, nxt) if x is not None) if (wake is not None or nxt is not None) else None
@@ -624,6 +671,7 @@ class _World:
                 break
             if crash_at and len(self.storage.markers) >= crash_at[0] * (s.batches - len(self.poison | self.crash_ids)):
                 crash_at.pop(0)
+                stopping = False
                 self.crash_driver()
                 self.start_run()
                 continue
