@@ -1,0 +1,124 @@
+"""Spot preemption and graceful stops, on real clusters with real signals.
+
+* A multi-node cluster (several raylets on this machine, `tests/procs/preemption.py`): nodes drained with
+  reason PREEMPTION and a deadline, as KubeRay, managed platforms and ``ray drain-node`` do, then removed.
+* A driver process sent SIGTERM (what ``ray job stop`` sends) and run again.
+
+The decisions behind them run in tests/test_scheduler.py and, over many schedules, tests/test_simulation.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from resilient.io.sinks import FileSink
+from tests.pipelines.spot import runs_per_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}  # at call time: Ray's auth settings are in it by then
+
+
+@pytest.fixture(scope="module")
+def cluster_cases(tmp_path_factory) -> dict[str, dict]:
+    workdir = tmp_path_factory.mktemp("preemption")
+    proc = subprocess.run([sys.executable, "-m", "tests.procs.preemption", str(workdir)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    cases = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            facts = json.loads(line)
+            cases[facts["case"]] = facts
+    assert proc.returncode == 0 and len(cases) == 4, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    return cases
+
+
+def _finished_exactly_once(facts: dict) -> None:
+    assert facts["exactly_once"] and facts["outputs_ok"], facts
+    assert facts["final_state"] == facts["expected_state"], facts  # the same as a fault-free run
+    assert facts["retries"] == 0 and facts["charged"] == [], facts
+
+
+def test_actor_options_reach_every_worker_and_standby(cluster_cases):
+    facts = cluster_cases["options"]
+    _finished_exactly_once(facts)
+    assert facts["worker_nodes"] == [facts["special_node"]]
+    assert facts["active_node"] == facts["standby_node"] == facts["special_node"]
+
+
+def test_a_draining_node_hands_its_stateful_slot_over_replaying_and_charging_nothing(cluster_cases):
+    facts = cluster_cases["active"]
+    _finished_exactly_once(facts)
+    [(reason, cause, redelivered)] = facts["replaced"]
+    assert reason.startswith("handed over") and cause == "preempted" and redelivered == []
+    assert facts["runs_beyond_once"] == 0  # no batch ran twice anywhere: nothing replayed
+    assert facts["preempted"] == 1 and facts["restarts"] == 1
+    assert len(facts["worker_nodes"]) == 2 and facts["active_node"] in facts["worker_nodes"]
+
+
+def test_a_standby_on_a_draining_node_is_replaced_and_the_slot_keeps_its_actor(cluster_cases):
+    facts = cluster_cases["standby"]
+    assert facts["standby_node"] != facts["active_node"], facts  # SPREAD placed them apart
+    _finished_exactly_once(facts)
+    assert facts["standby_moved"] and facts["replaced"] == [] and facts["runs_beyond_once"] == 0
+
+
+def test_a_drain_shorter_than_the_margin_sends_the_calls_in_flight_again(cluster_cases):
+    facts = cluster_cases["short"]
+    _finished_exactly_once(facts)
+    [(reason, cause, redelivered)] = facts["replaced"]
+    assert cause == "preempted" and redelivered and facts["preempted"] == 1
+
+
+def _driver(args: list[str], *, sigterm_after: int | None) -> tuple[int, list[str], str, float]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.procs.stop_driver", *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, sent = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if sigterm_after is not None and sent is None and line.startswith("committed"):
+                if int(line.split()[1]) >= sigterm_after:
+                    sent = time.monotonic()
+                    os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    took = time.monotonic() - sent if sent is not None else 0.0
+    return proc.returncode, lines, proc.stderr.read(), took
+
+
+def test_sigterm_stops_the_driver_gracefully_and_a_rerun_replays_nothing(tmp_path, ray_session):
+    import ray
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sink = str(tmp_path / "out")
+    args = [ray.get_runtime_context().gcs_address, "stop", sink, str(tmp_path / "ckpt"), str(logs)]
+    rc, lines, err, took = _driver(args, sigterm_after=300)
+    assert rc == 1, (lines[-5:], err[-3000:])
+    assert "JobStoppedError" in err and "stopped (the driver received SIGTERM)" in err and "To resume" in err
+    assert took < 2.5 + 3.0, took  # the stop timeout, plus the process's own exit
+    stopped_at = len(list(FileSink(sink).committed_from(0)))
+    assert 300 <= stopped_at < 1000
+    rc, lines, err, _ = _driver(args, sigterm_after=None)
+    assert rc == 0, err[-3000:]
+    done = json.loads(lines[-1].split(" ", 1)[1])
+    assert stopped_at - 64 <= done["resumed_from"] <= stopped_at  # the watermark (the slots move apart a little)
+    seen = collections.Counter(b for b, _ in FileSink(sink).read_all())
+    assert sorted(seen) == list(range(1000)) and set(seen.values()) == {1}
+    runs = runs_per_batch(str(logs), 2)
+    assert sorted(runs) == list(range(1000)) and sum(n - 1 for n in runs.values()) == 0  # nothing ran twice
