@@ -44,9 +44,25 @@
    after the imports, ``resume_1m_rss_abs_mb`` the absolute peak. With ``--resume-full-run`` it then also
    runs ``Supervisor.run()`` on the finished job (joining this script's Ray instance).
 
+3. Preemption. In a child process, a multi-node cluster on this machine (a head with no CPUs, three
+   raylets of one CPU; `ray.cluster_utils.Cluster`) runs the same stateful job with a standby, actors
+   spread over the nodes (``scheduling_strategy="SPREAD"``). Once ``--kill-after`` batches are
+   committed and the standby is built, the node of slot 0's actor is drained the way KubeRay, a managed
+   platform or ``ray drain-node`` drains it (reason PREEMPTION, 30 s deadline); once the slot is handed
+   over the node is removed, and a fresh node joins for the next round:
+
+     preemption_handover_s    drain request -> the commit marker of the first batch run by the new
+                              incarnation (it includes the driver's drain polling, ``DRAIN_POLL_S``)
+     preemption_replayed      batches of slot 0 the new incarnation ran again (committed before it took
+                              over): 0 when the hand-over persisted the slot exactly
+     preemption_attempts_charged  failed attempts counted in the job (retries): 0
+
+   Medians over ``--repeat`` drains; every job must commit each batch exactly once.
+
 The last line printed is one JSON object with at least ``failover_s``, ``failover_cold_s``,
 ``bare_ray_restart_s``, ``model_init_s``, ``state_load_s``, ``resume_1m_s``, ``resume_1m_rss_mb`` and
-``resume_1m_rss_abs_mb``. Timings on a shared or loaded machine are noisy: check ``load_avg``.
+``resume_1m_rss_abs_mb``, and ``preemption_handover_s``, ``preemption_replayed``,
+``preemption_attempts_charged``. Timings on a shared or loaded machine are noisy: check ``load_avg``.
 
 Usage:
     python benchmarks/recovery.py [--batches 600] [--batch-rows 256] [--actors 2] [--repeat 3]
@@ -136,6 +152,121 @@ def settings_for(ckpt: str, **options: Any):
 
 
 # ------------------------------------------------------------------------------------------- failover
+
+
+def _drain(address: str, node_id: str, seconds: float) -> None:
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    ok, why = ray._raylet.GcsClient(address=address).drain_node(
+        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot instance reclaimed",
+        int((time.time() + seconds) * 1000))
+    if not ok:
+        raise RuntimeError(f"the drain request was refused: {why}")
+
+
+def measure_preemption_round(args: argparse.Namespace, root: str, cluster: Any, nodes: dict, rep: int) -> dict:
+    import ray
+
+    import resilient
+    from resilient.io import FileSink, RangeSource
+    from resilient.runtime import events as ev
+
+    work = tempfile.mkdtemp(prefix=f"preempt-{rep}-", dir=root)
+    out = os.path.join(work, "out")
+    settings = settings_for(os.path.join(work, "ckpt"), num_actors=args.actors, standby=1,
+                            checkpoint_every=args.checkpoint_every, batches_per_call=args.batches_per_call,
+                            ray_remote_args={"scheduling_strategy": "SPREAD"})
+    handle = resilient.pipeline(StatefulScorer).run(
+        RangeSource(args.batches * args.batch_rows, args.batch_rows), FileSink(out, format="parquet"),
+        job_id=f"preempt-{rep}", settings=settings, init_args=(args.features, args.hidden, args.seed))
+    probe = FileSink(out, format="parquet")
+    try:
+        while handle.progress()["committed"] < args.kill_after or not handle._supervisor.spares:
+            if handle.done():
+                handle.wait()
+                raise RuntimeError("the job ended before the drain: raise --batches")
+            time.sleep(0.005)
+        ray.get([a.ready.remote() for a in list(handle._supervisor.spares)])  # the standby is built
+        victim = next(a for a in handle.actors() if a["slot"] == 0)
+        base = len(handle.events())
+        t0 = time.monotonic()
+        _drain(cluster.address, victim["node_id"], 30.0)
+        r: dict[str, Any] = {}
+        first: int | None = None
+        while time.monotonic() - t0 < args.failover_timeout:
+            for event in handle.events()[base:]:
+                base += 1
+                if getattr(event, "slot", None) != 0:
+                    continue
+                if isinstance(event, ev.ActorReplaced) and "replaced_s" not in r:
+                    r["replaced_s"] = time.monotonic() - t0
+                    r["reason"] = event.reason
+                elif isinstance(event, ev.ActorStarted) and "replaced_s" in r and first is None:
+                    r["started_s"] = time.monotonic() - t0
+                    b = first = event.cursor
+                    while b < args.batches and probe.is_committed(b):  # committed before: run again
+                        b += args.actors
+                    r["replayed"] = (b - first) // args.actors
+                    first = b
+            if first is not None and (first >= args.batches or probe.is_committed(first)):
+                r["handover_s"] = time.monotonic() - t0
+                break
+            time.sleep(0.002)
+        else:
+            raise RuntimeError(f"no hand-over within {args.failover_timeout}s: {r}")
+        cluster.remove_node(nodes.pop(victim["node_id"]))
+        result = handle.wait(timeout=600)
+        committed = list(probe.committed_from(0))
+        r["exactly_once"] = committed == list(range(args.batches)) and result.committed == args.batches
+        r["attempts_charged"] = result.retries
+        if not r["exactly_once"]:
+            raise RuntimeError(f"not exactly once after the hand-over: {len(committed)} markers, {result}")
+        return r
+    finally:
+        if not handle.done():
+            handle.wait(timeout=600)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def preemption_child(args: argparse.Namespace) -> None:
+    """The preemption rounds on a cluster of this process's own; prints one JSON line."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    root = tempfile.mkdtemp(prefix="resilient-preempt-", dir=args.dir)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "_system_config": {"timeout_ms_task_wait_for_death_info": 0}})
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)  # on the head's raylet, never removed
+        nodes = {}
+        for _ in range(3):
+            n = cluster.add_node(num_cpus=1)
+            nodes[n.node_id] = n
+        cluster.wait_for_nodes()
+        rounds = []
+        for rep in range(args.repeat):
+            rounds.append(measure_preemption_round(args, root, cluster, nodes, rep))
+            n = cluster.add_node(num_cpus=1)  # the capacity comes back
+            nodes[n.node_id] = n
+            cluster.wait_for_nodes()
+            r = rounds[-1]
+            print(f"  preemption: handed over {r['replaced_s']:.3f} s, started {r['started_s']:.3f} s, first commit "
+                  f"of the new incarnation {r['handover_s']:.3f} s (replayed {r['replayed']}, charged "
+                  f"{r['attempts_charged']})", file=sys.stderr, flush=True)
+        print(json.dumps(rounds))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def measure_preemption(args: argparse.Namespace) -> list[dict]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--preemption-child", "1", *sys.argv[1:]]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the preemption rounds failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int) -> dict:
@@ -420,12 +551,17 @@ def main() -> None:
     p.add_argument("--resume-full-run", action="store_true", help="also time Supervisor.run() on the done job")
     p.add_argument("--skip-failover", action="store_true")
     p.add_argument("--skip-resume", action="store_true")
+    p.add_argument("--skip-preemption", action="store_true")
+    p.add_argument("--preemption-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dir", default=None, help="parent of the temporary work directory")
     p.add_argument("--resume-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ray-address", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.resume_child:
         resume_child(args)
+        return
+    if args.preemption_child:
+        preemption_child(args)
         return
     if args.kill_after >= args.batches // 2:
         p.error("--kill-after must be under half of --batches (the job must outlive the recovery)")
@@ -485,6 +621,20 @@ def main() -> None:
             report["failover_target_s"] = round(target, 4)
             report["failover_target_met"] = report["failover_s"] <= target
             report["failover_cold_target_met"] = report["failover_cold_s"] <= target
+        if not args.skip_preemption:
+            ray.shutdown()  # the rounds run on a cluster of their own, in a child process
+            rounds = measure_preemption(args)
+            report.update({
+                "preemption_handover_s": round(statistics.median(r["handover_s"] for r in rounds), 4),
+                "preemption_replayed": max(r["replayed"] for r in rounds),
+                "preemption_attempts_charged": sum(r["attempts_charged"] for r in rounds),
+                "preemption_handover_runs": [round(r["handover_s"], 3) for r in rounds],
+                "preemption_replaced_runs": [round(r["replaced_s"], 3) for r in rounds],
+                "preemption_started_runs": [round(r["started_s"], 3) for r in rounds],
+                "preemption_exactly_once": all(r["exactly_once"] for r in rounds),
+            })
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                     _system_config={"timeout_ms_task_wait_for_death_info": 0})
         if not args.skip_resume:
             r = measure_resume(args, root)
             print(f"  resume at {args.resume_total}: built in {r['build_s']:.1f} s ({r['markers_written']} markers "

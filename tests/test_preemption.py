@@ -122,3 +122,46 @@ def test_sigterm_stops_the_driver_gracefully_and_a_rerun_replays_nothing(tmp_pat
     assert sorted(seen) == list(range(1000)) and set(seen.values()) == {1}
     runs = runs_per_batch(str(logs), 2)
     assert sorted(runs) == list(range(1000)) and sum(n - 1 for n in runs.values()) == 0  # nothing ran twice
+
+
+def test_ray_style_keywords_of_the_decorator_reach_the_actors(tmp_path, ray_session):
+    import resilient
+    from resilient.io.sources import RangeSource
+    from tests.pipelines import simple
+
+    settings = resilient.Settings.from_env({}, storage=[str(tmp_path / "a")], num_actors=1, standby=0)
+    pipe = resilient.pipeline(simple.square, memory=64 << 20, runtime_env={"env_vars": {"SPOT_TEST": "1"}})
+    handle = pipe.run(RangeSource(40, 4), str(tmp_path / "out"), job_id="opts", settings=settings)
+    result = handle.wait(120)
+    assert result.committed == 10
+    assert dict(handle._supervisor.settings.ray_remote_args) == {
+        "memory": 64 << 20, "runtime_env": {"env_vars": {"SPOT_TEST": "1"}}}
+    with pytest.raises(resilient.ConfigError, match="max_restarts is resilient's own"):
+        resilient.pipeline(simple.square, ray_remote_args={"max_restarts": 2}).run(
+            RangeSource(4, 4), str(tmp_path / "out2"), job_id="opts2", settings=settings)
+
+
+def test_without_drain_notices_the_driver_says_so_once_and_goes_on(tmp_path, caplog):
+    import resilient
+    from resilient.io.sinks import FileSink
+    from resilient.io.sources import RangeSource
+    from resilient.runtime.supervisor import Supervisor
+    from resilient.runtime.worker import JobSpec
+    from tests.pipelines import simple
+
+    settings = resilient.Settings.from_env({}, storage=[str(tmp_path / "a")])
+    spec = JobSpec("no-drains", simple.square, (), {}, False, FileSink(str(tmp_path / "out")), settings, 1)
+    sup = Supervisor(spec, RangeSource(8, 4))
+    calls = []
+
+    def missing() -> dict:
+        calls.append(1)
+        raise AttributeError("module 'ray._private.state' has no attribute 'state'")
+
+    sup._drain_source = missing
+    with caplog.at_level("WARNING", logger="resilient.runtime"):
+        sup._poll_drains(0.0)
+        assert sup._drain_source is None  # asked once, never again
+    [record] = [r for r in caplog.records if "cannot tell which nodes are draining" in r.getMessage()]
+    assert "AttributeError" in record.getMessage() and len(calls) == 1
+    sup.store.close()

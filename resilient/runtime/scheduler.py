@@ -154,6 +154,7 @@ class _Slot:
     resume_at: float = 0.0
     rolled_for: int = -1  # the batch whose exception the rollback in progress is for
     alone: int | None = None  # the call of a suspect running alone: nothing else is sent meanwhile
+    quick: bool = False  # a replacement incarnation: its first new batch goes alone and is committed at once
     user_failures: int = 0  # constructor/restore exceptions in a row
     start_deaths: int = 0  # other deaths while starting, in a row
 
@@ -307,6 +308,7 @@ class Scheduler:
         self._actors_seen = None
         slot.cursor = e.cursor
         slot.user_failures = slot.start_deaths = 0
+        slot.quick = slot.started and self.policy.stateful
         slot.started = True
         slot.paused_until = 0.0
         self._emit(ev.ActorStarted(e.slot, e.pid, e.epoch, e.cursor, e.generation, e.node))
@@ -990,8 +992,12 @@ class Scheduler:
                     self._send(slot, (q.popleft(),), now)
                     slot.alone = self._call
                     break
-                items = []
-                while q and len(items) < per_call and not (suspects and q[0][0] in suspects):
+                items, n = [], per_call
+                if slot.quick and not q[0][1]:  # a new incarnation's first new batch: alone, committed at once
+                    slot.quick = False
+                    n = 1
+                    self.urgent.add(q[0][0])
+                while q and len(items) < n and not (suspects and q[0][0] in suspects):
                     items.append(q.popleft())
                 self._queued -= len(items)
                 self._send(slot, tuple(items), now)
