@@ -165,3 +165,26 @@ def test_without_drain_notices_the_driver_says_so_once_and_goes_on(tmp_path, cap
     [record] = [r for r in caplog.records if "cannot tell which nodes are draining" in r.getMessage()]
     assert "AttributeError" in record.getMessage() and len(calls) == 1
     sup.store.close()
+
+
+def test_placement_group_bundles_give_each_actor_a_group_for_its_own_workers(tmp_path, ray_session):
+    import ray
+    from ray.util import placement_group_table
+
+    import resilient
+    from resilient.io.sources import RangeSource
+    from tests.pipelines import spot
+
+    settings = resilient.Settings.from_env({}, storage=[str(tmp_path / "a")], num_actors=2, standby=0)
+    pipe = resilient.pipeline(spot.placement, placement_group_bundles=[{"CPU": 0.25}, {"CPU": 0.25}])
+    handle = pipe.run(RangeSource(40, 4), str(tmp_path / "out"), job_id="bundles", settings=settings)
+    assert handle.wait(120).committed == 10
+    groups = {cols["pg"][0] for _, cols in handle.results()}
+    children = {cols["child"][0] for _, cols in handle.results()}
+    assert len(groups) == 2 and "" not in groups and children == groups  # one group per actor, children inside
+    table = placement_group_table()
+    assert all(table[g]["state"] == "REMOVED" for g in groups), {g: table[g]["state"] for g in groups}
+    deadline = time.monotonic() + 30
+    while any("_group_" in k for k in ray.available_resources()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # Ray returns a removed group's resources asynchronously
+    assert not [k for k in ray.available_resources() if "_group_" in k]  # nothing left reserved

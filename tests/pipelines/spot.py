@@ -36,3 +36,22 @@ def runs_per_batch(log_dir: str, rows: int) -> dict[int, int]:
                 b = int(line.split()[1]) // rows
                 counts[b] = counts.get(b, 0) + 1
     return counts
+
+
+def placement(batch: dict) -> dict:
+    """Which placement group the actor runs in, and whether a child task lands in the group's bundle 1."""
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = get_current_placement_group()
+    child = ""
+    if pg is not None:
+        @ray.remote(num_cpus=0.25)
+        def where() -> str:
+            g = get_current_placement_group()
+            return g.id.hex() if g is not None else ""
+
+        child = ray.get(where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=1)).remote())
+    ids = [int(i) for i in batch["id"]]
+    return {"id": ids, "pg": [pg.id.hex() if pg is not None else ""] * len(ids), "child": [child] * len(ids)}
