@@ -154,6 +154,15 @@ def settings_for(ckpt: str, **options: Any):
 # ------------------------------------------------------------------------------------------- failover
 
 
+def finish_exactly_once(handle: Any, probe: Any, args: argparse.Namespace, after: str) -> Any:
+    """Wait for the job; raise unless every batch is committed exactly once (counted from the markers)."""
+    result = handle.wait(timeout=600)
+    committed = list(probe.committed_from(0))
+    if committed != list(range(args.batches)) or result.committed != args.batches:
+        raise RuntimeError(f"not exactly once after {after}: {len(committed)} markers, {result}")
+    return result
+
+
 def _drain(address: str, node_id: str, seconds: float) -> None:
     import ray
     from ray.core.generated import autoscaler_pb2
@@ -216,12 +225,8 @@ def measure_preemption_round(args: argparse.Namespace, root: str, cluster: Any, 
         else:
             raise RuntimeError(f"no hand-over within {args.failover_timeout}s: {r}")
         cluster.remove_node(nodes.pop(victim["node_id"]))
-        result = handle.wait(timeout=600)
-        committed = list(probe.committed_from(0))
-        r["exactly_once"] = committed == list(range(args.batches)) and result.committed == args.batches
-        r["attempts_charged"] = result.retries
-        if not r["exactly_once"]:
-            raise RuntimeError(f"not exactly once after the hand-over: {len(committed)} markers, {result}")
+        result = finish_exactly_once(handle, probe, args, "the hand-over")
+        r["exactly_once"], r["attempts_charged"] = True, result.retries
         return r
     finally:
         if not handle.done():
@@ -334,12 +339,8 @@ def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int
             raise RuntimeError(f"no recovery within {args.failover_timeout}s: {r}")
         if redelivered:
             r["replayed"] = max(0, (redelivered[0] - r["cursor"]) // args.actors)
-        result = handle.wait(timeout=600)
-        committed = list(probe.committed_from(0))
-        r["exactly_once"] = committed == list(range(args.batches)) and result.committed == args.batches
-        r["restarts"] = result.restarts
-        if not r["exactly_once"]:
-            raise RuntimeError(f"not exactly once after failover: {len(committed)} markers, {result}")
+        result = finish_exactly_once(handle, probe, args, "failover")
+        r["exactly_once"], r["restarts"] = True, result.restarts
         return r
     finally:
         if not handle.done():
