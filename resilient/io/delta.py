@@ -75,24 +75,20 @@ class DeltaLog:
         self._versions: dict[tuple[tuple[int, str], ...], int] = {}
 
     def _table(self) -> Any:
-        """The table at its latest version; None if it does not exist yet."""
+        """The table at its latest version; None if it does not exist yet (no retries: callers have them)."""
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
 
-        def load() -> Any:
+        if self._dt is None:
             try:
-                return DeltaTable(self.uri, storage_options=self.options)
+                self._dt = DeltaTable(self.uri, storage_options=self.options)
             except TableNotFoundError:
                 return None
-
-        if self._dt is None:
-            self._dt = self._call(load, path="_delta_log")
         else:
-            self._call(self._dt.update_incremental, path="_delta_log")
+            self._dt.update_incremental()
         return self._dt
 
-    def committed(self) -> dict[int, str]:
-        """Batch id -> data file, for every file the table holds."""
+    def _files_now(self) -> dict[int, str]:
         import pyarrow as pa
 
         dt = self._table()
@@ -107,6 +103,10 @@ class DeltaLog:
             self._files, self._seen = files, dt.version()
         return dict(self._files)
 
+    def committed(self) -> dict[int, str]:
+        """Batch id -> data file, for every file the table holds."""
+        return self._call(self._files_now, path="_delta_log")
+
     def _create(self, first: Any) -> Any:
         """Create the table with the schema of the group's first file (deltalake's own create-if-absent)."""
         import pyarrow.parquet as pq
@@ -118,24 +118,34 @@ class DeltaLog:
         else:
             with fs.open(f"{self.backend.root}/{first.name}", "rb") as f:  # type: ignore[attr-defined]
                 schema = pq.read_schema(f)
-        self._call(lambda: DeltaTable.create(self.uri, schema, mode="ignore", storage_options=self.options),
-                   path="_delta_log")
+        DeltaTable.create(self.uri, schema, mode="ignore", storage_options=self.options)
         self._dt = None
         return self._table()
 
     def commit(self, outputs: list[Any]) -> list[bool]:
         """Commit one group as one transaction (see the module docstring); per output, True if its file is
         in the table by this group's transaction (or an earlier attempt of it)."""
+        key = tuple(sorted((o.batch_id, o.name) for o in outputs))
+        version = self._versions.setdefault(key, len(self._versions) + 1)
+        mine, held = self._call(lambda: self._attempt(outputs, version), path="_delta_log")
+        for o in outputs:
+            if o.name not in mine and o.name not in held:  # another attempt of the batch is in the table
+                try:
+                    self.backend.delete(o.name)
+                except Exception:  # noqa: BLE001 - an orphan, collected later
+                    pass
+        return [o.name in mine for o in outputs]
+
+    def _attempt(self, outputs: list[Any], version: int) -> tuple[set[str], set[str]]:
+        """One try: the names this group's transaction holds, and every name the table holds."""
         from deltalake import CommitProperties, Transaction
         from deltalake.transaction import AddAction
 
-        key = tuple(sorted((o.batch_id, o.name) for o in outputs))
-        version = self._versions.setdefault(key, len(self._versions) + 1)
         dt = self._table() or self._create(outputs[0])
-        if (dt.transaction_version(self.app_id) or 0) >= version:  # an earlier attempt landed
-            held = set(self.committed().values())
-            return [o.name in held for o in outputs]
-        have = self.committed()
+        have = self._files_now()
+        held = set(have.values())
+        if (dt.transaction_version(self.app_id) or 0) >= version:  # an earlier try landed: its answer was lost
+            return {o.name for o in outputs} & held, held
         new = [o for o in outputs if o.batch_id not in have]
         if new:
             now = int(time.time() * 1000)
@@ -143,17 +153,8 @@ class DeltaLog:
                        for o in new]
             props = CommitProperties(app_transactions=[Transaction(self.app_id, version)],
                                      custom_metadata={"resilient.batches": f"{len(new)} from {new[0].batch_id}"})
-            self._call(lambda: dt.create_write_transaction(actions, mode="append", schema=dt.schema(),
-                                                           commit_properties=props), path="_delta_log")
-        mine = {o.name for o in new}
-        held = set(have.values())
-        for o in outputs:
-            if o.name not in mine and o.name not in held:  # another attempt of the batch is in the table: this file never will be
-                try:
-                    self.backend.delete(o.name)
-                except Exception:  # noqa: BLE001 - an orphan, collected later
-                    pass
-        return [o.name in mine for o in outputs]
+            dt.create_write_transaction(actions, mode="append", schema=dt.schema(), commit_properties=props)
+        return {o.name for o in new}, held
 
     def orphans(self) -> list[str]:
         """Data files in the table directory that the table does not hold."""
