@@ -507,3 +507,13 @@ def test_pickle_and_repr_hide_credentials(s3_bucket: Any) -> None:
     copy = pickle.loads(blob)
     assert copy._backend is None and b"S3FileSystem" not in blob  # no live filesystem travels
     assert copy.read(0) == {"a": [1]}
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import resilient.io
+    from resilient.io import _formats, _publish, delta, sinks
+
+    for module in (resilient.io, sinks, delta, _publish, _formats):
+        assert doctest.testmod(module).failed == 0, module.__name__
