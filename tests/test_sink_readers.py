@@ -195,3 +195,47 @@ def test_readers_see_each_row_once_after_chaos(where: tuple[str, Any], fmt: str,
     assert rerun.orphans() == []
     assert_every_reader_sees_each_row_once(url, fmt, bucket)
 
+
+
+# -- a real job: Ray actors through the pipeline decorator, its driver SIGKILLed and run again ----------
+
+
+def run_driver(args: list[str], kill_after: int | None) -> tuple[int, list[str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.procs.sink_driver", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if kill_after is not None and line.startswith("committed") and int(line.split()[1]) >= kill_after:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, lines
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "delta"])
+def test_a_job_whose_driver_was_killed_is_read_once_by_every_reader(tmp_path: Path, ray_session: Any,
+                                                                    fmt: str) -> None:
+    address = ray_session.get_runtime_context().gcs_address
+    url = str(tmp_path / "out")
+    args = [address, f"readers-{fmt}", url, fmt, str(tmp_path / "ckpt"), str(ROWS * BATCHES * 10)]
+    rc, lines = run_driver(args, kill_after=30)
+    assert rc == -signal.SIGKILL, lines
+    rc, lines = run_driver(args, kill_after=None)
+    assert rc == 0, lines
+    done = json.loads(lines[-1].split(" ", 1)[1])
+    assert done["committed"] == ROWS * BATCHES * 10 // 3
+    rows = Counter(range(ROWS * BATCHES * 10))
+    for reader in READERS[fmt]:
+        got = Counter(int(i) for i in reader(url, fmt, None))
+        assert got == rows, (reader.__name__, sorted((got - rows).items())[:5], sorted((rows - got).items())[:5])
+    sink = FileSink(url, format=fmt)
+    assert sink.is_complete() is not None
+    for b, out in sink.read_all():
+        assert [int(i) for i in out["y"]] == [i * i for i in range(3 * b, 3 * b + 3)]
