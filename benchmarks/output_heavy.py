@@ -184,14 +184,17 @@ def s3_requests(args: argparse.Namespace, work: str) -> dict:
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
         endpoint = f"http://127.0.0.1:{port}"
-        args.s3_options = {"endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"},
+        args.s3_options = {"endpoint_url": endpoint, "client_kwargs": {"region_name": "eu-west-1"},
                            "config_kwargs": {"s3": {"addressing_style": "path"}}}
-        for _ in range(200):
+        deadline = time.monotonic() + 60
+        while True:
             try:
                 s3fs.S3FileSystem(**args.s3_options, skip_instance_cache=True).mkdir("heavy")
                 break
             except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.05)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         before = len(open(log_path, "rb").read().splitlines())
         run_resilient(args, work, 99, url="s3://heavy/out", batches=args.s3_batches)
         time.sleep(0.5)  # the server writes its log line after the answer
@@ -230,7 +233,7 @@ def main() -> None:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")  # the benchmark's own moto server takes any key
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     logging.getLogger("resilient").setLevel(logging.WARNING)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
     root = tempfile.mkdtemp(prefix="output-heavy-", dir=args.dir)
     runs: dict[str, list[dict]] = {"plain": [], "resilient": []}
