@@ -106,6 +106,11 @@ class Publisher:
     def is_staged_token(self, token: str) -> bool:
         return isinstance(token, str) and token.startswith(f"{STAGING}/") and "/" not in token[len(STAGING) + 1:]
 
+    def names_from(self, first: str) -> Iterator[str]:
+        """Names in the root directory that sort at or after ``first`` (any order); for a resume, which
+        needs the few names past its watermark, without holding the rest."""
+        return (n for n in self.backend.listdir("") if n >= first)
+
     # -- maintenance
     def leftovers(self) -> list[str]:
         """Staged objects (and unfinished uploads) still here, by name."""
@@ -168,6 +173,10 @@ class LocalPublisher(Publisher):
     def exists(self, rel: str) -> bool:
         return os.path.lexists(self.backend._abs(rel))
 
+    def names_from(self, first: str) -> Iterator[str]:
+        with os.scandir(self.backend._abs("")) as entries:  # one pass, nothing below ``first`` kept
+            yield from (e.name for e in entries if e.name >= first)
+
 
 class S3Publisher(Publisher):
     """Stage as a multipart upload of the final key, publish by completing it (create-only)."""
@@ -229,6 +238,19 @@ class S3Publisher(Publisher):
 
     def is_staged_token(self, token: str) -> bool:
         return isinstance(token, str) and token.startswith(_MPU) and token.count(":") == 2
+
+    def names_from(self, first: str) -> Iterator[str]:
+        bucket, prefix = self._key("")
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        kw: dict[str, Any] = {"StartAfter": prefix + first[:-1]} if first else {}
+        while True:  # S3 lists in key order: a listing from ``first`` skips everything below it
+            page = self.backend.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", **kw)
+            for o in page.get("Contents", []):
+                if o["Key"][len(prefix):] >= first:
+                    yield o["Key"][len(prefix):]
+            if not page.get("IsTruncated"):
+                return
+            kw = {"ContinuationToken": page["NextContinuationToken"]}
 
     def leftovers(self) -> list[str]:
         bucket, prefix = self._key("")

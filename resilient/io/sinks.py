@@ -397,15 +397,18 @@ class FileSink:
         return name if self._call(self._publisher().exists, name, path=name) else None
 
     def committed_from(self, start: int) -> Iterator[int]:
-        """Committed batch ids >= ``start``, ascending (one listing of the root, or the Delta log)."""
+        """Committed batch ids >= ``start``, ascending. Holds only those: locally one pass over the root's
+        entries, on S3 a listing that starts at ``part-<start>`` (key order); for delta, the table's files."""
         start = _check_int("start", start, _MAX_BATCH + 1)
         self._layout(create=False)
-        return iter(sorted(b for b in self._committed() if b >= start))
+        return iter(sorted(self._committed(start)))
 
-    def _committed(self) -> dict[int, str]:
+    def _committed(self, start: int = 0) -> dict[int, str]:
+        """Batch id -> data file of the committed batches >= ``start``."""
         if self.format == "delta":
-            return self._delta().committed()
-        names = self._call(self._store().listdir, "", path="")
+            return {b: n for b, n in self._delta().committed().items() if b >= start}
+        first = f"part-{start:012d}"
+        names = self._call(lambda: list(self._publisher().names_from(first)), path="")
         out = {}
         for n in names:
             m = _FILE.fullmatch(n)
@@ -461,8 +464,8 @@ class FileSink:
         """``(batch_id, output)`` of every committed batch >= ``start``, in batch-id order."""
         start = _check_int("start", start, _MAX_BATCH + 1)
         self._layout(create=False)
-        committed = self._committed()
-        for b in sorted(b for b in committed if b >= start):
+        committed = self._committed(start)
+        for b in sorted(committed):
             yield b, self._read_file(b, committed[b])
 
     def mark_complete(self, summary: dict[str, Any], *, replace: bool = False) -> None:
