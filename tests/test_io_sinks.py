@@ -296,11 +296,14 @@ def test_layout_mismatch_and_layout_1_are_refused(tmp_path: Any) -> None:
 def test_bogus_staged_output_is_refused(tmp_path: Any) -> None:
     sink = FileSink(str(tmp_path))
     good = sink.stage(1, {"a": [1]}, epoch=3)
+    other = sink.stage(2, {"a": [2]}, epoch=3)
     for bad in (
         StagedOutput(2, 3, good.name, good.staged, good.length, good.xxh3, 1),  # names another batch's file
         StagedOutput(1, 3, good.name, "../../etc/passwd", 1, "0", 1),
         StagedOutput(1, 3, "part-000000000001.parquet", good.staged, 1, "0", 1),
         StagedOutput(1, 3, good.name, "_staging/../x", 1, "0", 1),
+        StagedOutput(1, 4, good.name, good.staged, good.length, good.xxh3, 1),  # another epoch's staged file
+        StagedOutput(1, 3, good.name, other.staged, other.length, other.xxh3, 1),  # batch 2's staged file
     ):
         with pytest.raises(ConfigError):
             sink.commit(bad)
@@ -386,6 +389,29 @@ def test_a_copy_of_a_local_sink_reads_the_same(tmp_path: Any) -> None:
     assert copy.is_complete() is not None
     assert [b for b, _ in copy.read_all()] == list(range(5))
     np.testing.assert_array_equal(copy.read(4)["emb"], sink.read(4)["emb"])
+
+
+def test_s3_publish_answered_412_after_its_own_completion_is_its_own(s3_bucket: Any, monkeypatch: Any) -> None:
+    """S3 (unlike moto) may answer a retried CompleteMultipartUpload of an upload it completed with 412 or
+    NoSuchUpload: the object's ETag (MD5 of the part's MD5, "-1") tells it is ours."""
+    sink = FileSink(f"{s3_bucket.url}/out", format="jsonl", storage_options=s3_bucket.storage_options, retry=FAST)
+    a = sink.encode(0, {"v": [1]}, epoch=0)
+    b = sink.encode(0, {"v": [2]}, epoch=1)
+    assert sink.commit(a)
+    pub, fs = sink._publisher(), sink._store().fs
+    real = fs.call_s3
+
+    class PreconditionFailed(Exception):
+        response = {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}
+
+    def answer_412(method: str, *args: Any, **kw: Any) -> Any:
+        if method == "complete_multipart_upload":
+            raise OSError("precondition failed") from PreconditionFailed()
+        return real(method, *args, **kw)
+
+    monkeypatch.setattr(fs, "call_s3", answer_412)
+    assert pub.publish(a.name, a.staged) is True
+    assert pub.publish(b.name, b.staged) is False
 
 
 def test_s3_staging_is_an_unfinished_upload_until_the_commit(s3_bucket: Any) -> None:

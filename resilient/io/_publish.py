@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -103,8 +104,10 @@ class Publisher:
         """Remove the staged ``token`` of ``final`` (after its publish, or when it lost to another)."""
         self.backend.delete(token)
 
-    def is_staged_token(self, token: str) -> bool:
-        return isinstance(token, str) and token.startswith(f"{STAGING}/") and "/" not in token[len(STAGING) + 1:]
+    def is_staged_token(self, token: str, batch_id: int, epoch: int, ext: str) -> bool:
+        """Whether ``token`` is what `stage` gives for this batch, epoch and extension."""
+        pattern = rf"{STAGING}/{batch_id:012d}-e{epoch}-[0-9a-f]{{8}}\.{re.escape(ext)}\.staged"
+        return isinstance(token, str) and re.fullmatch(pattern, token) is not None
 
     def names_from(self, first: str) -> Iterator[str]:
         """Names in the root directory that sort at or after ``first`` (any order); for a resume, which
@@ -236,8 +239,8 @@ class S3Publisher(Publisher):
             bucket, key = self._key(final)
             self._abort(bucket, key, token[len(_MPU):].rsplit(":", 1)[0])
 
-    def is_staged_token(self, token: str) -> bool:
-        return isinstance(token, str) and token.startswith(_MPU) and token.count(":") == 2
+    def is_staged_token(self, token: str, batch_id: int, epoch: int, ext: str) -> bool:
+        return isinstance(token, str) and re.fullmatch(r"mpu:[^:/?&]+:[0-9a-f]{32}", token) is not None
 
     def names_from(self, first: str) -> Iterator[str]:
         bucket, prefix = self._key("")

@@ -329,7 +329,8 @@ class FileSink:
                 m = _DELTA_FILE.fullmatch(o.name) if isinstance(o.name, str) else None
                 ok = m is not None and int(m[1]) == o.batch_id and int(m[2]) == o.epoch and o.staged == o.name
             else:
-                ok = o.name == file_name(o.batch_id, self.format) and pub.is_staged_token(o.staged)  # type: ignore
+                ok = o.name == file_name(o.batch_id, self.format) and pub.is_staged_token(  # type: ignore[union-attr]
+                    o.staged, o.batch_id, o.epoch, EXTENSIONS[self.format])
             if not ok:
                 raise ConfigError("outputs", redact_url(str(o.name)),
                                   f"a name staged by this sink for batch {o.batch_id}, epoch {o.epoch}")
