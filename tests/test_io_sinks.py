@@ -555,3 +555,10 @@ def test_docstring_examples_run() -> None:
 
     for module in (resilient.io, sinks, delta, _publish, _formats):
         assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def test_a_sink_that_does_not_exist_yet_has_nothing_committed(make_sink: Any) -> None:
+    for fmt in ("parquet", "delta"):
+        sink = make_sink(fmt)
+        assert list(sink.committed_from(0)) == [] and not sink.is_committed(0) and list(sink.read_all()) == []
+        assert sink.orphans() == [] and sink.is_complete() is None

@@ -177,7 +177,11 @@ class LocalPublisher(Publisher):
         return os.path.lexists(self.backend._abs(rel))
 
     def names_from(self, first: str) -> Iterator[str]:
-        with os.scandir(self.backend._abs("")) as entries:  # one pass, nothing below ``first`` kept
+        try:
+            entries = os.scandir(self.backend._abs(""))
+        except FileNotFoundError:  # nothing committed yet
+            return
+        with entries:  # one pass, nothing below ``first`` kept
             yield from (e.name for e in entries if e.name >= first)
 
 
