@@ -20,7 +20,6 @@ from resilient.errors import (
     ConfigError,
     CorruptionError,
     FencedError,
-    PermanentStorageError,
     UnsupportedTypeError,
 )
 from resilient.io import FileSink, NotCommittedError, StagedOutput

@@ -32,7 +32,8 @@ def _pyarrow_fs(bucket: Any) -> Any:
     import pyarrow.fs
 
     o = bucket.storage_options
-    return pyarrow.fs.S3FileSystem(access_key=o["key"], secret_key=o["secret"], region=o["client_kwargs"]["region_name"],
+    return pyarrow.fs.S3FileSystem(access_key=o["key"], secret_key=o["secret"],
+                                   region=o["client_kwargs"]["region_name"],
                                    endpoint_override=o["endpoint_url"].split("://")[1], scheme="http")
 
 
