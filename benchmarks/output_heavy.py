@@ -7,7 +7,8 @@ id (incompressible, 1 MiB per batch at the defaults 256 x 1024), its id, and ``t
 at which the actor finished computing the batch. Every system computes exactly the same thing.
 
 Systems, in one process on one ``ray.init(num_cpus=2)``, interleaved over ``--repeat`` rounds (the order
-reversed every other round), with the page cache written out (``os.sync``) between two systems:
+reversed every other round: keep ``--repeat`` even, as the system that runs second in a round is often
+the slower here), with the page cache written out (``os.sync``) between two systems:
 
   plain      N plain Ray actors (``num_cpus=0.25``, resilient's default ``actor_cpus``), each batch sent
              round-robin with at most 2 calls in flight per actor. Each actor writes its batch's Parquet
@@ -33,7 +34,7 @@ Figures:
 The last line is one JSON object with these figures and the raw ones.
 
 Usage:
-    python benchmarks/output_heavy.py [--batches 200] [--rows 256] [--dim 1024] [--actors 2] [--repeat 3]
+    python benchmarks/output_heavy.py [--batches 300] [--rows 256] [--dim 1024] [--actors 2] [--repeat 4]
 """
 
 from __future__ import annotations
@@ -220,11 +221,11 @@ def settle() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--batches", type=int, default=300)
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--actors", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=4)
     p.add_argument("--s3-batches", type=int, default=40)
     p.add_argument("--dir", default=None, help="parent of the temporary work directory")
     args = p.parse_args()
