@@ -33,12 +33,10 @@
    1M-batch job and dying before its last progress save: the job record (written by the supervisor's own
    ``_open_job``), a progress record with the watermark ``--resume-lag`` batches behind (written by the
    driver's own ``_progress_record``), the sink's layout record and one real committed output (through
-   ``FileSink.commit_group``), and the commit markers ``commit/<b // 10000:06d>/<b:012d>`` (pointers to
-   groups of 256, as the runtime writes them). By default
-   only the markers resume can read are written: every marker of the shards from the watermark's shard up
-   (10,000+); the 99 lower shards are empty directories, since resume lists ``commit/`` and then only the
-   shards at or above the watermark's (``--resume-all-markers`` writes all 1M, slow). Markers point to
-   groups whose parts and indexes are not written (resume lists markers, never reads them). Then a fresh subprocess imports `resilient`
+   ``FileSink.commit_group``), and the committed data files ``part-<b:012d>.parquet`` (hard links to the
+   real one: resume lists names, never reads them). By default only the files past the watermark are
+   written (``--resume-all-markers`` writes all 1M, slow; locally resume passes over every name of the
+   root once, holding only those past the watermark). Then a fresh subprocess imports `resilient`
    (which loads torch), records its peak RSS, and times ``Supervisor._open_job()`` and
    ``Supervisor._resume()``; ``resume_1m_rss_mb`` is its peak RSS after resuming minus its peak RSS right
    after the imports, ``resume_1m_rss_abs_mb`` the absolute peak. With ``--resume-full-run`` it then also
@@ -424,7 +422,6 @@ def resume_parts(job_dir: str, total: int, args: argparse.Namespace):
 
 
 def build_resume_dir(job_dir: str, total: int, args: argparse.Namespace) -> dict:
-    from resilient.io import SHARD_WIDTH
     from resilient.runtime import records
     from resilient.runtime.ledger import Ledger
     from resilient.runtime.supervisor import Supervisor
@@ -438,23 +435,14 @@ def build_resume_dir(job_dir: str, total: int, args: argparse.Namespace) -> dict
         sink = spec.sink
         last = total - 1  # one real output through the sink's own group commit (also writes _sink.json)
         sink.commit_group([sink.encode(last, {"id": np.arange(3, dtype=np.int64)}, epoch=1)])
-        first = 0 if args.resume_all_markers else (watermark // SHARD_WIDTH) * SHARD_WIDTH
-        commit_dir = os.path.join(sink.url, "commit")
-        for shard in range(total // SHARD_WIDTH + 1):
-            os.makedirs(os.path.join(commit_dir, f"{shard:06d}"), exist_ok=True)
+        first = 0 if args.resume_all_markers else watermark
+        real = os.path.join(sink.url, f"part-{last:012d}.parquet")
         written = 0
         for b in range(first, last):
-            path = os.path.join(commit_dir, f"{b // SHARD_WIDTH:06d}", f"{b:012d}")
-            # markers as the runtime writes them: hard links to one file per group of 256 holding the
-            # group's id (resume lists them, never reads them)
-            if b == first or b % 256 == 0:
-                group = os.path.join(commit_dir, f".group-{b}")
-                with open(group, "w") as f:
-                    f.write(f"{b - b % 256:012d}-00000000")
-            os.link(group, path)
+            # committed outputs as the runtime leaves them: one published file per batch (here hard links
+            # to the real one: resume lists names, never reads them)
+            os.link(real, os.path.join(sink.url, f"part-{b:012d}.parquet"))
             written += 1
-            if b == last - 1 or b % 256 == 255:
-                os.unlink(group)
         # the last progress record the runtime saved before it died: the watermark lags the markers
         ledger = Ledger(total, max(64, 4 * spec.slots * spec.settings.queue_depth), watermark=watermark)
         fields = {**ledger.snapshot(), "dead": [], "restarts": 0, "retries": 0, "actors": [], "state": "running",
@@ -653,7 +641,7 @@ def main() -> None:
                 "resume_1m_watermark": r["watermark"],
                 "resume_1m_markers_written": r["markers_written"],
                 "resume_1m_markers_note": "all markers written" if args.resume_all_markers else
-                "only the markers resume reads (shards from the watermark's up); lower shards are empty dirs",
+                "only the committed files past the watermark (those resume keeps)",
             })
             if "full_run_s" in r:
                 report["resume_1m_full_run_s"] = round(r["full_run_s"], 3)

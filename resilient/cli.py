@@ -535,8 +535,9 @@ def _gc(ctx: _Context) -> int:
     delete = bool(ctx.args.delete)
     sink = None
     if ctx.args.sink:
-        sink = FileSink(ctx.args.sink, storage_options=ctx.settings().storage_options_for(ctx.args.sink))
-        summary = _sink_read(sink, "its _SUCCESS marker", sink.is_complete)
+        sink = _sink_read(ctx.args.sink, "its _sink.json", lambda: FileSink.open(
+            ctx.args.sink, storage_options=ctx.settings().storage_options_for(ctx.args.sink)))
+        summary = _sink_read(sink.url, "its _SUCCESS marker", sink.is_complete)
         if summary is None:
             raise _Exit(EXIT_PROBLEMS, f"sink {redact_url(sink.url)} is not complete (no _SUCCESS marker): its job "
                                        "may still be staging outputs, so nothing is collected; run gc --sink once "
@@ -549,7 +550,7 @@ def _gc(ctx: _Context) -> int:
     removed = store.gc(key, dry_run=not delete, grace_s=ctx.args.grace_seconds)
     sink_orphans: list[str] = []
     if sink is not None:
-        names = _sink_read(sink, "a commit marker or group index", sink.orphans)
+        names = _sink_read(sink.url, "its staging area or table log", sink.orphans)
         if delete and names:
             sink.delete(names)
         sink_orphans = [f"{redact_url(sink.url)}/{n}" for n in names]
@@ -569,14 +570,14 @@ def _gc(ctx: _Context) -> int:
     return EXIT_OK
 
 
-def _sink_read(sink: Any, what: str, read: Callable[[], T]) -> T:
+def _sink_read(url: str, what: str, read: Callable[[], T]) -> T:
     """``read()``; a sink file that does not parse stops the command with one line naming it."""
     try:
         return read()
     except (ResilientError, OSError):
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, shapes, text encodings
-        raise _Exit(EXIT_PROBLEMS, f"sink {redact_url(sink.url)}: {what}: malformed, not what resilient writes "
+        raise _Exit(EXIT_PROBLEMS, f"sink {redact_url(url)}: {what}: malformed, not what resilient writes "
                                    f"({type(e).__name__}: {redact_url(str(e))}); nothing collected") from None
 
 

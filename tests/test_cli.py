@@ -517,25 +517,25 @@ def test_gc_dry_run_lists_then_delete_removes(tmp_dirs):
 def test_gc_sink_refused_until_complete_then_collects_staged_orphans(tmp_dirs, tmp_path):
     dirs = tmp_dirs(2)
     sink_url = str(tmp_path / "out")
-    sink = FileSink(sink_url)
+    sink = FileSink(sink_url, format="parquet")  # gc reads the format from the sink's _sink.json
     kept = sink.stage(0, {"id": [0]}, epoch=1)
     assert sink.commit(kept)
     orphan = sink.stage(1, {"id": [1]}, epoch=1)  # staged, never committed
     env = storage_env(dirs)
     code, out, err = run_cli("gc", "--sink", sink_url, "--delete", env=env)
     assert code == 1 and out == "" and "is not complete" in err
-    assert (Path(sink_url) / orphan.name).exists()
+    assert (Path(sink_url) / orphan.staged).exists()
     sink.mark_complete({"total": 2})
     code, out, err = run_cli("gc", "--sink", sink_url, env=env)
     assert code == 0, err
-    assert f"would remove {sink_url}/{orphan.name}" in out.splitlines()
-    assert (Path(sink_url) / orphan.name).exists()
+    assert f"would remove {sink_url}/{orphan.staged}" in out.splitlines()
+    assert (Path(sink_url) / orphan.staged).exists()
     code, out, _ = run_cli("gc", "--sink", sink_url, "--delete", "--json", env=env)
     assert code == 0
     report = json.loads(out)
-    assert report == {"deleted": True, "storage": [], "sink": [f"{sink_url}/{orphan.name}"]}
-    assert not (Path(sink_url) / orphan.name).exists() and (Path(sink_url) / kept.name).exists()
-    assert sink.read(0) == {"id": [0]}
+    assert report == {"deleted": True, "storage": [], "sink": [f"{sink_url}/{orphan.staged}"]}
+    assert not (Path(sink_url) / orphan.staged).exists() and (Path(sink_url) / kept.name).exists()
+    assert sink.read(0)["id"].tolist() == [0]
 
 
 # ------------------------------------------------------------------------------------------ S3

@@ -1,13 +1,12 @@
-"""FileSink contract, run against a local directory and a real S3 server (moto on 127.0.0.1):
-stage is invisible, commit is create-only and at most once, reads verify, resume scans are bounded."""
+"""FileSink contract, run against a local directory and a real S3 server (moto on 127.0.0.1): staged
+outputs are invisible, a commit publishes create-only and at most once per batch, reads verify, and what
+reaches the driver per batch is a few hundred bytes whatever the output's size."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pickle
-import random
 import threading
 from collections import Counter
 from typing import Any
@@ -21,7 +20,6 @@ from resilient.errors import (
     ConfigError,
     CorruptionError,
     FencedError,
-    PermanentStorageError,
     UnsupportedTypeError,
 )
 from resilient.io import FileSink, NotCommittedError, StagedOutput
@@ -42,6 +40,8 @@ def make_sink(request: pytest.FixtureRequest, tmp_path: Any):
     def make(fmt: str = "jsonl", **kw: Any) -> FileSink:
         kw.setdefault("retry", FAST)
         return FileSink(url, format=fmt, storage_options=options, **kw)
+
+    make.url = url  # type: ignore[attr-defined]
 
     make.kind = request.param  # type: ignore[attr-defined]
     return make
@@ -72,13 +72,17 @@ def assert_output(fmt: str, got: Any, b: int) -> None:
         assert got["step"] == b and got["meta"] == [b, "x", None]
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "tensors"])
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "tensors", "delta"])
 def test_stage_commit_read_round_trip(make_sink: Any, fmt: str) -> None:
     sink = make_sink(fmt)
-    staged = sink.stage(3, output_for(fmt, 3), epoch=2)
+    staged = sink.stage(3, output_for("parquet" if fmt == "delta" else fmt, 3), epoch=2)
     assert isinstance(staged, StagedOutput) and staged.batch_id == 3 and staged.epoch == 2
     assert staged.rows == (None if fmt == "tensors" else 3)
-    assert staged.name.startswith("data/000000/000000000003-e2-") and staged.name.endswith(f".{fmt}")
+    if fmt == "delta":
+        assert staged.name.startswith("part-000000000003-e2-") and staged.name.endswith(".parquet")
+    else:
+        assert staged.name == f"part-000000000003.{fmt}"
     # staged is invisible
     assert not sink.is_committed(3) and list(sink.committed_from(0)) == []
     with pytest.raises(NotCommittedError) as err:
@@ -86,26 +90,42 @@ def test_stage_commit_read_round_trip(make_sink: Any, fmt: str) -> None:
     assert isinstance(err.value, LookupError) and err.value.batch_id == 3
     assert sink.commit(staged) is True
     assert sink.is_committed(3)
-    assert_output(fmt, sink.read(3), 3)
+    got = sink.read(3)
+    if fmt == "delta":  # N-D columns are lists in Delta tables
+        assert got["id"].tolist() == [3, 4, 5] and [list(r) for r in got["emb"]] == [[3, 4], [5, 6], [7, 8]]
+    else:
+        assert_output(fmt, got, 3)
     # another process (a fresh, unpickled sink) sees the same
     other = pickle.loads(pickle.dumps(sink))
     assert [b for b, _ in other.read_all()] == [3]
-    assert_output(fmt, other.read(3), 3)
 
 
-def test_commit_is_at_most_once(make_sink: Any) -> None:
-    sink = make_sink()
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
+def test_what_reaches_the_driver_is_small_whatever_the_output(make_sink: Any, fmt: str) -> None:
+    """A 1 MiB output (256 rows x 1024 float32) is written by the worker: its record pickles in < 400 bytes."""
+    sink = make_sink(fmt)
+    emb = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
+    staged = sink.encode(0, {"emb": emb}, epoch=7)
+    assert staged.length > 1 << 20
+    assert len(pickle.dumps(staged)) < 400
+    assert sink.commit_group([pickle.loads(pickle.dumps(staged))]) == [True]
+    got = sink.read(0)["emb"]
+    np.testing.assert_array_equal(np.stack(got) if fmt == "delta" else got, emb)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "delta"])
+def test_commit_is_at_most_once(make_sink: Any, fmt: str) -> None:
+    sink = make_sink(fmt)
     first = sink.stage(5, {"v": [1]}, epoch=0)
     assert sink.commit(first) is True
-    marker = sink._store().read("commit/000000/000000000005")
-    assert sink.commit(first) is False  # a second call did not commit
+    name = sink._committed()[5]
+    before = bytes(sink._store().read(name))
     zombie = sink.stage(5, {"v": [666]}, epoch=0)
     newer = sink.stage(5, {"v": [2]}, epoch=1)
     assert sink.commit(zombie) is False and sink.commit(newer) is False
-    assert bytes(sink._store().read("commit/000000/000000000005")) == bytes(marker)  # never overwritten
-    assert sink.read(5) == {"v": [1]}
-    assert json.loads(marker) == {"batch_id": 5, "name": first.name, "length": first.length, "xxh3": first.xxh3,
-                                  "epoch": 0, "rows": 1}
+    assert sink._committed() == {5: name} and bytes(sink._store().read(name)) == before  # never overwritten
+    assert [v.tolist() if hasattr(v, "tolist") else v for v in sink.read(5).values()] == [[1]]
+    assert sink.orphans() == []  # the losers' staged bytes are discarded
 
 
 def test_concurrent_commits_of_one_batch_exactly_one_wins(make_sink: Any) -> None:
@@ -124,106 +144,290 @@ def test_concurrent_commits_of_one_batch_exactly_one_wins(make_sink: Any) -> Non
     for t in threads:
         t.join()
     assert Counter(results) == Counter({True: 1, False: 5})
-    assert sink.read(9)["who"][0] in range(6)
+    assert sink.read(9)["who"][0] in range(6) and sink.orphans() == []
 
 
-class LandsThenFails:
-    """A backend whose first ``create_exclusive`` lands and then reports a dropped connection (the
-    answer was lost), or, with ``lands=False``, fails before creating anything."""
+class PublishLandsThenFails:
+    """Wraps a sink's publisher: the first publish lands, then reports a dropped connection (its answer
+    was lost); or, with ``lands=False``, fails before publishing anything."""
 
-    def __init__(self, backend: Any, *, lands: bool) -> None:
-        self.backend = backend
+    def __init__(self, sink: FileSink, *, lands: bool) -> None:
+        self.real = sink._publisher()
         self.lands = lands
-        self.creates = 0
+        self.calls = 0
+        sink._publisher = lambda: self  # type: ignore[method-assign]
 
-    def create_exclusive(self, rel: str, data: bytes) -> None:
-        self.creates += 1
-        if self.creates == 1:
+    def publish(self, final: str, token: str) -> bool:
+        self.calls += 1
+        if self.calls == 1:
             if self.lands:
-                self.backend.create_exclusive(rel, data)
-            raise ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
-        self.backend.create_exclusive(rel, data)
+                assert self.real.publish(final, token)
+            raise ConnectionResetError(104, "connection reset by peer")
+        return self.real.publish(final, token)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.backend, name)
+        return getattr(self.real, name)
 
 
 @pytest.mark.parametrize("lands", [True, False])
-def test_retried_commit_whose_first_attempt_landed(make_sink: Any, lands: bool) -> None:
-    sink = make_sink()
-    sink.commit(sink.stage(0, {"v": [0]}, epoch=0))  # the layout record exists: only markers go through the fake
+def test_retried_publish_whose_first_attempt_landed_is_its_own(make_sink: Any, lands: bool) -> None:
+    sink = make_sink("parquet")
     staged = sink.stage(1, {"v": [1]}, epoch=0)
-    flaky = LandsThenFails(sink._store(), lands=lands)
-    sink._backend = flaky
+    flaky = PublishLandsThenFails(sink, lands=lands)
     assert sink.commit(staged) is True
-    assert flaky.creates == 2
-    assert sink.read(1) == {"v": [1]}
-    assert sink.commit(staged) is False
+    assert flaky.calls == 2
+    assert sink.read(1)["v"].tolist() == [1]
+    other = sink.stage(1, {"v": [2]}, epoch=1)
+    assert sink.commit(other) is False
 
 
-def test_committed_from_spans_shards_ascending_and_bounded(make_sink: Any) -> None:
-    width = 8
-    sink = make_sink(shard_width=width)
-    rng = random.Random(7)
-    ids = sorted(rng.sample(range(400), 60 if make_sink.kind == "s3" else 150))
-    for b in rng.sample(ids, len(ids)):  # commit order does not matter
-        assert sink.commit(sink.stage(b, {"b": [b]}, epoch=0))
-    assert len({b // width for b in ids}) > 10
-    for start in (0, 1, ids[5], ids[5] + 1, 199, 398, 400, 10_000):
-        assert list(sink.committed_from(start)) == [b for b in ids if b >= start]
+def test_delta_retried_transaction_is_not_applied_twice(make_sink: Any) -> None:
+    """The group's transaction landed but its answer was lost: the retry finds its (app id, version) in the
+    log and commits nothing; a resumed run (another app id) leaves out the batches the table holds."""
+    from deltalake import DeltaTable
 
-    counting = CountingListdir(sink._store())
-    sink._backend = counting
-    start = 200
-    it = sink.committed_from(start)
-    first = next(it)
-    assert first == min(b for b in ids if b >= start)
-    # the top listing plus one shard, the watermark's: nothing below it, nothing ahead of need
-    assert counting.calls == ["commit", f"commit/{first // width:06d}"]
-    rest = list(it)
-    shards = [int(c.rsplit("/", 1)[1]) for c in counting.calls[1:]]
-    assert shards == sorted(shards) and min(shards) >= start // width
-    assert counting.largest <= width  # one shard's listing at a time
-    assert [first, *rest] == [b for b in ids if b >= start]
-    assert [b for b, _ in sink.read_all(start)] == [b for b in ids if b >= start]
+    sink = make_sink("delta")
+    group = [sink.encode(b, {"v": [b]}, epoch=0) for b in range(4)]
+    real = DeltaTable.create_write_transaction
+    calls = []
 
+    def lands_then_fails(self: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(kwargs["commit_properties"].app_transactions[0].version)
+        real(self, *args, **kwargs)
+        if len(calls) == 1:
+            raise ConnectionResetError(104, "connection reset by peer")
 
-class CountingListdir:
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-        self.calls: list[str] = []
-        self.largest = 0
-
-    def listdir(self, rel: str) -> list[str]:
-        self.calls.append(rel)
-        names = self.backend.listdir(rel)
-        if rel != "commit":
-            self.largest = max(self.largest, len(names))
-        return names
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.backend, name)
+    DeltaTable.create_write_transaction = lands_then_fails  # type: ignore[method-assign]
+    try:
+        assert sink.commit_group(group) == [True] * 4  # retried inside: the retry finds the transaction
+        assert calls == [1]
+        calls.clear()
+        assert sink.commit_group(group) == [True] * 4  # retried by the driver (the same group)
+    finally:
+        DeltaTable.create_write_transaction = real  # type: ignore[method-assign]
+    assert calls == []  # both retries found version 1 of this committer in the log
+    log = sink._delta()
+    table = DeltaTable(log.uri, storage_options=log.options or None)
+    assert table.version() == 1 and table.transaction_version(log.app_id) == 1
+    resumed = make_sink("delta")
+    again = [resumed.encode(b, {"v": [-b]}, epoch=1) for b in range(2, 6)]
+    assert resumed.commit_group(again) == [False, False, True, True]
+    assert [int(out["v"][0]) for _, out in resumed.read_all()] == [0, 1, 2, 3, -4, -5]
+    assert resumed.orphans() == []
+    assert DeltaTable(log.uri, storage_options=log.options or None).to_pyarrow_table().num_rows == 6
 
 
-def test_orphans_and_delete(make_sink: Any) -> None:
-    sink = make_sink(shard_width=4)
-    attempts = [sink.stage(1, {"v": [i]}, epoch=i) for i in range(3)]  # retried batch: three attempts
+def test_committed_from_is_ascending_from_start(make_sink: Any, monkeypatch: Any) -> None:
+    sink = make_sink()
+    ids = [40, 3, 17, 0, 99, 18]
+    assert sink.commit_group([sink.encode(b, {"b": [b]}, epoch=0) for b in ids]) == [True] * len(ids)
+    for start in (0, 1, 17, 18, 19, 99, 100):
+        assert list(sink.committed_from(start)) == sorted(b for b in ids if b >= start)
+    assert [b for b, _ in sink.read_all(18)] == [18, 40, 99]
+    if make_sink.kind == "s3":  # the listing starts at the first name it needs (S3 lists in key order)
+        calls = []
+        fs = sink._store().fs
+        real = fs.call_s3
+
+        def counting(method: str, *args: Any, **kw: Any) -> Any:
+            calls.append((method, kw.get("StartAfter")))
+            return real(method, *args, **kw)
+
+        monkeypatch.setattr(fs, "call_s3", counting)
+        assert list(sink.committed_from(40)) == [40, 99]
+        assert calls == [("list_objects_v2", f"{make_sink.url.split('/', 3)[3]}/part-00000000004")]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
+def test_orphans_and_delete(make_sink: Any, fmt: str) -> None:
+    sink = make_sink(fmt)
+    attempts = [sink.stage(1, {"v": [i]}, epoch=i) for i in range(3)]  # a retried batch: three attempts
     assert sink.commit(attempts[1])
     lone = sink.stage(2, {"v": [2]}, epoch=0)
     assert sink.commit(lone)
-    uncommitted = sink.stage(6, {"v": [6]}, epoch=0)  # another shard, never committed
+    uncommitted = sink.stage(6, {"v": [6]}, epoch=0)  # staged, never committed (a fenced epoch's output)
     orphans = sink.orphans()
-    assert sorted(orphans) == sorted([attempts[0].name, attempts[2].name, uncommitted.name])
-    with pytest.raises(ConfigError, match="committed output"):
-        sink.delete([attempts[1].name])
+    assert len(orphans) == 3  # the two attempts that were never offered to a commit, and batch 6's
+    with pytest.raises(ConfigError, match="orphans"):
+        sink.delete([sink._committed()[1]])
     with pytest.raises(ConfigError):
-        sink.delete(["commit/000000/000000000001"])
-    with pytest.raises(ConfigError):
-        sink.delete(["data/000000/../../escape"])
+        sink.delete(["_staging/../../escape"])
     sink.delete(orphans)
     assert sink.orphans() == []
-    assert sink.read(1) == {"v": [1]} and sink.read(2) == {"v": [2]}
+    assert [int(sink.read(b)["v"][0]) for b in (1, 2)] == [1, 2]
     assert list(sink.committed_from(0)) == [1, 2]
+    assert not sink.is_committed(6) and uncommitted.batch_id == 6
+
+
+def test_corruption_is_detected(tmp_path: Any) -> None:
+    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST)
+    staged = sink.stage(4, {"v": [1, 2, 3]}, epoch=0)
+    sink.commit(staged)
+    path = tmp_path / staged.name
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"2", b"7"))  # same length, other bytes
+    with pytest.raises(CorruptionError, match="xxh3"):
+        FileSink(str(tmp_path), format="jsonl").read(4)
+    path.write_bytes(data[:-2])
+    with pytest.raises(CorruptionError, match="length"):
+        FileSink(str(tmp_path), format="jsonl").read(4)
+    (record,) = (tmp_path / "_commit").iterdir()
+    record.write_text("{not json")
+    with pytest.raises(CorruptionError, match="group record"):
+        FileSink(str(tmp_path), format="jsonl").read(4)
+
+
+def test_layout_mismatch_and_layout_1_are_refused(tmp_path: Any) -> None:
+    sink = FileSink(str(tmp_path / "a"))
+    sink.commit(sink.stage(1, {"a": [1]}, epoch=0))
+    with pytest.raises(ConfigError, match="format"):
+        FileSink(str(tmp_path / "a"), format="parquet").is_committed(1)
+    assert FileSink.open(str(tmp_path / "a")).format == "jsonl"
+    old = tmp_path / "old"  # what resilient 0.1.0 wrote
+    (old / "commit" / "000000").mkdir(parents=True)
+    (old / "_sink.json").write_text(json.dumps({"format": "parquet", "shard_width": 10000, "version": 1}))
+    for call in (lambda s: list(s.read_all()), lambda s: s.commit(s.stage(0, {"a": [1]}, epoch=0))):
+        with pytest.raises(ConfigError, match="layout 1") as err:
+            call(FileSink(str(old), format="parquet"))
+        assert "resilient 0.1.0" in str(err.value) and "new URL" in str(err.value)
+
+
+def test_bogus_staged_output_is_refused(tmp_path: Any) -> None:
+    sink = FileSink(str(tmp_path))
+    good = sink.stage(1, {"a": [1]}, epoch=3)
+    other = sink.stage(2, {"a": [2]}, epoch=3)
+    for bad in (
+        StagedOutput(2, 3, good.name, good.staged, good.length, good.xxh3, 1),  # names another batch's file
+        StagedOutput(1, 3, good.name, "../../etc/passwd", 1, "0", 1),
+        StagedOutput(1, 3, "part-000000000001.parquet", good.staged, 1, "0", 1),
+        StagedOutput(1, 3, good.name, "_staging/../x", 1, "0", 1),
+        StagedOutput(1, 4, good.name, good.staged, good.length, good.xxh3, 1),  # another epoch's staged file
+        StagedOutput(1, 3, good.name, other.staged, other.length, other.xxh3, 1),  # batch 2's staged file
+    ):
+        with pytest.raises(ConfigError):
+            sink.commit(bad)
+    assert not sink.is_committed(1) and not sink.is_committed(2)
+    with pytest.raises(ConfigError, match="at most once"):
+        sink.commit_group([good, good])
+    assert sink.commit_group([]) == []
+
+
+def test_local_staging_is_invisible_and_publishing_leaves_one_plain_file(tmp_path: Any) -> None:
+    sink = FileSink(str(tmp_path), format="tensors")
+    staged = sink.stage(0, {"w": torch.arange(10_000.0)}, epoch=0)
+    files = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert files == [staged.staged] and staged.staged.startswith("_staging/") and staged.staged.endswith(".staged")
+    assert os.path.getsize(tmp_path / staged.staged) == staged.length
+    assert sink.commit(staged)
+    files = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs)
+    assert [f for f in files if not f.startswith("_")] == [staged.name]
+    assert os.stat(tmp_path / staged.name).st_nlink == 1  # the staged name is gone: a copy keeps it whole
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "tensors"])
+def test_group_commit_round_trip(make_sink: Any, fmt: str) -> None:
+    sink = make_sink(fmt)
+    ids = [9, 2, 3, 7, 4]  # out of order
+    staged = [pickle.loads(pickle.dumps(sink.encode(b, output_for(fmt, b), epoch=1))) for b in ids]
+    assert sink.commit_group(staged) == [True] * 5
+    assert list(sink.committed_from(0)) == sorted(ids)
+    reader = make_sink(fmt)  # another process's view
+    for b in ids:
+        assert_output(fmt, reader.read(b), b)
+    assert [b for b, _ in reader.read_all(4)] == [4, 7, 9]
+    if fmt == "jsonl":  # each file is plain jsonl
+        lines = reader._store().read("part-000000000009.jsonl").decode().splitlines()
+        assert [json.loads(line)["id"] for line in lines] == [9, 10, 11]
+
+
+def test_group_commit_is_at_most_once_per_batch(make_sink: Any) -> None:
+    sink = make_sink()
+    first = [sink.encode(b, {"v": [b, 0]}, epoch=0) for b in range(0, 6)]
+    again = [sink.encode(b, {"v": [b, 1]}, epoch=1) for b in range(4, 10)]
+    assert sink.commit_group(first) == [True] * 6
+    assert sink.commit_group(again) == [False, False, True, True, True, True]
+    assert sink.commit(sink.stage(5, {"v": [5, 2]}, epoch=2)) is False
+    assert [out["v"] for _, out in sink.read_all()] == [[b, 0] for b in range(6)] + [[b, 1] for b in range(6, 10)]
+
+
+def test_concurrent_group_commits_each_batch_exactly_once(make_sink: Any) -> None:
+    """Committers racing with overlapping groups: every batch has exactly one winner, and what a reader
+    sees is the winner's output."""
+    sink = make_sink()
+    groups = [[sink.encode(b, {"who": [w], "b": [b]}, epoch=w) for b in range(w, w + 12, 2)] for w in range(4)]
+    won: dict[int, list[int]] = {}
+    barrier = threading.Barrier(len(groups))
+
+    def go(w: int) -> None:
+        barrier.wait()
+        mine = pickle.loads(pickle.dumps(sink))
+        for o, ok in zip(groups[w], mine.commit_group(groups[w])):
+            if ok:
+                won.setdefault(o.batch_id, []).append(w)
+
+    threads = [threading.Thread(target=go, args=(w,)) for w in range(len(groups))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    all_ids = sorted({o.batch_id for g in groups for o in g})
+    assert sorted(won) == all_ids and all(len(w) == 1 for w in won.values())
+    for b, (w,) in won.items():
+        assert sink.read(b) == {"who": [w], "b": [b]}
+    assert sink.orphans() == []
+
+
+def test_a_copy_of_a_local_sink_reads_the_same(tmp_path: Any) -> None:
+    import shutil
+
+    sink = FileSink(str(tmp_path / "a"), format="parquet", retry=FAST)
+    sink.commit_group([sink.encode(b, output_for("parquet", b), epoch=0) for b in range(5)])
+    sink.mark_complete({"total": 5})
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copy = FileSink(str(tmp_path / "b"), format="parquet")
+    assert copy.is_complete() is not None
+    assert [b for b, _ in copy.read_all()] == list(range(5))
+    np.testing.assert_array_equal(copy.read(4)["emb"], sink.read(4)["emb"])
+
+
+def test_s3_publish_answered_412_after_its_own_completion_is_its_own(s3_bucket: Any, monkeypatch: Any) -> None:
+    """S3 (unlike moto) may answer a retried CompleteMultipartUpload of an upload it completed with 412 or
+    NoSuchUpload: the object's ETag (MD5 of the part's MD5, "-1") tells it is ours."""
+    sink = FileSink(f"{s3_bucket.url}/out", format="jsonl", storage_options=s3_bucket.storage_options, retry=FAST)
+    a = sink.encode(0, {"v": [1]}, epoch=0)
+    b = sink.encode(0, {"v": [2]}, epoch=1)
+    assert sink.commit(a)
+    pub, fs = sink._publisher(), sink._store().fs
+    real = fs.call_s3
+
+    class PreconditionFailed(Exception):
+        response = {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}
+
+    def answer_412(method: str, *args: Any, **kw: Any) -> Any:
+        if method == "complete_multipart_upload":
+            raise OSError("precondition failed") from PreconditionFailed()
+        return real(method, *args, **kw)
+
+    monkeypatch.setattr(fs, "call_s3", answer_412)
+    assert pub.publish(a.name, a.staged) is True
+    assert pub.publish(b.name, b.staged) is False
+
+
+def test_s3_staging_is_an_unfinished_upload_until_the_commit(s3_bucket: Any) -> None:
+    """Nothing is listed while staged; an upload that lost is aborted; leftovers are uploads, collected."""
+    sink = FileSink(f"{s3_bucket.url}/out", format="parquet", storage_options=s3_bucket.storage_options, retry=FAST)
+    fs = sink._store().fs
+    a = sink.encode(0, {"v": [1]}, epoch=0)
+    b = sink.encode(0, {"v": [2]}, epoch=1)
+    left = sink.encode(1, {"v": [3]}, epoch=0)
+    assert a.staged.startswith("mpu:") and fs.find(f"{s3_bucket.url}/out") == []
+    assert len(sink.orphans()) == 3
+    assert sink.commit_group([a]) == [True] and sink.commit_group([b]) == [False]
+    assert sink.orphans() == [f"part-000000000001.parquet?uploadId={left.staged.split(':')[1]}"]
+    sink.delete(sink.orphans())
+    assert sink.orphans() == [] and list(sink.committed_from(0)) == [0]
+    assert sink.read(0)["v"].tolist() == [1]
+
 
 
 def test_mark_complete(make_sink: Any) -> None:
@@ -236,51 +440,6 @@ def test_mark_complete(make_sink: Any) -> None:
         sink.mark_complete({"batches": 11})
     with pytest.raises(ConfigError):
         make_sink().mark_complete({"x": object()})
-
-
-def test_corruption_is_detected(tmp_path: Any) -> None:
-    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST)
-    staged = sink.stage(4, {"v": [1, 2, 3]}, epoch=0)
-    sink.commit(staged)
-    path = tmp_path / staged.name
-    data = path.read_bytes()
-    path.write_bytes(data.replace(b"2", b"7"))  # same length, other bytes
-    with pytest.raises(CorruptionError, match="xxh3"):
-        sink.read(4)
-    path.write_bytes(data[:-2])
-    with pytest.raises(CorruptionError, match="length"):
-        sink.read(4)
-    path.unlink()
-    with pytest.raises(PermanentStorageError, match="missing"):
-        sink.read(4)
-    marker = tmp_path / "commit" / "000000" / "000000000004"
-    marker.chmod(0o644)
-    marker.write_text(json.dumps({"name": "../../etc/passwd", "length": 1, "xxh3": "0"}))
-    with pytest.raises(CorruptionError, match="commit marker"):
-        sink.read(4)
-
-
-def test_layout_mismatch_is_refused(tmp_path: Any) -> None:
-    FileSink(str(tmp_path), shard_width=100).commit(FileSink(str(tmp_path), shard_width=100).stage(
-        1, {"a": [1]}, epoch=0))
-    with pytest.raises(ConfigError, match="shard_width"):
-        list(FileSink(str(tmp_path)).committed_from(0))
-    with pytest.raises(ConfigError, match="format"):
-        FileSink(str(tmp_path), format="parquet", shard_width=100).is_committed(1)
-
-
-def test_bogus_staged_output_is_refused(tmp_path: Any) -> None:
-    sink = FileSink(str(tmp_path))
-    good = sink.stage(1, {"a": [1]}, epoch=3)
-    for bad in (
-        StagedOutput(2, good.name, good.length, good.xxh3, 3, 1),  # names another batch's object
-        StagedOutput(1, good.name, good.length, good.xxh3, 4, 1),  # another epoch
-        StagedOutput(1, "../../x", 1, "0", 3, 1),
-        StagedOutput(1, good.name.replace(".jsonl", ".parquet"), 1, "0", 3, 1),
-    ):
-        with pytest.raises(ConfigError):
-            sink.commit(bad)
-    assert not sink.is_committed(1) and not sink.is_committed(2)
 
 
 def test_jsonl_values(tmp_path: Any) -> None:
@@ -387,229 +546,18 @@ def test_pickle_and_repr_hide_credentials(s3_bucket: Any) -> None:
     assert copy.read(0) == {"a": [1]}
 
 
-def test_local_staging_leaves_no_partial_files(tmp_path: Any) -> None:
-    sink = FileSink(str(tmp_path), format="tensors")
-    staged = sink.stage(0, {"w": torch.arange(10_000.0)}, epoch=0)
-    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
-    assert files == [str(tmp_path / staged.name)]
-    assert os.path.getsize(files[0]) == staged.length
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import resilient.io
+    from resilient.io import _formats, _publish, delta, sinks
+
+    for module in (resilient.io, sinks, delta, _publish, _formats):
+        assert doctest.testmod(module).failed == 0, module.__name__
 
 
-# -- grouped commits (the runtime's path) ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "tensors"])
-def test_group_commit_round_trip(make_sink: Any, fmt: str) -> None:
-    sink = make_sink(fmt, shard_width=4)
-    ids = [9, 2, 3, 7, 4]  # out of order, across shards
-    encoded = [pickle.loads(pickle.dumps(sink.encode(b, output_for(fmt, b), epoch=1))) for b in ids]
-    assert sink.commit_group(encoded) == [True] * 5
-    assert list(sink.committed_from(0)) == sorted(ids)
-    reader = make_sink(fmt, shard_width=4)  # another process's view
-    for b in ids:
-        assert_output(fmt, reader.read(b), b)
-    assert [b for b, _ in reader.read_all(4)] == [4, 7, 9]
-    if fmt == "jsonl":  # a jsonl part is itself valid jsonl: every row of the group, in group order
-        part = reader._record(9)["name"]
-        lines = reader._store().read(part).decode().splitlines()
-        assert [json.loads(line)["id"] for line in lines] == [i for b in ids for i in (b, b + 1, b + 2)]
-
-
-def test_group_commit_is_at_most_once_per_batch(make_sink: Any) -> None:
-    sink = make_sink()
-    first = [sink.encode(b, {"v": [b, 0]}, epoch=0) for b in range(0, 6)]
-    again = [sink.encode(b, {"v": [b, 1]}, epoch=1) for b in range(4, 10)]
-    assert sink.commit_group(first) == [True] * 6
-    assert sink.commit_group(again) == [False, False, True, True, True, True]
-    staged = sink.stage(5, {"v": [5, 2]}, epoch=2)
-    assert sink.commit(staged) is False  # the per-batch path sees the group's marker too
-    assert [out["v"] for _, out in sink.read_all()] == [[b, 0] for b in range(6)] + [[b, 1] for b in range(6, 10)]
-
-
-def test_concurrent_group_commits_each_batch_exactly_once(make_sink: Any) -> None:
-    """Writers racing with overlapping groups: every batch has exactly one winner, and what a reader sees is
-    the winner's output."""
-    sink = make_sink()
-    groups = [[sink.encode(b, {"who": [w], "b": [b]}, epoch=w) for b in range(w, w + 12, 2)] for w in range(4)]
-    won: dict[int, list[int]] = {}
-    barrier = threading.Barrier(len(groups))
-
-    def go(w: int) -> None:
-        barrier.wait()
-        mine = pickle.loads(pickle.dumps(sink))
-        for o, ok in zip(groups[w], mine.commit_group(groups[w])):
-            if ok:
-                won.setdefault(o.batch_id, []).append(w)
-
-    threads = [threading.Thread(target=go, args=(w,)) for w in range(len(groups))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    all_ids = sorted({o.batch_id for g in groups for o in g})
-    assert sorted(won) == all_ids and all(len(w) == 1 for w in won.values())
-    for b, (w,) in won.items():
-        assert sink.read(b) == {"who": [w], "b": [b]}
-
-
-def test_group_commit_refuses_bad_input(tmp_path: Any) -> None:
-    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST)
-    a = sink.encode(1, {"v": [1]}, epoch=0)
-    with pytest.raises(ConfigError, match="at most once"):
-        sink.commit_group([a, a])
-    forged = a.__class__(a.batch_id, a.epoch, a.data + b" ", a.xxh3, a.rows)
-    with pytest.raises(ConfigError, match="checksum"):
-        sink.commit_group([forged])
-    assert sink.commit_group([]) == []
-    assert list(sink.committed_from(0)) == []
-
-
-def test_group_corruption_is_detected_per_batch(tmp_path: Any) -> None:
-    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST)
-    sink.commit_group([sink.encode(b, {"v": [b * 11]}, epoch=0) for b in range(3)])
-    part = tmp_path / sink._record(1)["name"]
-    data = part.read_bytes()
-    rec = sink._record(1)
-    broken = bytearray(data)
-    broken[rec["offset"] + rec["length"] - 3] ^= 0x01  # inside batch 1's slice
-    part.write_bytes(bytes(broken))
-    fresh = FileSink(str(tmp_path), format="jsonl", retry=FAST)
-    assert fresh.read(0) == {"v": [0]} and fresh.read(2) == {"v": [22]}
-    with pytest.raises(CorruptionError, match="xxh3"):
-        fresh.read(1)
-    index = next((tmp_path / "data").rglob("*.json"))
-    index.write_text("{not json")
-    with pytest.raises(CorruptionError, match="group index"):
-        FileSink(str(tmp_path), format="jsonl", retry=FAST).read(0)
-    index.unlink()
-    with pytest.raises(CorruptionError, match="missing"):
-        FileSink(str(tmp_path), format="jsonl", retry=FAST).read(0)
-
-
-def test_local_markers_are_hard_links_to_one_file_holding_the_group_id(tmp_path: Any) -> None:
-    """A group's markers, across two shards, are names of one file whose content is the group's id; its
-    temporary name is gone; a second commit of the same batches leaves them as they are."""
-    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST, shard_width=4)
-    encoded = [sink.encode(b, {"v": [b]}, epoch=0) for b in (3, 4, 6)]
-    assert sink.commit_group(encoded) == [True, True, True]
-    markers = [tmp_path / "commit" / f"{b // 4:06d}" / f"{b:012d}" for b in (3, 4, 6)]
-    stats = [m.lstat() for m in markers]
-    assert not any(m.is_symlink() for m in markers)
-    assert len({(st.st_dev, st.st_ino) for st in stats}) == 1 and stats[0].st_nlink == 3
-    (index,) = (tmp_path / "data" / "000000").glob("*.json")
-    assert {m.read_text() for m in markers} == {index.stem}
-    assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))  # no temporaries left
-    assert sink.commit_group([sink.encode(b, {"v": [-b]}, epoch=1) for b in (2, 3, 6)]) == [True, False, False]
-    assert markers[0].lstat().st_nlink == 3 and markers[0].read_text() == index.stem
-    assert [(b, out["v"]) for b, out in FileSink(str(tmp_path), format="jsonl", shard_width=4).read_all()] == [
-        (2, [-2]), (3, [3]), (4, [4]), (6, [6])]
-
-
-def test_a_copy_of_a_local_sink_reads_the_same(tmp_path: Any) -> None:
-    """Markers are plain files: a copy made by tools that do not keep hard links (shutil.copytree,
-    ``cp -r``) is a complete sink."""
-    import shutil
-
-    sink = FileSink(str(tmp_path / "a"), format="parquet", retry=FAST)
-    sink.commit_group([sink.encode(b, output_for("parquet", b), epoch=0) for b in range(5)])
-    sink.mark_complete({"total": 5})
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    copy = FileSink(str(tmp_path / "b"), format="parquet")
-    assert copy.is_complete() is not None
-    assert [b for b, _ in copy.read_all()] == list(range(5))
-    np.testing.assert_array_equal(copy.read(4)["emb"], sink.read(4)["emb"])
-
-
-@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EMLINK])
-def test_markers_are_symlinks_where_the_filesystem_refuses_hard_links(tmp_path: Any, monkeypatch: Any,
-                                                                      refusal: int) -> None:
-    """EPERM (no hard links on this filesystem: all markers) or EMLINK (the file's link count is full: the
-    rest of the group): markers become symbolic links holding the id, and read the same. The refusal is
-    injected into the replica's link() of markers."""
-    from resilient.storage import replica
-
-    real_link, calls = os.link, []
-
-    def link(src: str, dst: str) -> None:
-        if f"{os.sep}commit{os.sep}" not in dst:  # _sink.json (create-only objects need link() locally)
-            return real_link(src, dst)
-        calls.append(dst)
-        if refusal == errno.EPERM or len(calls) > 1:
-            raise OSError(refusal, os.strerror(refusal), dst)
-        real_link(src, dst)
-
-    monkeypatch.setattr(replica.os, "link", link)
-    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST)
-    assert sink.commit_group([sink.encode(b, {"v": [b]}, epoch=0) for b in (0, 1, 2)]) == [True, True, True]
-    assert sink.commit_group([sink.encode(1, {"v": [9]}, epoch=1)]) == [False]
-    monkeypatch.undo()
-    markers = [tmp_path / "commit" / "000000" / f"{b:012d}" for b in (0, 1, 2)]
-    expect = [True, True, True] if refusal == errno.EPERM else [False, True, True]
-    assert [m.is_symlink() for m in markers] == expect
-    assert len({os.readlink(m) if m.is_symlink() else m.read_text() for m in markers}) == 1
-    assert len(calls) == (2 if refusal == errno.EPERM else 3)  # once refused, no more links in that call
-    assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))
-    assert [out["v"] for _, out in FileSink(str(tmp_path), format="jsonl").read_all()] == [[0], [1], [2]]
-
-
-def test_writer_killed_between_markers_commits_only_those_made(tmp_path: Any) -> None:
-    """A process SIGKILLed after the first of a group's markers: that batch is committed, the others are
-    not, the markers' temporary is an orphan (and only it); the rest commit later, exactly once."""
-    import subprocess
-    import sys
-    import textwrap
-
-    code = textwrap.dedent(f"""
-        import os, signal
-        from resilient.io import FileSink
-        from resilient.storage import replica
-        real_link, n = os.link, []
-        def link(src, dst):
-            if "/commit/" in dst:
-                if n:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                n.append(dst)
-            real_link(src, dst)
-        replica.os.link = link
-        sink = FileSink({str(tmp_path)!r}, format="jsonl", shard_width=4)
-        sink.commit_group([sink.encode(b, {{"v": [b]}}, epoch=0) for b in (1, 2, 5)])
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
-    assert proc.returncode == -9, proc.stderr.decode()
-    sink = FileSink(str(tmp_path), format="jsonl", retry=FAST, shard_width=4)
-    assert list(sink.committed_from(0)) == [1]
-    (tmp,) = sink.orphans()
-    assert tmp.startswith("commit/000000/.tmp-")
-    assert sink.commit_group([sink.encode(b, {"v": [-b]}, epoch=1) for b in (1, 2, 5)]) == [False, True, True]
-    assert sink.orphans() == [tmp]
-    sink.delete([tmp])
-    assert sink.orphans() == []
-    assert [(b, out["v"]) for b, out in sink.read_all()] == [(1, [1]), (2, [-2]), (5, [-5])]
-
-
-def test_interrupted_group_commit_leaves_only_orphans(make_sink: Any) -> None:
-    """The part and index land, then the writer dies before any marker: nothing becomes visible, the
-    objects are orphans, and a later commit of the same batches works."""
-    sink = make_sink(shard_width=4)
-    sink.commit_group([sink.encode(0, {"v": [0]}, epoch=0)])
-
-    class Died(Exception):
-        pass
-
-    def die(*args: Any) -> bool:
-        raise Died()
-
-    sink._point = sink._point_all = die  # type: ignore[method-assign]
-    with pytest.raises(Died):
-        sink.commit_group([sink.encode(b, {"v": [b, -1]}, epoch=0) for b in (1, 5)])
-    fresh = make_sink(shard_width=4)
-    assert list(fresh.committed_from(0)) == [0]
-    orphans = fresh.orphans()
-    assert len(orphans) == 2 and {o.rsplit(".", 1)[1] for o in orphans} == {"json", "jsonl"}
-    assert fresh.commit_group([fresh.encode(b, {"v": [b]}, epoch=1) for b in (1, 5)]) == [True, True]
-    assert sorted(fresh.orphans()) == sorted(orphans)
-    with pytest.raises(ConfigError, match="committed outputs"):
-        fresh.delete([fresh._record(5)["name"]])
-    fresh.delete(orphans)
-    assert fresh.orphans() == []
-    assert [out["v"] for _, out in fresh.read_all()] == [[0], [1], [5]]
+def test_a_sink_that_does_not_exist_yet_has_nothing_committed(make_sink: Any) -> None:
+    for fmt in ("parquet", "delta"):
+        sink = make_sink(fmt)
+        assert list(sink.committed_from(0)) == [] and not sink.is_committed(0) and list(sink.read_all()) == []
+        assert sink.orphans() == [] and sink.is_complete() is None

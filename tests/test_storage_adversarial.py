@@ -612,22 +612,17 @@ def test_gc_sink_with_a_malformed_success_marker_gives_one_clear_line(tmp_dirs, 
     assert "_SUCCESS" in err and sink_url in err
 
 
-def test_gc_sink_with_a_malformed_commit_marker_gives_one_clear_line(tmp_dirs, tmp_path):
-    """A guard: the sink already refuses a damaged commit marker with a CorruptionError, one line."""
+def test_gc_sink_with_a_malformed_layout_record_gives_one_clear_line(tmp_dirs, tmp_path):
+    """A guard: the sink refuses a damaged _sink.json with a CorruptionError, one line."""
     from resilient.io import FileSink
 
     dirs = tmp_dirs(2)
     sink_url = str(tmp_path / "out")
     sink = FileSink(sink_url)
-    for b in (0, 0):  # staged twice: the orphan scan reads the batch's commit marker
-        sink.stage(b, {"id": [b]}, epoch=1)
+    sink.stage(0, {"id": [0]}, epoch=1)
     assert sink.commit(sink.stage(0, {"id": [0]}, epoch=2))
     sink.mark_complete({"total": 1})
-    markers = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and "commit" in p.parts]
-    assert markers, "no commit marker found to damage"
-    for p in markers:
-        p.unlink()
-        p.write_bytes(b"{not json")
+    (tmp_path / "out" / "_sink.json").write_bytes(b"{not json")
     code, out, err = cli("gc", "--sink", sink_url, dirs=dirs)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert "not a valid commit marker" in err
+    assert "not a sink layout record" in err

@@ -2,8 +2,9 @@
 
 A `Source` yields ``(batch_id, batch)`` for ids ``0..n-1`` and can start again from any id (resume
 is offset-based); its `fingerprint` lets a resumed job refuse an input that changed (`check_fingerprint`).
-A `FileSink` makes each batch's output visible at most once: workers `stage <FileSink.stage>`, the
-driver `commit <FileSink.commit>`s with a create-only marker (the protocol is in `resilient.io.sinks`).
+A `FileSink` writes a dataset that pandas, pyarrow, Ray Data, DuckDB and Polars read (or a Delta Lake
+table), each batch's output visible at most once: workers `stage <FileSink.stage>` the bytes, the driver
+`commit <FileSink.commit>`s with a create-only publish (the protocol is in `resilient.io.sinks`).
 
 Example:
     >>> import tempfile
@@ -15,7 +16,7 @@ Example:
     [[0, 10], [20, 30], [40]]
 """
 
-from resilient.io.sinks import DEFAULT_RETRY, SHARD_WIDTH, FileSink, NotCommittedError, StagedOutput
+from resilient.io.sinks import DEFAULT_RETRY, FileSink, NotCommittedError, StagedOutput
 from resilient.io.sources import (
     DEFAULT_BATCH_SIZE,
     FileSource,
@@ -38,7 +39,6 @@ __all__ = [
     "NotCommittedError",
     "RangeSource",
     "RayDatasetSource",
-    "SHARD_WIDTH",
     "SequenceSource",
     "Source",
     "SourceChangedError",

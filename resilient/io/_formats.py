@@ -9,6 +9,8 @@ jsonl      dict of equal-length columns (lists,       dict of column lists (colu
            pandas DataFrame                           back as ``{}``.
 parquet    the same                                   dict of NumPy arrays; a column of N-D rows
                                                       (embeddings) comes back N-D
+delta      the same (parquet files; N-D columns are   dict of NumPy arrays (N-D columns as arrays
+           stored as lists: Delta has no fixed size)  of per-row arrays)
 tensors    any state `resilient.codec.encode` takes   the decoded state
 =========  =========================================  ==========================================
 
@@ -44,8 +46,10 @@ def encode_output(fmt: str, output: Any, where: str) -> tuple[Callable[[], Itera
     if fmt == "jsonl":
         data, rows = _to_jsonl(output, where)
         return (lambda: [data]), rows
-    if fmt == "parquet":
+    if fmt in ("parquet", "delta"):
         table = _to_table(output, where)
+        if fmt == "delta":  # Delta has no fixed-size list type: N-D columns are stored as lists
+            table = table.cast(pa.schema([f.with_type(_variable_lists(f.type)) for f in table.schema]))
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         buf = sink.getvalue()
@@ -73,7 +77,7 @@ def decode_output(fmt: str, data: bytes | bytearray, where: str) -> Any:
             if line and not line.isspace():
                 rows.append(json.loads(line))
         return rows_to_columns(rows)
-    if fmt == "parquet":
+    if fmt in ("parquet", "delta"):
         return arrow_to_numpy(pq.read_table(pa.BufferReader(data)))
     from resilient.codec import decode
 
@@ -199,6 +203,13 @@ def _to_arrow_column(name: str, col: Any, where: str) -> pa.Array:
     if not isinstance(col, (list, tuple)):
         _not_column(name, col, where)
     return pa.array(col)
+
+
+def _variable_lists(t: pa.DataType) -> pa.DataType:
+    """``t`` with every fixed-size list made a variable-size one (of the same values)."""
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_variable_lists(t.value_type)))
+    return t
 
 
 def _flat_array(col: np.ndarray) -> pa.Array:
