@@ -582,8 +582,8 @@ FIELDS: tuple[Field, ...] = (
           "progress, and exits within this long; keep it under Ray's RAY_JOB_STOP_WAIT_TIME_S (3 s by default)",
           "20"),
     Field("commit_group_size", "RESILIENT_COMMIT_GROUP_SIZE", _Integer(1, 100_000), 256,
-          "most batch outputs the driver commits together (one part file, one sync); 1 writes one file per "
-          "batch", "64"),
+          "most batch outputs the driver publishes together (one record under the sink's _commit/, one directory "
+          "sync; a Delta table: one transaction)", "64"),
     Field("commit_interval_seconds", "RESILIENT_COMMIT_INTERVAL_SECONDS", _Number(allow_zero=True), 0.1,
           "the driver starts at most one group commit per this many seconds (an output waits at most about "
           "this long to be committed); 0: whenever the committer is idle", "0.5"),
