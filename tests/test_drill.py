@@ -14,13 +14,13 @@ from examples.score_pipeline import Scorer
 from examples.streaming_anomaly import monitor
 from resilient import cli
 from resilient.drill import FAULTS, Fault, drill, register
-from resilient.drill import checks, command, report
+from resilient.drill import checks, command, jobs, report
 from resilient.errors import ConfigError
 from resilient.io import RangeSource
 from tests.pipelines import drill as pipelines
 
 
-@pytest.mark.parametrize("module", [checks, command, report])
+@pytest.mark.parametrize("module", [checks, command, jobs, report])
 def test_doctests(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
@@ -34,7 +34,7 @@ def assert_passed(rep, names):
     got = rows(rep)
     assert [n for n in names if got[n].status != "PASS"] == [], rep.table()
     for n in names:
-        assert got[n].fault and got[n].fault_at is not None and got[n].recovery_s is not None, got[n]
+        assert got[n].fault and got[n].fault_at is not None and got[n].samples[-1][1] >= rep.batches - 1, got[n]
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -98,6 +98,7 @@ def test_streaming_example_passes_its_drill():
     assert_passed(rep, names)
     got = rows(rep)
     assert got["hang"].recovery_s >= rep.hang_timeout  # noticed by the batch timeout, not before
+    assert any("hung on" in line for line in got["hang"].incidents), got["hang"].incidents
     assert got["zombie"].restarts >= 1 and got["hang"].restarts >= 1 and got["exception"].attempts == 1
     assert "\rdrill [3/7] kill-starting: " in shown.getvalue() and "batches" in shown.getvalue()
 

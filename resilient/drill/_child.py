@@ -7,6 +7,7 @@ Ray address to join. The driver runs the job (resuming it if it ran before) and 
 output, one line each::
 
     s <wall seconds> <batches done>      every 20 ms while it runs (done = resumed + committed)
+    o <batch id> <digest>                each output as it is committed (`resilient.drill.jobs.output_digest`)
     e <json>                             each failure or recovery event, at the end
     r <json>                             the job's result, at the end
     x <json>                             the error the job failed with, instead of r
@@ -16,7 +17,18 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+
+
+_LOCK = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One whole line on standard output (the sampling loop and the output consumer both write)."""
+    with _LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def main(path: str) -> int:
@@ -26,23 +38,34 @@ def main(path: str) -> int:
     with open(path, "rb") as f:
         spec = cloudpickle.load(f)
     ray.init(address=spec["address"], log_to_driver=False)
+    from resilient.drill.jobs import output_digest
+
     handle = spec["pipeline"].run(spec["source"], spec["sink"], job_id=spec["job_id"], settings=spec["settings"],
-                                  init_args=spec["init_args"], init_kwargs=spec["init_kwargs"], progress=False)
+                                  init_args=spec["init_args"], init_kwargs=spec["init_kwargs"], progress=False,
+                                  stream=100_000)
+
+    def consume() -> None:
+        for b, out in handle.stream():
+            say(f"o {b} {output_digest(out)}")
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
     while not handle.done():
         p = handle.progress()
-        print(f"s {time.time()!r} {p['committed'] + p['resumed']}", flush=True)
+        say(f"s {time.time()!r} {p['committed'] + p['resumed']}")
         time.sleep(0.02)
+    consumer.join()
     p = handle.progress()
-    print(f"s {time.time()!r} {p['committed'] + p['resumed']}", flush=True)
+    say(f"s {time.time()!r} {p['committed'] + p['resumed']}")
     for e in handle.events():
-        print("e " + json.dumps({"kind": e.kind, **e.info()}, default=str), flush=True)
+        say("e " + json.dumps({"kind": e.kind, **e.info()}, default=str))
     try:
         result = handle.wait()
     except Exception as e:  # noqa: BLE001 - reported to the drill, which judges it
-        print("x " + json.dumps(f"{type(e).__name__}: {e}"), flush=True)
+        say("x " + json.dumps(f"{type(e).__name__}: {e}"))
         return 1
-    print("r " + json.dumps({"retries": result.retries, "restarts": result.restarts,
-                             "dead": [d.batch_id for d in result.dead_letters]}), flush=True)
+    say("r " + json.dumps({"retries": result.retries, "restarts": result.restarts,
+                           "dead": [d.batch_id for d in result.dead_letters]}))
     return 0
 
 

@@ -50,6 +50,7 @@ class Row:
     dip: float | None = None
     extra_s: float | None = None
     seconds: float | None = None
+    incidents: list[str] = field(default_factory=list, repr=False)  # failures and recoveries, one line each
     samples: list[tuple[float, int]] = field(default_factory=list, repr=False)
 
 
@@ -83,9 +84,14 @@ class DrillReport:
         lines = [f"drill of {self.pipeline} ({kind}, {det}) on {self.batches} batches of {self.source}"]
         if self.hang_timeout is not None:
             lines.append(f"hang classes ran with a batch timeout of {self.hang_timeout:g}s")
-        refs = [r for r in self.rows if r.status in ("REF", "FAIL") and r.name.startswith("reference")]
+        refs = [r for r in self.rows if r.name.startswith("reference")]
         if refs:
-            lines.append("references: " + ", ".join(f"{r.seconds:.1f}s" for r in refs if r.seconds is not None))
+            lines.append("references: " + ", ".join(f"{r.seconds:.1f}s" for r in refs if r.seconds is not None)
+                         + (f", {self.reference_rate:g} batches/s" if self.reference_rate else ""))
+        disturbed = sum(r.restarts or 0 for r in refs)
+        if disturbed:
+            lines.append(f"WARNING: the fault-free references had {disturbed} actor restarts: something else kills "
+                         "or starves this cluster's actors, and the figures below are disturbed by it")
         return "\n".join(lines)
 
     def table(self) -> str:
@@ -171,12 +177,12 @@ class DrillReport:
 
 def _view(row: Row) -> tuple[float, float, list[tuple[float, float]]]:
     """A run's panel: from just before its first commit (or its fault) to just after its last, in bins
-    of a sixtieth of that span (0.1 s at least: commits come in groups about that often)."""
+    of a fiftieth of that span (a quarter second at least: commits come in groups every 0.1 s)."""
     rising = [t for (_, a), (t, b) in zip(row.samples, row.samples[1:]) if b > a] or [0.0, 1.0]
     first = min([rising[0]] + ([row.fault_at] if row.fault_at is not None else []))
     span = max(0.5, rising[-1] - first)
     lo, hi = max(0.0, first - 0.08 * span), rising[-1] + 0.08 * span
-    rates = [(t, v) for t, v in commit_rates(row.samples, min(0.5, max(0.1, span / 60))) if lo - 1 <= t <= hi]
+    rates = [(t, v) for t, v in commit_rates(row.samples, min(1.0, max(0.25, span / 50))) if lo - 1 <= t <= hi]
     return lo, hi, rates
 
 

@@ -6,51 +6,44 @@ its own under a scratch directory that the drill creates and removes. The user's
 replaced; every other setting (``RESILIENT_*`` variables, the pipeline's options) is theirs, except the
 batch timeout of the hang classes (shortened, or a hang would take the default ten minutes to notice).
 
-While a job runs, a sampler thread reads its committed count every 20 ms (the timeline the figures and
-the picture come from) and the fault's injector (`resilient.drill.faults`) waits for its moment and
-strikes. Afterwards the sink is read back (ids as a multiset, a digest per output) and, for a stateful
-pipeline, each slot's final checkpoint; the checks of `resilient.drill.checks` compare them with the
-fault-free reference. The reference runs twice: if the two differ, the pipeline is not deterministic,
+While a job runs (`resilient.drill.jobs`), its committed count is sampled every 20 ms (the timeline
+the figures and the picture come from) and the fault's injector (`resilient.drill.faults`) waits for
+its moment and strikes. Afterwards the sink is read back (ids as a multiset, a digest per output) and,
+for a stateful pipeline, each slot's final checkpoint; the checks of `resilient.drill.checks` compare
+them with the fault-free reference. The reference runs twice: if the two differ, the pipeline is not deterministic,
 and then only the ids are checked.
 """
 
 from __future__ import annotations
 
-import collections
+import functools
 import itertools
-import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from resilient.api import Pipeline, _ensure_ray
 from resilient.config import Settings
 from resilient.drill import checks
 from resilient.drill._inject import Faulty, FaultyStateful
-from resilient.drill._procs import local_node, parent_pid, starting_workers
-from resilient.drill.faults import FAULTS, Cluster, Fault, Live, Struck
+from resilient.drill._procs import local_node
+from resilient.drill.faults import FAULTS, Cluster, Fault, Live
+from resilient.drill.jobs import Job, Observed, read_back, run_as_driver, run_here
 from resilient.drill.report import DrillReport, Row
-from resilient.errors import ConfigError, NoCheckpointError
+from resilient.errors import ConfigError
 from resilient.io._base import digest
 from resilient.io.sinks import FileSink
 from resilient.io.sources import as_source
-from resilient.runtime import records
-from resilient.storage import CheckpointStore
-from resilient.testing import kill_pid
 
 __all__ = ["DEFAULT_BATCHES", "Sample", "drill"]
 
 DEFAULT_BATCHES = 2000
-_SAMPLE_S = 0.02
 
 
 class Sample:
@@ -73,24 +66,6 @@ class Sample:
 
     def __repr__(self) -> str:
         return f"first {self.n} batches of {self.source!r}"
-
-
-@dataclass
-class Observed:
-    """What one job run left behind: its timeline (seconds since launch, batches done), events, and what
-    was read back from its sink and store."""
-
-    samples: list[tuple[float, int]]
-    seconds: float
-    events: list[dict] = field(default_factory=list)
-    ids: collections.Counter = field(default_factory=collections.Counter)
-    outputs: dict[int, str] = field(default_factory=dict)
-    states: list[str | None] = field(default_factory=list)
-    dead: list[int] = field(default_factory=list)
-    calls: int = 0
-    error: str | None = None
-    struck: Struck | None = None
-    workers: dict[int, int | None] = field(default_factory=dict)  # actor pid -> its parent (a raylet)
 
 
 def _sampled(source: Any, batches: int | None) -> Any:
@@ -158,7 +133,6 @@ class _Drill:
         self.replicas = max(2, len(base.storage))
         self.slots = int(pipeline.options.get("num_actors", base.num_actors))
         self.on_poison = pipeline.options.get("on_poison", base.on_poison)
-        self.known: set[int] = set()
 
     # ------------------------------------------------------------------ one job
 
@@ -168,9 +142,6 @@ class _Drill:
         markers = os.path.join(root, "markers")
         os.makedirs(markers)
         return os.path.join(root, "sink"), stores, markers
-
-    def _settings(self, stores: list[str]) -> Settings:
-        return Settings.from_env(self.environ, storage=stores)
 
     def _target(self, fault: Fault | None, markers: str) -> tuple[Pipeline, tuple, dict]:
         """The pipeline to run, and its constructor arguments: the user's, or wrapped to raise."""
@@ -189,153 +160,25 @@ class _Drill:
         return min(self.n - 1, int(self.n * self.trigger))
 
     def job(self, name: str, fault: Fault | None = None, cluster: Cluster | None = None) -> Observed:
+        """Run the job once (with `fault`, or fault-free) on a scratch sink and store of its own."""
         self.progress.begin(name)
         sink_url, stores, markers = self._paths(name)
-        settings = self._settings(stores)
-        sink = FileSink(sink_url, format=self.sink_format)
         pipeline, args, kwargs = self._target(fault, markers)
-        job_id = f"drill-{name}"
         cluster = cluster or Cluster(0, local_node())
-
+        trigger = self.trigger_batch if fault is not None and fault.raises else max(1, int(self.n * self.trigger))
+        live = functools.partial(Live, trigger=trigger, late=max(trigger, int(self.n * min(0.9, 2 * self.trigger))),
+                                 cluster=cluster, replicas=stores, markers=markers, timeout=self.timeout)
+        job = Job(f"drill-{name}", pipeline, self.source, FileSink(sink_url, format=self.sink_format),
+                  Settings.from_env(self.environ, storage=stores), args, kwargs, self.timeout, live,
+                  on_progress=lambda done: self.progress.update(done, self.n))
         if fault is not None and fault.kills_driver:
-            seen = self._driver_job(job_id, pipeline, sink, settings, args, kwargs, fault, cluster, stores, markers)
+            seen = run_as_driver(job, fault, markers)
         else:
-            seen = self._job_here(job_id, pipeline, sink, settings, args, kwargs, fault, cluster, stores, markers)
+            seen = run_here(job, fault, cluster)
         if seen.struck is not None and seen.struck.cleanup is not None:
             seen.struck.cleanup()
-        self._read_back(seen, sink, settings, job_id, pipeline.stateful)
+        read_back(seen, job, self.slots)
         return seen
-
-    def _live(self, fault: Fault, cluster: Cluster, stores: list[str], markers: str, **kw: Any) -> Live:
-        trigger = self.trigger_batch if fault.raises else max(1, int(self.n * self.trigger))
-        late = max(trigger, int(self.n * min(0.9, 2 * self.trigger)))
-        return Live(trigger=trigger, late=late, cluster=cluster, replicas=stores, markers=markers,
-                    timeout=self.timeout, known_workers=set(self.known), **kw)
-
-    def _job_here(self, job_id: str, pipeline: Pipeline, sink: FileSink, settings: Settings, args: tuple,
-                  kwargs: dict, fault: Fault | None, cluster: Cluster, stores: list[str], markers: str) -> Observed:
-        self.known = starting_workers(set(cluster.raylets)) if cluster.raylets else set()
-        t0 = time.time()
-        handle = pipeline.run(self.source, sink, job_id=job_id, settings=settings, init_args=args, init_kwargs=kwargs,
-                              progress=False)
-        samples: list[tuple[float, int]] = [(t0, 0)]
-        workers: dict[int, int | None] = {}
-        stop = threading.Event()
-
-        events: list[dict] = []
-
-        def sample() -> None:
-            while True:
-                finished = handle.done()
-                now = time.time()
-                samples.append((now, handle.progress()["committed"]))
-                seen = handle.events()
-                events.extend(_event(e, now - t0) for e in seen[len(events):])
-                for a in handle.actors():
-                    if a["pid"] not in workers and (a.get("node_id") in (None, cluster.here)):
-                        workers[a["pid"]] = parent_pid(a["pid"])
-                self.progress.update(samples[-1][1], self.n)
-                if finished or stop.wait(_SAMPLE_S):
-                    return
-
-        sampler = threading.Thread(target=sample, name="resilient-drill-sampler", daemon=True)
-        sampler.start()
-        struck = None
-        if fault is not None:
-            with CheckpointStore(settings) as store:
-                saved: set[int] = set()
-
-                def checkpointed(actor: dict) -> bool:  # a stateful slot is struck once it has a checkpoint
-                    if actor["slot"] not in saved and store.latest(records.slot_key(job_id, actor["slot"])) is not None:
-                        saved.add(actor["slot"])
-                    return actor["slot"] in saved
-
-                live = self._live(fault, cluster, stores, markers, committed=lambda: samples[-1][1],
-                                  done=handle.done, actors=handle.actors, events=lambda: list(events),
-                                  ready=checkpointed if pipeline.stateful else lambda actor: True)
-                struck = fault.inject(live)
-        error = None
-        result = None
-        try:
-            result = handle.wait(self.timeout)
-        except Exception as e:  # noqa: BLE001 - judged: the job did not finish
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        stop.set()
-        sampler.join()
-        seen = Observed(samples=[(t - t0, n) for t, n in samples], seconds=time.time() - t0,
-                        events=events, error=error, workers=workers)
-        if struck is not None:
-            seen.struck = Struck(struck.at - t0, struck.what, struck.cleanup)
-        if result is not None:
-            seen.dead = [d.batch_id for d in result.dead_letters]
-            seen.calls = result.calls
-        return seen
-
-    def _driver_job(self, job_id: str, pipeline: Pipeline, sink: FileSink, settings: Settings, args: tuple,
-                    kwargs: dict, fault: Fault, cluster: Cluster, stores: list[str], markers: str) -> Observed:
-        import ray
-        from ray import cloudpickle
-
-        spec = os.path.join(markers, "driver.spec")
-        with open(spec, "wb") as f:
-            cloudpickle.dump({"pipeline": pipeline, "source": self.source, "sink": sink, "settings": settings,
-                              "job_id": job_id, "init_args": args, "init_kwargs": kwargs,
-                              "address": ray.get_runtime_context().gcs_address}, f)
-        paths = [os.getcwd(), *(p for p in sys.path if p)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
-        t0 = time.time()
-        state: dict[str, Any] = {"samples": [(t0, 0)], "events": [], "result": None, "error": None}
-
-        def launch(log: str) -> subprocess.Popen:
-            with open(os.path.join(markers, log), "w") as err:
-                proc = subprocess.Popen([sys.executable, "-m", "resilient.drill._child", spec], stdout=subprocess.PIPE,
-                                        stderr=err, text=True, env=env)
-            reader = threading.Thread(target=_read_child, args=(proc, state, self.progress, self.n), daemon=True)
-            reader.start()
-            proc.reader = reader  # type: ignore[attr-defined]
-            return proc
-
-        first = launch("driver-1.log")
-        live = self._live(fault, cluster, stores, markers, committed=lambda: state["samples"][-1][1],
-                          done=lambda: first.poll() is not None, actors=lambda: [], events=lambda: [],
-                          kill_driver=lambda: first.poll() is None and kill_pid(first.pid))
-        struck = fault.inject(live)
-        first.wait(self.timeout)
-        first.reader.join()  # type: ignore[attr-defined]
-        if struck is not None:
-            state["events"], state["error"] = [], None
-            second = launch("driver-2.log")
-            try:
-                second.wait(self.timeout)
-            except subprocess.TimeoutExpired:
-                second.kill()
-                state["error"] = f"the re-run did not finish within {self.timeout:g}s"
-            second.reader.join()  # type: ignore[attr-defined]
-        result = state["result"] or {}
-        if state["error"] is None and not result:
-            with open(os.path.join(markers, "driver-2.log" if struck else "driver-1.log")) as f:
-                state["error"] = "the driver ended without a result: " + f.read()[-500:]
-        seen = Observed(samples=[(t - t0, n) for t, n in state["samples"]], seconds=time.time() - t0,
-                        events=state["events"], error=state["error"], dead=list(result.get("dead", [])))
-        if struck is not None:
-            seen.struck = Struck(struck.at - t0, struck.what)
-        return seen
-
-    def _read_back(self, seen: Observed, sink: FileSink, settings: Settings, job_id: str, stateful: bool) -> None:
-        try:
-            for b, out in sink.read_all():
-                seen.ids[b] += 1
-                seen.outputs[b] = digest(out)
-        except Exception as e:  # noqa: BLE001 - an unreadable sink fails the exactly-once check
-            seen.error = seen.error or f"reading the sink back failed: {type(e).__name__}: {e}"
-        if not stateful:
-            return
-        with CheckpointStore(settings) as store:
-            for s in range(self.slots):
-                try:
-                    seen.states.append(digest(store.load(records.slot_key(job_id, s)).state["user"]))
-                except NoCheckpointError:
-                    seen.states.append(None)
 
     # ------------------------------------------------------------------ the drill
 
@@ -424,28 +267,20 @@ class _Drill:
             dip=checks.dip(seen.samples, at, min(at + (recovery or 0.0) + 1.0, _last_commit(seen.samples)), rate)
             if at is not None else None,
             extra_s=round(seen.seconds - ref.seconds, 2), seconds=round(seen.seconds, 2), samples=seen.samples,
+            incidents=_incidents(seen.events),
         )
 
 
-def _read_child(proc: subprocess.Popen, state: dict, progress: _Progress, total: int) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        kind, _, rest = line.strip().partition(" ")
-        if kind == "s":
-            t, n = rest.split()
-            state["samples"].append((float(t), int(n)))
-            progress.update(int(n), total)
-        elif kind == "e":
-            state["events"].append(json.loads(rest))
-        elif kind == "r":
-            state["result"] = json.loads(rest)
-        elif kind == "x":
-            state["error"] = json.loads(rest).splitlines()[0]
-
-
-def _event(e: Any, t: float) -> dict:
-    """An event as plain data, with `t`: when it was seen (seconds since launch, to the sampling step)."""
-    return {"kind": e.kind, "t": t, **e.info()}
+def _incidents(events: Sequence[dict]) -> list[str]:
+    """The failures and recoveries of a run, one line each (time seen, what, why)."""
+    lines = []
+    for e in events:
+        if e["kind"] in ("restart", "rollback", "retry", "dead_letter", "started"):
+            why = e.get("reason") or e.get("error") or ""
+            where = f"slot {e['slot']}" if "slot" in e else f"batch {e.get('batch_id')}"
+            extra = f" cursor {e['cursor']}" if e["kind"] in ("started", "rollback") else ""
+            lines.append(f"{e.get('t', 0.0):.2f}s {e['kind']} {where}{extra} {why}".rstrip())
+    return lines
 
 
 def _name(p: Pipeline) -> str:
