@@ -144,18 +144,20 @@ def _kill_mid_call(live: Live) -> Struck | None:
 
 
 def _kill_starting(live: Live) -> Struck | None:
-    def fresh() -> int | None:
-        pids = starting_workers(set(live.cluster.raylets)) - live.known_workers
-        return min(pids) if pids else None
+    """SIGKILL the worker processes found starting first (the slots' actors start together, a standby
+    a little later: all of those seen at once are killed, so that a slot's actor is among them)."""
+    def fresh() -> set[int]:
+        return starting_workers(set(live.cluster.raylets)) - live.known_workers
 
     while True:
-        pid = live.wait(fresh)
-        if pid is None:
+        pids = live.wait(fresh)
+        if not pids:
             return None
         at = live.clock()
-        if kill_pid(pid):
-            return Struck(at, f"SIGKILL pid {pid} while it started")
-        live.known_workers.add(pid)
+        killed = sorted(p for p in pids if kill_pid(p))
+        if killed:
+            return Struck(at, f"SIGKILL pid {', '.join(map(str, killed))} while starting")
+        live.known_workers.update(pids)
 
 
 def _died_starting(events: list[dict]) -> str | None:

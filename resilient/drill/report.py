@@ -18,8 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -120,11 +122,16 @@ class DrillReport:
         return asdict(self) | {"ok": self.ok}
 
     def write(self, directory: str) -> list[str]:
-        """Write ``drill.json`` and ``drill.png`` into `directory` (created); return their paths."""
+        """Write ``drill.json`` and ``drill.png`` into `directory` (created); return their paths. Without
+        matplotlib (the ``drill`` extra) the picture is left out, with a warning that says so."""
         os.makedirs(directory, exist_ok=True)
         data = os.path.join(directory, DATA)
         with open(data, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
+        if importlib.util.find_spec("matplotlib") is None:
+            warnings.warn("drill.png not written: matplotlib is not installed (pip install 'resilient[drill]')",
+                          stacklevel=2)
+            return [data]
         picture = os.path.join(directory, PICTURE)
         self.draw(picture)
         return [data, picture]

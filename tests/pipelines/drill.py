@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 import resilient
@@ -18,6 +20,7 @@ class CountsInAGlobal(simple.RunningSum):
     replacement restored from a checkpoint numbers them from zero again."""
 
     def __call__(self, batch: dict) -> dict:
+        time.sleep(0.002)  # long enough a job for a kill to land with batches left after it
         out = super().__call__(batch)
         _SEEN["batches"] += 1
         return {**out, "seen": [_SEEN["batches"]] * len(out["id"])}
