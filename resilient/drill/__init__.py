@@ -13,7 +13,8 @@ The parts, each in one place:
 
 * `resilient.drill.faults`: the fault classes, a registry (`register`), and their injectors;
 * `resilient.drill.checks`: the checks and measurements, pure functions over plain data;
-* `resilient.drill.run`: running the jobs (scratch sink and store, sampling, reading back);
+* `resilient.drill.run`: the drill itself (sample, scratch directories, references, judgement);
+* `resilient.drill.jobs`: one run of the job, in this process or as a driver process that is killed;
 * `resilient.drill.report`: the table, the JSON file and the picture.
 
 Example:

@@ -119,6 +119,8 @@ class _Progress:
 
 
 class _Drill:
+    """One drill: the sample, the user's pipeline and settings, and the scratch directory its runs use."""
+
     def __init__(self, pipeline: Pipeline, source: Any, *, init_args: tuple, init_kwargs: dict, sink_format: str,
                  environ: Mapping[str, str] | None, scratch: str, progress: _Progress, trigger: float,
                  timeout: float) -> None:
@@ -133,6 +135,7 @@ class _Drill:
         self.replicas = max(2, len(base.storage))
         self.slots = int(pipeline.options.get("num_actors", base.num_actors))
         self.on_poison = pipeline.options.get("on_poison", base.on_poison)
+        self.hang_timeout: float | None = None  # set from the first reference
 
     # ------------------------------------------------------------------ one job
 
@@ -146,7 +149,7 @@ class _Drill:
     def _target(self, fault: Fault | None, markers: str) -> tuple[Pipeline, tuple, dict]:
         """The pipeline to run, and its constructor arguments: the user's, or wrapped to raise."""
         p = self.pipeline
-        if fault is not None and fault.hangs:
+        if fault is not None and fault.hangs and self.hang_timeout is not None:
             p = p.with_options(batch_timeout_seconds=self.hang_timeout)
         if fault is None or fault.raises is None:
             return p, self.init_args, self.init_kwargs
