@@ -9,6 +9,7 @@ Sub-commands::
     resilient repair [KEY]                rewrite missing or corrupt copies from good ones
     resilient gc [KEY] [--delete]         retention and orphans (dry run unless --delete)
     resilient dead-letters JOB [--retry]  poison batches; ask the next run to process them again
+    resilient drill MODULE:PIPELINE ...   a fault drill of a pipeline (`resilient.drill`)
 
 Storage comes from the environment (``RESILIENT_STORAGE`` and the other ``RESILIENT_*`` variables,
 through `resilient.Settings.from_env`); a repeated ``--storage URL`` replaces ``RESILIENT_STORAGE``.
@@ -132,6 +133,22 @@ def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
     p.add_argument("--traceback", action="store_true", help="show each batch's last traceback")
     p.add_argument("--retry", nargs="*", type=_batch_id, metavar="ID",
                    help="retry these dead-lettered batch ids (all of them when none is given)")
+    p = sub.add_parser("drill", parents=[as_json], help="run a pipeline through every fault class and judge it",
+                       description="Run MODULE:PIPELINE on a sample of a source: two fault-free references, then "
+                       "one run per fault class (kills, hangs, exceptions, poison, zombie, storage, driver), each "
+                       "checked for exactly-once outputs, equal outputs and equal final state, with recovery "
+                       "figures. Local Ray, or the cluster RAY_ADDRESS names. Exits 1 when a check fails.")
+    p.add_argument("pipeline", metavar="MODULE:PIPELINE", help="a @resilient.pipeline, e.g. examples.score_pipeline:Scorer")
+    p.add_argument("--source", required=True, metavar="SOURCE",
+                   help="range:ROWS[:BATCH], MODULE:NAME (an object or, with --source-kwargs, a function), or a file glob")
+    p.add_argument("--source-kwargs", metavar="JSON", help="call the MODULE:NAME source with these keyword arguments")
+    p.add_argument("--init-kwargs", metavar="JSON", help="the pipeline class's constructor keyword arguments")
+    p.add_argument("--batch-size", type=_batch_id, metavar="N", help="rows per batch of a range or of files (1024)")
+    p.add_argument("--batches", type=_batch_id, metavar="N", help="the sample: the first N batches (default 2000)")
+    p.add_argument("--faults", metavar="A,B", help="fault classes to run (default: all)")
+    p.add_argument("--report", metavar="DIR", default="drill-report",
+                   help="where drill.json and drill.png go (default ./drill-report)")
+    p.add_argument("--scratch", metavar="DIR", help="where the scratch sinks and stores go (default: temp dir)")
     return top
 
 
@@ -600,6 +617,31 @@ def _age(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+# ---------------------------------------------------------------------------------------------- drill
+
+
+def _drill(ctx: _Context) -> int:
+    from resilient.drill import drill
+    from resilient.drill.command import parse_json, parse_source, parse_target
+
+    a = ctx.args
+    pipeline = parse_target(a.pipeline)
+    source = parse_source(a.source, parse_json(a.source_kwargs, "source-kwargs"), a.batch_size)
+    faults = [f.strip() for f in a.faults.split(",") if f.strip()] if a.faults is not None else None
+    report = drill(pipeline, source, batches=a.batches, faults=faults, report=a.report,
+                   init_kwargs=parse_json(a.init_kwargs, "init-kwargs"), scratch=a.scratch, environ=ctx.environ,
+                   stream=ctx.err)
+    if a.json:
+        ctx.json(report.to_dict())
+    else:
+        ctx.print(report.summary())
+        ctx.print()
+        ctx.print(report.table())
+        ctx.print()
+        ctx.print(f"report: {os.path.join(a.report, 'drill.json')}, picture: {os.path.join(a.report, 'drill.png')}")
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
 _COMMANDS: dict[str, Callable[[_Context], int]] = {
     "config": _config,
     "status": _status,
@@ -608,6 +650,7 @@ _COMMANDS: dict[str, Callable[[_Context], int]] = {
     "repair": _repair,
     "gc": _gc,
     "dead-letters": _dead_letters,
+    "drill": _drill,
 }
 
 
