@@ -161,23 +161,13 @@ def finish_exactly_once(handle: Any, probe: Any, args: argparse.Namespace, after
     return result
 
 
-def _drain(address: str, node_id: str, seconds: float) -> None:
-    import ray
-    from ray.core.generated import autoscaler_pb2
-
-    ok, why = ray._raylet.GcsClient(address=address).drain_node(
-        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot instance reclaimed",
-        int((time.time() + seconds) * 1000))
-    if not ok:
-        raise RuntimeError(f"the drain request was refused: {why}")
-
-
 def measure_preemption_round(args: argparse.Namespace, root: str, cluster: Any, nodes: dict, rep: int) -> dict:
     import ray
 
     import resilient
     from resilient.io import FileSink, RangeSource
     from resilient.runtime import events as ev
+    from resilient.testing import announce_preemption
 
     work = tempfile.mkdtemp(prefix=f"preempt-{rep}-", dir=root)
     out = os.path.join(work, "out")
@@ -198,7 +188,7 @@ def measure_preemption_round(args: argparse.Namespace, root: str, cluster: Any, 
         victim = next(a for a in handle.actors() if a["slot"] == 0)
         base = len(handle.events())
         t0 = time.monotonic()
-        _drain(cluster.address, victim["node_id"], 30.0)
+        announce_preemption(victim["node_id"], 30.0, address=cluster.address)
         r: dict[str, Any] = {}
         first: int | None = None
         while time.monotonic() - t0 < args.failover_timeout:

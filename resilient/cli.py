@@ -149,6 +149,8 @@ def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", default="drill-report",
                    help="where drill.json and drill.png go (default ./drill-report)")
     p.add_argument("--scratch", metavar="DIR", help="where the scratch sinks and stores go (default: temp dir)")
+    p.add_argument("--drain-nodes", action="store_true",
+                   help="let the preemption class drain a node (Ray keeps it out of service until it is restarted)")
     return top
 
 
@@ -630,7 +632,7 @@ def _drill(ctx: _Context) -> int:
     faults = [f.strip() for f in a.faults.split(",") if f.strip()] if a.faults is not None else None
     report = drill(pipeline, source, batches=a.batches, faults=faults, report=a.report,
                    init_kwargs=parse_json(a.init_kwargs, "init-kwargs"), scratch=a.scratch, environ=ctx.environ,
-                   stream=ctx.err)
+                   stream=ctx.err, drain_nodes=a.drain_nodes)
     if a.json:
         ctx.json(report.to_dict())
     else:

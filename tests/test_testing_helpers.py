@@ -49,6 +49,7 @@ def test_public_names_are_pinned_and_sorted():
         "S3Server",
         "S3ServerError",
         "SilentServer",
+        "announce_preemption",
         "kill_pid",
         "kill_worker",
     ]

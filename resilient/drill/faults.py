@@ -8,12 +8,15 @@ run by a driver process of its own that is killed and started again (``kills_dri
 
 Adding a class is a function and one `register` call::
 
-    def _drain(live: Live) -> Struck | None:
-        actor = live.at_trigger()
-        ...  # send the notice
-        return Struck(live.clock(), "preemption notice for node ...")
+    def _raise_sigusr1(live: Live) -> Struck | None:
+        hit = live.strike(signal.SIGUSR1)
+        return None if hit is None else Struck(hit[1], f"SIGUSR1 {_described(hit[0])}")
 
-    register(Fault("preemption", "node preemption notice", _drain))
+    register(Fault("sigusr1", "actor sent SIGUSR1", _raise_sigusr1))
+
+The preemption class drains a node of the cluster (reason PREEMPTION, as KubeRay, managed platforms and
+``ray drain-node`` do): it runs only where it is allowed (``--drain-nodes``), on a cluster with a node
+other than the driver's, because Ray then schedules nothing new on the drained node until it is restarted.
 
 Every injector waits until `Live.trigger` batches are committed (or the job ends: None, the fault was
 not injected) and returns when it struck (`Struck`, wall-clock seconds) with a short description.
@@ -44,6 +47,7 @@ class Cluster:
     nodes: int
     here: str | None
     raylets: frozenset[int] = frozenset()
+    may_drain: bool = False  # the user allowed the drill to drain a node (--drain-nodes)
 
 
 @dataclass
@@ -257,8 +261,34 @@ def _kill_driver(live: Live) -> Struck | None:
     return Struck(at, "SIGKILL the driver, then the job re-run")
 
 
+DRAIN_NOTICE_S = 60.0  # how far ahead the drill's preemption notice comes
+
+
 def _no_drain(cluster: Cluster) -> str | None:
-    return "needs a drain-capable multi-node cluster"
+    if not cluster.may_drain:
+        return ("drains a node, which Ray then keeps out of service until it is restarted: allow it with "
+                "--drain-nodes on a cluster where that is fine")
+    if cluster.nodes < 3:
+        return f"needs a node for the actor to leave and another to move to, besides the driver's ({cluster.nodes} alive)"
+    return None
+
+
+def _drain(live: Live) -> Struck | None:
+    """A preemption notice for the node of a worker actor that is not on the driver's node."""
+    from resilient.testing import announce_preemption
+
+    def away() -> dict | None:
+        if live.committed() < live.trigger:
+            return None
+        return next((a for a in live.actors() if a.get("node_id") and a["node_id"] != live.cluster.here), None)
+
+    actor = live.wait(away)
+    if actor is None:
+        return None
+    at = live.clock()
+    announce_preemption(actor["node_id"], DRAIN_NOTICE_S, message="resilient drill")
+    return Struck(at, f"preemption notice ({DRAIN_NOTICE_S:g} s) for node {actor['node_id'][:12]} of "
+                      f"{_described(actor)}")
 
 
 register(Fault("kill", "actor SIGKILLed mid-call", _kill_mid_call))
@@ -271,4 +301,4 @@ register(Fault("zombie", "zombie (SIGSTOP, replaced, SIGCONT)", _zombie, hangs=T
 register(Fault("replica-lost", "storage replica lost", _storage(_lose)))
 register(Fault("replica-corrupt", "storage replica corrupted", _storage(_corrupt)))
 register(Fault("driver", "driver killed, job re-run", _kill_driver, kills_driver=True))
-register(Fault("preemption", "node preemption notice", lambda live: None, unavailable=_no_drain))
+register(Fault("preemption", "node preemption notice", _drain, unavailable=_no_drain))

@@ -247,7 +247,7 @@ def _child_line(line: str, state: dict, on_progress: Callable[[int], None]) -> N
 
 
 def read_back(seen: Observed, job: Job, slots: int) -> None:
-    """Ids from the sink's commit markers, each counted once more for every time the job reported it
+    """Ids from the sink's committed files, each counted once more for every time the job reported it
     committed beyond the first; a spread of outputs read back and compared with what was committed
     (outputs a killed driver committed without reporting are read back); each slot's final state."""
     sink = job.sink

@@ -123,8 +123,9 @@ class _Drill:
 
     def __init__(self, pipeline: Pipeline, source: Any, *, init_args: tuple, init_kwargs: dict, sink_format: str,
                  environ: Mapping[str, str] | None, scratch: str, progress: _Progress, trigger: float,
-                 timeout: float) -> None:
+                 timeout: float, drain_nodes: bool = False) -> None:
         self.pipeline, self.source = pipeline, source
+        self.drain_nodes = drain_nodes
         self.init_args, self.init_kwargs = init_args, init_kwargs
         self.sink_format, self.environ, self.scratch = sink_format, environ, scratch
         self.progress, self.trigger, self.timeout = progress, trigger, timeout
@@ -205,7 +206,8 @@ class _Drill:
         import ray
 
         raylets = frozenset(p for r in refs for p in r.workers.values() if p)
-        cluster = Cluster(nodes=sum(1 for n in ray.nodes() if n.get("Alive")), here=local_node(), raylets=raylets)
+        cluster = Cluster(nodes=sum(1 for n in ray.nodes() if n.get("Alive")), here=local_node(), raylets=raylets,
+                          may_drain=self.drain_nodes)
         rate = self.n / max(1e-9, _commit_span(a.samples))
         report.reference_rate = round(rate, 1)
         for fault in faults:
@@ -328,6 +330,7 @@ def drill(
     stream: TextIO | None = None,
     trigger: float = 0.3,
     timeout: float = 600.0,
+    drain_nodes: bool = False,
 ) -> DrillReport:
     """Run a fault drill of `pipeline` on the first `batches` batches of `source`.
 
@@ -351,6 +354,8 @@ def drill(
         stream: where progress goes (standard error by default).
         trigger: the fraction of the sample committed when a fault strikes.
         timeout: seconds one run may take before it is judged unfinished.
+        drain_nodes: let the preemption class drain a node of the cluster (Ray then keeps the node out of
+            service until it is restarted: a test cluster, or one whose autoscaler replaces drained nodes).
 
     Returns:
         The `DrillReport` (``report.ok`` is False when a check failed).
@@ -375,7 +380,7 @@ def drill(
     try:
         result = _Drill(pipeline, source, init_args=tuple(init_args), init_kwargs=dict(init_kwargs or {}),
                         sink_format=sink_format, environ=environ, scratch=work, progress=shown, trigger=trigger,
-                        timeout=timeout).run(chosen)
+                        timeout=timeout, drain_nodes=drain_nodes).run(chosen)
     finally:
         quiet.setLevel(level)
         shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,7 @@ Real parts where possible, small counting objects where not:
 * `NoSpaceDirectory`: a tiny tmpfs mount, a real ``ENOSPC`` source (needs root).
 * `kill_pid`: ``SIGKILL`` a process by PID and wait until it is gone.
 * `kill_worker`: ``SIGKILL`` a worker actor of a running job by PID, once it has made some progress.
+* `announce_preemption`: mark a Ray node draining with reason PREEMPTION and a deadline.
 
 Example:
     >>> import fsspec
@@ -29,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+from resilient.testing._drain import announce_preemption
 from resilient.testing._flaky import FlakyFileSystem
 from resilient.testing._nospace import NoSpaceDirectory, NoSpaceUnavailable
 from resilient.testing._process import kill_pid, kill_worker
@@ -42,6 +44,7 @@ __all__ = [
     "S3Server",
     "S3ServerError",
     "SilentServer",
+    "announce_preemption",
     "kill_pid",
     "kill_worker",
 ]

@@ -22,12 +22,12 @@ import time
 
 import ray
 from ray.cluster_utils import Cluster
-from ray.core.generated import autoscaler_pb2
 
 import resilient
 from resilient.io.sinks import FileSink
 from resilient.io.sources import RangeSource
 from resilient.runtime import events as ev
+from resilient.testing import announce_preemption
 from tests.pipelines.spot import LoggedSum, runs_per_batch
 
 ROWS, BATCHES = 2, 600
@@ -39,13 +39,6 @@ def expected_outputs() -> dict[int, list[int]]:
         total += sum(range(b * ROWS, (b + 1) * ROWS))
         out[b] = [total] * ROWS
     return out
-
-
-def drain(cluster: Cluster, node_id: str, seconds: float) -> None:
-    gcs = ray._raylet.GcsClient(address=cluster.address)
-    ok, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                             "spot instance reclaimed", int((time.time() + seconds) * 1000))
-    assert ok, why
 
 
 def run(cluster: Cluster, workdir: str, case: str, nodes: dict, **options) -> dict:
@@ -66,7 +59,7 @@ def run(cluster: Cluster, workdir: str, case: str, nodes: dict, **options) -> di
     victim = {"active": active, "short": active, "standby": spare_node}.get(case)
     if victim is not None:
         t0 = time.monotonic()
-        drain(cluster, victim, 1.0 if case == "short" else 60.0)
+        announce_preemption(victim, 1.0 if case == "short" else 60.0, address=cluster.address)
         while time.monotonic() - t0 < 20:
             handed = any(isinstance(e, ev.ActorReplaced) for e in handle.events())
             moved = case == "standby" and sup.spares and all(
