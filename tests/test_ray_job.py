@@ -332,3 +332,50 @@ def test_same_script_runs_with_plain_python(tmp_path: Path) -> None:
     ids = _count_ids(sink)
     assert sorted(ids) == list(range(1000)) and set(ids.values()) == {1}
     assert not left, f"the script's local Ray left processes behind: {left}"
+
+
+@pytest.mark.slow
+def test_ray_job_stop_stops_gracefully_and_a_resubmission_resumes(cluster: LocalCluster, tmp_path: Path) -> None:
+    """`ray job stop` sends the driver SIGTERM: it commits what answered, saves the slots and the progress
+    within RESILIENT_STOP_TIMEOUT_SECONDS (under Ray's 3 s before SIGKILL), and says how to resume; the
+    same submission again finishes the job, every row once."""
+    sink = f"file://{tmp_path}/scores"
+    runtime_env = {"py_modules": [str(ROOT / "resilient")],
+                   "env_vars": {"RESILIENT_STORAGE": f"{tmp_path}/ckpt-a,{tmp_path}/ckpt-b",
+                                "RESILIENT_CHECKPOINT_EVERY": "25"}}
+
+    def submit(job: str) -> None:
+        cluster.ray("job", "submit", "--no-wait", "--submission-id", job, "--working-dir", str(EXAMPLES),
+                    "--runtime-env-json", json.dumps(runtime_env), "--", "python", "ray_job.py", sink, "--rows",
+                    str(ROWS), "--batch", str(BATCH), "--work-ms", str(WORK_MS), "--job-id", "ray-job-stop")
+
+    first = f"resilient-{secrets.token_hex(4)}"
+    submit(first)
+    while True:
+        status, logs = _job(cluster, first)
+        assert status in ("PENDING", "RUNNING"), logs[-4000:]
+        progress = _lines(logs, "progress")
+        if progress and progress[-1]["committed"] >= KILL_AFTER:
+            assert progress[-1]["committed"] < progress[-1]["total"], "the job ended before the stop"
+            break
+        time.sleep(0.3)
+    t0 = time.monotonic()
+    cluster.ray("job", "stop", first)
+    while (state := _job(cluster, first))[0] not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        time.sleep(0.2)
+    status, logs = state
+    assert status == "STOPPED" and time.monotonic() - t0 < 30, logs[-4000:]
+    assert "JobStoppedError" in logs and "the driver received SIGTERM" in logs and "To resume" in logs, logs[-4000:]
+    stopped_at = sum(_count_ids(sink).values()) // BATCH
+    assert KILL_AFTER <= stopped_at < ROWS // BATCH
+
+    second = f"resilient-{secrets.token_hex(4)}"
+    submit(second)
+    while (state := _job(cluster, second))[0] in ("PENDING", "RUNNING"):
+        time.sleep(0.5)
+    status, logs = state
+    assert status == "SUCCEEDED", logs[-4000:]
+    result = _lines(logs, "result")[-1]
+    assert result["resumed_from"] >= stopped_at - 64 and result["committed"] == result["total"]
+    ids = _count_ids(sink)
+    assert sorted(ids) == list(range(ROWS)) and set(ids.values()) == {1}
