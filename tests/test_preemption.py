@@ -40,7 +40,7 @@ def cluster_cases(tmp_path_factory) -> dict[str, dict]:
         if line.startswith("{"):
             facts = json.loads(line)
             cases[facts["case"]] = facts
-    assert proc.returncode == 0 and len(cases) == 4, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0 and len(cases) == 5, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     return cases
 
 
@@ -79,6 +79,16 @@ def test_a_drain_shorter_than_the_margin_sends_the_calls_in_flight_again(cluster
     _finished_exactly_once(facts)
     [(reason, cause, redelivered)] = facts["replaced"]
     assert cause == "preempted" and redelivered and facts["preempted"] == 1
+
+
+def test_the_drills_preemption_class_drains_a_node_and_passes(cluster_cases):
+    """`resilient drill` with --drain-nodes on the multi-node cluster: the node of a worker actor is drained
+    with reason PREEMPTION; the slot is handed over, replaying and charging nothing."""
+    report = cluster_cases["drill"]["report"]
+    [row] = [r for r in report["rows"] if r["name"] == "preemption"]
+    assert row["status"] == "PASS", cluster_cases["drill"]["table"]
+    assert row["fault"].startswith("preemption notice") and row["replayed"] == 0 and row["attempts"] == 0
+    assert row["recovery_s"] is not None
 
 
 def _driver(args: list[str], *, sigterm_after: int | None) -> tuple[int, list[str], str, float]:

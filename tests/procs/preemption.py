@@ -11,10 +11,12 @@ Runs the cases below on one cluster and prints one JSON line per case.
 * ``standby``: the standby's node drains, then goes.
 * ``short``: the active actor's node drains with a 1 s deadline (less than the margin: its calls in
   flight are sent again), then goes.
+* ``drill``: `resilient drill`'s preemption class, allowed to drain a node (``drain_nodes=True``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -24,13 +26,15 @@ import ray
 from ray.cluster_utils import Cluster
 
 import resilient
+from resilient.drill import drill
 from resilient.io.sinks import FileSink
 from resilient.io.sources import RangeSource
 from resilient.runtime import events as ev
 from resilient.testing import announce_preemption
+from tests.pipelines import simple
 from tests.pipelines.spot import LoggedSum, runs_per_batch
 
-ROWS, BATCHES = 2, 600
+ROWS, BATCHES = 2, 400
 
 
 def expected_outputs() -> dict[int, list[int]]:
@@ -39,6 +43,15 @@ def expected_outputs() -> dict[int, list[int]]:
         total += sum(range(b * ROWS, (b + 1) * ROWS))
         out[b] = [total] * ROWS
     return out
+
+
+def spares_away(sup, node: str) -> bool:
+    """Every standby of the job is built, and none is on `node` (one being killed meanwhile: not yet)."""
+    try:
+        spares = list(sup.spares)
+        return bool(spares) and all(ray.get(s.ready.remote())["node_id"] != node for s in spares)
+    except ray.exceptions.RayActorError:
+        return False
 
 
 def run(cluster: Cluster, workdir: str, case: str, nodes: dict, **options) -> dict:
@@ -62,8 +75,7 @@ def run(cluster: Cluster, workdir: str, case: str, nodes: dict, **options) -> di
         announce_preemption(victim, 1.0 if case == "short" else 60.0, address=cluster.address)
         while time.monotonic() - t0 < 20:
             handed = any(isinstance(e, ev.ActorReplaced) for e in handle.events())
-            moved = case == "standby" and sup.spares and all(
-                ray.get(s.ready.remote())["node_id"] != victim for s in sup.spares)
+            moved = case == "standby" and spares_away(sup, victim)
             if handed or moved:
                 facts["standby_moved"] = bool(moved)
                 break
@@ -97,6 +109,14 @@ def run(cluster: Cluster, workdir: str, case: str, nodes: dict, **options) -> di
     return facts
 
 
+def drill_case() -> dict:
+    pipe = resilient.pipeline(simple.SlowSum, num_actors=2, actor_cpus=0.25, scheduling_strategy="SPREAD",
+                              checkpoint_every=20)
+    report = drill(pipe, RangeSource(600, 2), batches=300, faults=["preemption"], drain_nodes=True,
+                   init_args=(0.004,), progress=False, stream=io.StringIO(), environ={})
+    return {"case": "drill", "table": report.table(), "report": report.to_dict()}
+
+
 def main() -> None:
     workdir = sys.argv[1]
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -117,6 +137,7 @@ def main() -> None:
             fresh = cluster.add_node(num_cpus=1)  # the cloud gives the capacity back
             nodes[fresh.node_id] = fresh
             cluster.wait_for_nodes()
+        print(json.dumps(drill_case()), flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
