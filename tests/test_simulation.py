@@ -153,7 +153,7 @@ def test_a_crash_loop_while_starting_still_ends():
 # ------------------------------------------------------------------ the simulation catches broken schedulers
 
 
-def _broken(monkeypatch, name, replacement, seeds=range(600)):
+def _broken(monkeypatch, name, replacement, seeds=range(400)):
     monkeypatch.setattr(scheduler_module.Scheduler, name, replacement)
     return sweep(seeds)
 

@@ -61,8 +61,10 @@ def run(cluster: Cluster, workdir: str, case: str, nodes: dict, **options) -> di
         {}, storage=[f"{workdir}/{case}/ckpt-a", f"{workdir}/{case}/ckpt-b"], write_quorum=1, num_actors=1,
         actor_cpus=0.25, standby=1, checkpoint_every=50, checkpoint_interval_seconds=3600, **options)
     sink = f"{workdir}/{case}/out"
+    # the standby case lasts long enough after the drain for a standby to be built elsewhere
+    seconds = 0.02 if case == "standby" else 0.004
     handle = resilient.pipeline(LoggedSum).run(RangeSource(BATCHES * ROWS, ROWS), sink, job_id=case,
-                                               settings=settings, init_args=(logs,))
+                                               settings=settings, init_args=(logs, seconds))
     sup = handle._supervisor
     while handle.progress()["committed"] < 100 or not sup.spares:
         time.sleep(0.02)
@@ -72,6 +74,7 @@ def run(cluster: Cluster, workdir: str, case: str, nodes: dict, **options) -> di
     victim = {"active": active, "short": active, "standby": spare_node}.get(case)
     if victim is not None:
         t0 = time.monotonic()
+        facts["standby_moved"] = False
         announce_preemption(victim, 1.0 if case == "short" else 60.0, address=cluster.address)
         while time.monotonic() - t0 < 20:
             handed = any(isinstance(e, ev.ActorReplaced) for e in handle.events())
