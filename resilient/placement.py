@@ -36,6 +36,8 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+from resilient.config import _thaw  # plain dicts and lists from the settings' frozen values
+
 __all__ = ["ACCEPTED", "OWNED", "actor_options", "check_remote_args", "placement_bundles"]
 
 ACCEPTED = ("accelerator_type", "label_selector", "memory", "placement_group_bundles",
@@ -138,15 +140,6 @@ def check_remote_args(options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _plain(value: Any) -> Any:
-    """Plain dicts and lists all the way down (settings hold frozen mappings and tuples)."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def placement_bundles(remote_args: Mapping[str, Any], cpus: float, gpus: float) -> tuple[list[dict], str] | None:
     """The placement group each actor gets (bundles, strategy), or None. Bundle 0 must hold the actor.
 
@@ -164,7 +157,7 @@ def placement_bundles(remote_args: Mapping[str, Any], cpus: float, gpus: float) 
     if first.get("CPU", 0) < cpus or first.get("GPU", 0) < gpus:
         raise ValueError(f"placement_group_bundles[0] must hold the actor itself: CPU {cpus:g} (has "
                          f"{first.get('CPU', 0):g}), GPU {gpus:g} (has {first.get('GPU', 0):g})")
-    return [_plain(b) for b in bundles], remote_args.get("placement_group_strategy", "STRICT_PACK")
+    return [_thaw(b) for b in bundles], remote_args.get("placement_group_strategy", "STRICT_PACK")
 
 
 def actor_options(remote_args: Mapping[str, Any], cpus: float, gpus: float, placement_group: Any = None) -> dict:
@@ -177,7 +170,7 @@ def actor_options(remote_args: Mapping[str, Any], cpus: float, gpus: float, plac
     out: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
     for k, v in remote_args.items():
         if k not in ("placement_group_bundles", "placement_group_strategy"):
-            out[k] = _plain(v)
+            out[k] = _thaw(v)
     if placement_group is not None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from resilient.io.sinks import FileSink
+from tests import procs
 from tests.pipelines.spot import runs_per_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,23 +93,7 @@ def test_the_drills_preemption_class_drains_a_node_and_passes(cluster_cases):
 
 
 def _driver(args: list[str], *, sigterm_after: int | None) -> tuple[int, list[str], str, float]:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.procs.stop_driver", *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines, sent = [], None
-    try:
-        for line in proc.stdout:
-            lines.append(line.strip())
-            if sigterm_after is not None and sent is None and line.startswith("committed"):
-                if int(line.split()[1]) >= sigterm_after:
-                    sent = time.monotonic()
-                    os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    took = time.monotonic() - sent if sent is not None else 0.0
-    return proc.returncode, lines, proc.stderr.read(), took
+    return procs.run_driver("tests.procs.stop_driver", args, signal_after=sigterm_after, sig=signal.SIGTERM)
 
 
 def test_sigterm_stops_the_driver_gracefully_and_a_rerun_replays_nothing(tmp_path, ray_session):

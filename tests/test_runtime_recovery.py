@@ -20,6 +20,7 @@ from resilient.runtime.ledger import Ledger
 from resilient.runtime.protocol import ActorDown, ActorUp, CallAnswered, Cause, CommitGroup, SendCall
 from resilient.runtime.scheduler import INF, Policy, Scheduler
 from resilient.runtime.worker import DirtyWorkerError, JobSpec, Result, Worker
+from tests import procs
 from tests.pipelines import simple
 from tests.test_runtime import expected_running
 
@@ -28,24 +29,8 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def run_driver(args: list[str], kill_after_commits: int | None):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.procs.driver", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line.strip())
-            if kill_after_commits is not None and line.startswith("committed"):
-                if int(line.split()[1]) >= kill_after_commits:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, lines
+    rc, lines, _, _ = procs.run_driver("tests.procs.driver", args, signal_after=kill_after_commits)
+    return rc, lines
 
 
 @pytest.mark.parametrize("stateful", [False, True])

@@ -18,6 +18,7 @@ import pytest
 
 from resilient.io import FileSink, StagedOutput
 from resilient.io.delta import delta_options
+from tests import procs
 from tests.procs.sink_writer import output
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,22 +203,8 @@ def test_readers_see_each_row_once_after_chaos(where: tuple[str, Any], fmt: str,
 
 
 def run_driver(args: list[str], kill_after: int | None) -> tuple[int, list[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.procs.sink_driver", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    lines = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.strip())
-            if kill_after is not None and line.startswith("committed") and int(line.split()[1]) >= kill_after:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, lines
+    rc, lines, _, _ = procs.run_driver("tests.procs.sink_driver", args, signal_after=kill_after)
+    return rc, lines
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "delta"])  # jsonl: the sink-level chaos above, every reader
