@@ -3,9 +3,12 @@
 1. Failover. A stateful pipeline (an MLP with random, seeded weights, 1 torch thread; its state is the
    model's weights plus two running counters, so a replacement restores a model-sized checkpoint) runs
    over synthetic rows on ``--actors`` slots with ``checkpoint_every`` batches per slot checkpoint. Once
-   ``--kill-after`` batches are committed (and, with a standby, once the standby answers a call: its
-   model is built), the worker actor of slot 0 is SIGKILLed by PID (from ``handle.actors()``). The script
-   then polls ``handle.events()`` and the sink's commit markers every 2 ms:
+   ``--kill-after`` + *k* batches are committed (and, with a standby, once the standby answers a call: its
+   model is built), the worker actor of slot 0 is SIGKILLed by PID (from ``handle.actors()``). *k* is
+   drawn per job (seeded) from ``0 .. checkpoint_every * actors - 1``: a crash comes at any point of the
+   checkpoint cycle, and a fixed count would always land at the same point of it (at 100, right as slot
+   0's snapshot at cursor 100 is being persisted: the most replay there can be). ``--kill-phase fixed``
+   keeps *k* = 0. The script then polls ``handle.events()`` and the sink's commit markers every 2 ms:
 
      detect_s        kill -> the supervisor's ("restart", {...}) event (it saw the death)
      started_s       kill -> ("started", {"slot": 0, ...}): the replacement restored the slot checkpoint
@@ -63,7 +66,7 @@ The last line printed is one JSON object with at least ``failover_s``, ``failove
 ``preemption_attempts_charged``. Timings on a shared or loaded machine are noisy: check ``load_avg``.
 
 Usage:
-    python benchmarks/recovery.py [--batches 600] [--batch-rows 256] [--actors 2] [--repeat 3]
+    python benchmarks/recovery.py [--batches 600] [--batch-rows 256] [--actors 2] [--repeat 5]
                                   [--batches-per-call auto|N]
 
 ``--batches-per-call`` sets ``RESILIENT_BATCHES_PER_CALL`` for the failover jobs (default ``auto``, as
@@ -76,6 +79,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -262,6 +266,14 @@ def measure_preemption(args: argparse.Namespace) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def kill_phase(args: argparse.Namespace, standby: int, rep: int) -> int:
+    """How many committed batches past ``--kill-after`` job `rep` kills at: seeded, uniform over one
+    checkpoint cycle of the slots (``--kill-phase random``), or 0 (``fixed``)."""
+    if args.kill_phase == "fixed":
+        return 0
+    return random.Random(f"{args.seed}-{standby}-{rep}").randrange(args.checkpoint_every * args.actors)
+
+
 def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int) -> dict:
     import ray
 
@@ -277,7 +289,8 @@ def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int
         job_id=f"failover-s{standby}-{rep}", settings=settings, init_args=(args.features, args.hidden, args.seed))
     probe = FileSink(out, format="parquet")  # a second reader of the same sink: only reads markers
     try:
-        while handle.progress()["committed"] < args.kill_after:
+        kill_at = args.kill_after + kill_phase(args, standby, rep)
+        while handle.progress()["committed"] < kill_at:
             if handle.done():
                 handle.wait()
                 raise RuntimeError("the job ended before the kill: raise --batches")
@@ -514,8 +527,10 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=600, help="batches per failover job")
     p.add_argument("--batch-rows", type=int, default=256)
     p.add_argument("--actors", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3, help="failover jobs and bare restarts per mode (median)")
+    p.add_argument("--repeat", type=int, default=5, help="failover jobs, bare restarts and drains per mode (median)")
     p.add_argument("--kill-after", type=int, default=100, help="committed batches before the kill")
+    p.add_argument("--kill-phase", choices=("random", "fixed"), default="random",
+                   help="kill at a seeded point of the checkpoint cycle past --kill-after, or exactly there")
     p.add_argument("--checkpoint-every", type=int, default=10, help="slot checkpoint every N batches")
     p.add_argument("--batches-per-call", default="auto", help="RESILIENT_BATCHES_PER_CALL of the failover jobs")
     p.add_argument("--features", type=int, default=256)
@@ -542,7 +557,7 @@ def main() -> None:
     if args.preemption_child:
         preemption_child(args)
         return
-    if args.kill_after >= args.batches // 2:
+    if args.kill_after + args.checkpoint_every * args.actors >= args.batches // 2:
         p.error("--kill-after must be under half of --batches (the job must outlive the recovery)")
 
     from _bytecode import compile_resilient
@@ -640,7 +655,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     report.update({"batches": args.batches, "batch_rows": args.batch_rows, "actors": args.actors,
                    "repeat": args.repeat, "checkpoint_every": args.checkpoint_every,
-                   "batches_per_call": args.batches_per_call, "kill_after": args.kill_after,
+                   "batches_per_call": args.batches_per_call, "kill_after": args.kill_after, "kill_phase": args.kill_phase,
                    "num_cpus": args.num_cpus, "load_avg": [round(x, 2) for x in os.getloadavg()]})
     print(json.dumps(report))
 

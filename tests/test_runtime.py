@@ -406,6 +406,50 @@ def test_worker_answers_each_batch_of_a_call(tmp_path):
     stateless.store.close()
 
 
+def test_a_snapshot_is_persisted_out_of_band_only_once_its_outputs_are_committed(tmp_path):
+    """The worker names the snapshot it holds in its answers; `persist_now` saves it only when the bound
+    reaches its cursor. On a real actor built as the supervisor builds it, `persist_now` in the control
+    group answers while a long call is still running on the same actor, and the save lands."""
+    import ray
+
+    from resilient.io.sinks import FileSink
+    from resilient.runtime.supervisor import INF
+    from resilient.runtime.worker import CONTROL_GROUP, JobSpec, Worker
+
+    batches = list(RangeSource(60, 10).read(0))
+    items = [(b, batch, False) for b, batch in batches]
+    settings = settings_for(tmp_path, checkpoint_every=2, checkpoint_interval_seconds=3600.0)
+    spec = JobSpec("oob", simple.RunningSum, (), {}, True, FileSink(str(tmp_path / "o1")), settings, 1)
+    w = Worker(spec, 0, 1)
+    assert w.restore() == 0
+    answers = w.process((0, items[:3]))  # floor 0: nothing committed, nothing may be persisted
+    assert [a.snapshot for a in answers] == [None, 2, 2]
+    assert w.persist_now(1) is None and w.store.generations("oob/slot-0") == []
+    assert w.persist_now(2) == 2
+    w.store.flush()
+    [g] = w.store.generations("oob/slot-0")
+    assert w.store.load("oob/slot-0").state["cursor"] == 2
+    assert w.process((INF, items[3:4]))[0].snapshot is None  # persisted: none held
+    w.store.close()
+
+    spec = JobSpec("oob2", simple.SlowSum, (0.4,), {}, True, FileSink(str(tmp_path / "o2")), settings, 1)
+    actor = ray.remote(max_restarts=0, concurrency_groups={CONTROL_GROUP: 1})(Worker).options(
+        num_cpus=0.25).remote(spec, 0, 1)
+    assert ray.get(actor.restore.remote()) == 0
+    [a0, a1] = ray.get(actor.process.remote((0, items[:2])))
+    assert a1.snapshot == 2
+    slow = actor.process.remote((INF, items[2:4]))  # 0.8 s of work
+    t0 = time.monotonic()
+    assert ray.get(actor.persist_now.options(concurrency_group=CONTROL_GROUP).remote(2)) == 2
+    assert time.monotonic() - t0 < 0.6 and not ray.wait([slow], timeout=0)[0]  # beside the call, not behind it
+    assert [a.batch_id for a in ray.get(slow)] == [2, 3]
+    ray.get(actor.finish.remote(INF))
+    with resilient.CheckpointStore(settings) as store:
+        cursors = [store.load("oob2/slot-0", generation=g).state["cursor"] for g in store.generations("oob2/slot-0")]
+    assert cursors[0] == 2 and cursors[-1] == 4
+    ray.kill(actor)
+
+
 def test_same_job_id_different_pipeline_is_refused(tmp_path):
     settings = settings_for(tmp_path)
     resilient.pipeline(simple.square).run(RangeSource(50, 10), str(tmp_path / "out"), job_id="j1",

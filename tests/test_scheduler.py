@@ -14,6 +14,7 @@ from resilient.runtime.protocol import (
     ActorUp,
     CallAnswered,
     Cause,
+    CommitDone,
     Emit,
     FailJob,
     Failure,
@@ -213,9 +214,14 @@ def test_a_stateful_hand_over_commits_then_persists_then_takes_a_standby_off_the
     [again] = [c for c in cmds if isinstance(c, StartActor)]
     assert kill.inc == start.inc and again.spare == spares[1]  # the standby on a healthy node
     assert emitted(cmds, ev.ActorReplaced)[0].redelivered == ()
-    [nxt] = sends(s.handle(ActorUp(0, again.inc, epoch=2, node="n9", cursor=1), 1.4))
+    cmds = s.handle(ActorUp(0, again.inc, epoch=2, node="n9", cursor=1), 1.4)
+    [nxt] = sends(cmds)
     assert nxt.items == ((1, False),)  # the persisted cursor: nothing replayed
     assert s.ledger.attempts == {} and s.preempted == 1
+    assert not [c for c in cmds if type(c).__name__ == "StartSpare"]  # not while the replacement's first batch runs
+    [commit] = [c for c in s.handle(CallAnswered(nxt.call, (Result(1, 0, 2, "out-1", 0.01, 2),)), 1.5)
+                if isinstance(c, CommitGroup)]  # committed at once
+    assert [type(c).__name__ for c in s.handle(CommitDone(commit.group), 1.6)].count("StartSpare") == 1
 
 
 def test_a_drain_too_close_to_its_deadline_hands_over_at_once_and_sends_the_calls_again():
@@ -299,3 +305,66 @@ def test_an_answer_under_a_fenced_epoch_replaces_the_incarnation_and_sends_its_b
     [start] = [c for c in cmds if isinstance(c, StartActor)]
     [again] = sends(s.handle(ActorUp(0, start.inc, epoch=start.inc), 2.0))
     assert [b for b, _ in again.items] == [0, 1]
+
+
+def test_a_reported_snapshot_commits_its_outputs_at_once_then_is_persisted_out_of_band():
+    """An answer saying the worker holds a snapshot (at cursor 3) makes the group go now, not after the
+    commit interval; once that commit lands the worker is told to persist it (bounded by the snapshot's own
+    cursor), once, while its next calls are in flight."""
+    from resilient.runtime.protocol import CommitDone, CommitGroup, PersistState
+
+    s = Scheduler(Policy(slots=1, stateful=True, standby=0, batches_per_call=1, queue_depth=2,
+                         commit_interval_seconds=10.0), Ledger(8, 64))
+    [start] = [c for c in s.start(0.0) if isinstance(c, StartActor)]
+    calls = sends(s.handle(ActorUp(0, start.inc, epoch=1, node="n0", cursor=0), 0.0))
+
+    def answer(b, now, snapshot=None):
+        call = calls.pop(0)
+        assert call.items == ((b, False),)
+        cmds = s.handle(CallAnswered(call.call, (Result(b, 0, 1, f"out-{b}", 0.01, b + 1, snapshot=snapshot),)), now)
+        calls.extend(sends(cmds))
+        return cmds
+
+    [first] = [c for c in answer(0, 0.1) if isinstance(c, CommitGroup)]  # the job's first commit goes at once
+    s.handle(CommitDone(first.group), 0.15)
+    assert not [c for c in answer(1, 0.2) if isinstance(c, CommitGroup)]  # then the interval holds them
+    cmds = answer(2, 0.3, snapshot=3)
+    [commit] = [c for c in cmds if isinstance(c, CommitGroup)]  # a snapshot waits: at once
+    assert commit.batch_ids == (1, 2) and not [c for c in cmds if isinstance(c, PersistState)]
+    cmds = s.handle(CommitDone(commit.group), 0.35)
+    assert [c for c in cmds if isinstance(c, PersistState)] == [PersistState(0, start.inc, 3)]
+    assert calls  # the worker goes on meanwhile
+    cmds = answer(3, 0.4, snapshot=3)  # answered before the worker read it: not told again
+    assert not [c for c in cmds if isinstance(c, (PersistState, CommitGroup))]
+
+
+def test_a_slot_on_a_draining_node_takes_no_new_batch_while_its_calls_finish():
+    """Batches read for a draining slot wait for the next incarnation: only the calls already in flight
+    run on the old one, so the hand-over is not put off by new work (reading ahead marks a slot idle)."""
+    s = Scheduler(Policy(slots=2, stateful=True, standby=0, batches_per_call=1, queue_depth=2), Ledger(40, 8))
+    starts = [c for c in s.start(0.0) if isinstance(c, StartActor)]
+    inflight: dict[int, list] = {0: [], 1: []}
+    for c in starts:  # reading starts once every slot is up
+        for call in sends(s.handle(ActorUp(c.slot, c.inc, epoch=c.inc, node=f"n{c.slot}", cursor=c.slot), 0.0)):
+            inflight[call.slot].append(call)
+    assert not sends(s.handle(NodeDraining("n0", deadline=60.0), 0.5))
+    t, sent = 0.5, []
+
+    def answer(slot):
+        nonlocal t
+        call = inflight[slot].pop(0)
+        b = call.items[0][0]
+        t += 0.01
+        cmds = s.handle(CallAnswered(call.call, (Result(b, slot, starts[slot].inc, f"out-{b}", 0.01, b + 2),)), t)
+        for c in cmds:
+            if type(c).__name__ == "CommitGroup":
+                cmds += s.handle(CommitDone(c.group), t)
+        for c in sends(cmds):
+            inflight[c.slot].append(c)
+            sent.append(c)
+
+    answer(0)  # batch 0 commits: the window moves on and more is read, for slot 0 too
+    while inflight[1] and t < 1.0:
+        answer(1)
+    assert sent and all(c.slot == 1 for c in sent), [c for c in sent if c.slot == 0]
+    assert s.read_pos > 8  # batches of slot 0 were read meanwhile (4 and 6 were already queued: 8 is new)

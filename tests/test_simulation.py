@@ -207,6 +207,19 @@ def test_it_catches_a_scheduler_that_forgets_lost_batches(monkeypatch):
     assert any("did not" in v or "stalled" in v or "committed wrong" in v for o in bad for v in o.violations)
 
 
+def test_it_catches_a_scheduler_that_persists_a_snapshot_before_its_outputs_commit(monkeypatch):
+    """`PersistState` as soon as a worker reports its snapshot, without waiting for the commit of the
+    outputs below it: the checkpoint runs ahead of the sink, which the save-time check names."""
+    from resilient.runtime.protocol import PersistState
+
+    def eager(self, slot):
+        self._out.append(PersistState(slot.index, slot.inc, slot.snapshot))
+        slot.told, slot.snapshot = slot.snapshot, -1
+
+    bad = _broken(monkeypatch, "_persist_if_covered", eager, seeds=range(100))
+    assert any("saved before batch" in v for o in bad for v in o.violations)
+
+
 def test_it_catches_a_hand_over_that_does_not_persist_the_slot_first(monkeypatch):
     """Hand over at once, without the final commit and save: the replacement replays from an older
     checkpoint, which the hand-over test counts."""

@@ -54,6 +54,7 @@ __all__ = [
     "KillActor",
     "KillSpare",
     "NodeDraining",
+    "PersistState",
     "ProgressDone",
     "ProgressFailed",
     "Result",
@@ -66,6 +67,7 @@ __all__ = [
     "StartSpare",
     "StopJob",
     "StopRequested",
+    "WindDown",
 ]
 
 
@@ -100,6 +102,7 @@ class Result:
     cursor: int
     checkpoints: tuple = ()  # {"op", "seconds", "bytes", "generation"} of checkpoint saves finished since
     replicas: tuple = ()  # (url, degraded, failures so far) of this worker's replicas, when they changed
+    snapshot: int | None = None  # stateful: the cursor of a snapshot taken and waiting for its outputs' commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +300,28 @@ class FinishActor:
 
 
 @dataclass(frozen=True, slots=True)
+class WindDown:
+    """Incarnation `inc` of `slot` is leaving (its node drains, the job stops): it finishes the batch it is
+    running and answers its calls in flight without running their other batches, which the next incarnation
+    (or the next run) takes. Out of band, like `PersistState`; nothing answers it."""
+
+    slot: int
+    inc: int
+
+
+@dataclass(frozen=True, slots=True)
+class PersistState:
+    """Incarnation `inc` of `slot` persists its pending snapshot now if the snapshot's cursor is at or below
+    `floor`: the cursor of the snapshot it reported, whose outputs were just committed. Out of band: it
+    does not wait behind the calls in flight, and nothing answers it (a failed save surfaces with the
+    slot's next batch)."""
+
+    slot: int
+    inc: int
+    floor: int
+
+
+@dataclass(frozen=True, slots=True)
 class CommitGroup:
     """Commit these outputs in the sink as group `group` (idempotent: create-only markers); answer
     `CommitDone` or `CommitFailed`."""
@@ -346,4 +371,4 @@ class StopJob:
 
 
 Command = (StartSpare | StartActor | SendCall | KillActor | KillSpare | RollbackActor | FinishActor
-           | CommitGroup | SaveProgress | Emit | FailJob | CompleteJob | StopJob)
+           | WindDown | PersistState | CommitGroup | SaveProgress | Emit | FailJob | CompleteJob | StopJob)

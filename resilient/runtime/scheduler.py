@@ -22,8 +22,12 @@ Exactly-once protocol
 * Progress (watermark, done ids above it, dead letters) is saved after the commits it describes, one
   save at a time, about every second and soon after a dead letter. A re-run resumes from it.
 * Stateful slots apply their batches in id order. A slot checkpoint is persisted by the worker only
-  below ``floor`` (the slot's smallest batch not committed), so a restore never skips a lost output. A
-  restored or rolled-back slot replays from its cursor; batches already done replay without output.
+  below ``floor`` (the slot's smallest batch not committed), so a restore never skips a lost output. The
+  worker learns the floor with each call; and when an answer says it holds a snapshot (``snapshot``, its
+  cursor), the group holding the outputs below it is committed at once and, as soon as that commit
+  lands, `PersistState` tells the worker out of band, so the persisted checkpoint trails the slot by a
+  commit and a save rather than by the calls queued on it. A restored or rolled-back slot replays from
+  its cursor; batches already done replay without output.
 
 Failures
 --------
@@ -43,7 +47,9 @@ Failures
 * Hang: a call running ``batch_timeout_seconds`` kills its actor; attributed like a death. A rollback or
   a final save running that long is a hang too (nothing is charged).
 * Node draining (`NodeDraining`, a preemption notice): the node's slots take no more batches and are
-  handed over to new incarnations, in this order: (1) the calls in flight answer; (2) stateful: the
+  handed over to new incarnations, in this order: (1) the calls in flight answer (`WindDown` tells the
+  worker to finish the batch it runs and answer the rest of its calls unrun: those batches wait for the
+  next incarnation, so the hand-over waits for one batch, not a queue of calls); (2) stateful: the
   slot's answered outputs are committed (the next group goes at once), then the incarnation persists
   its state (`FinishActor`): a checkpoint exactly at its cursor, so the next incarnation replays
   nothing; (3) the old incarnation is killed and a standby not on a draining node takes the slot (or a
@@ -108,6 +114,7 @@ from resilient.runtime.protocol import (
     KillActor,
     KillSpare,
     NodeDraining,
+    PersistState,
     ProgressDone,
     ProgressFailed,
     RollbackActor,
@@ -119,6 +126,7 @@ from resilient.runtime.protocol import (
     StartSpare,
     StopJob,
     StopRequested,
+    WindDown,
 )
 
 __all__ = ["INF", "DeadLetter", "Policy", "Scheduler", "backoff", "failure_signature"]
@@ -155,6 +163,9 @@ class _Slot:
     rolled_for: int = -1  # the batch whose exception the rollback in progress is for
     alone: int | None = None  # the call of a suspect running alone: nothing else is sent meanwhile
     quick: bool = False  # a replacement incarnation: its first new batch goes alone and is committed at once
+    snapshot: int = -1  # stateful: the cursor of the snapshot its worker holds until the outputs below it commit
+    told: int = -1  # the highest snapshot cursor its worker was told to persist (`PersistState`)
+    winding: bool = False  # told to wind down (`WindDown`): its calls in flight answer after their current batch
     user_failures: int = 0  # constructor/restore exceptions in a row
     start_deaths: int = 0  # other deaths while starting, in a row
 
@@ -219,6 +230,7 @@ class Scheduler:
         self._last_flush = -float("inf")
         self._flush_timer = False
         self._group_urgent = 0  # redelivered batches waiting in the group: committed without delay
+        self._snap_waits = False  # a slot's snapshot waits for outputs in the group: committed without delay
         self._to_finish: set[int] = set(range(p.slots))  # slots whose final state is not being saved
         self._n_finished = 0
         self._actors_seen: list[dict] | None = None
@@ -378,12 +390,17 @@ class Scheduler:
                 continue
             self._successes += 1
             self.timer.add(answer.seconds)
+            if answer.snapshot is not None and answer.snapshot > slot.told and answer.snapshot != slot.snapshot:
+                slot.snapshot = answer.snapshot  # persisted once the outputs below it are committed
+                self._snap_waits = True
             if answer.output is None or b in self.committing or self.ledger.is_done(b):
                 continue
             self.committing.add(b)
             self.group.append((slot.index, b, answer.output))
             if b in self.urgent:
                 self._group_urgent += 1
+        if slot.snapshot >= 0 and slot.inc == call.inc:
+            self._persist_if_covered(slot)
         if not stateful and len(e.answers) < len(call.ids):  # the call failed as a whole: the rest go again
             answered = {answer.batch_id for answer in e.answers}
             again = [b for b in call.ids if b not in answered and not self.ledger.is_done(b)
@@ -433,9 +450,22 @@ class Scheduler:
             self.failures.pop(b, None)
             ledger.mark_done(b)
         self._emit(ev.BatchesCommitted(tuple(b for _, b, _ in group), tuple(o for _, _, o in group)))
+        if stateful:
+            for s in {s for s, _, _ in group}:
+                if self.slots[s].snapshot >= 0:
+                    self._persist_if_covered(self.slots[s])
         self._maybe_top_up_spares()
         for s in list(self._awaiting):
             self._drain_check(self.slots[s], now)
+
+    def _persist_if_covered(self, slot: _Slot) -> None:
+        """Tell the slot's worker to persist its snapshot as soon as every output below it is committed,
+        instead of waiting for the floor to reach it with the next call."""
+        if self.commit_floor(slot.index) >= slot.snapshot:
+            # the bound is the snapshot's own cursor, not the floor: by the time the worker reads it, it may
+            # hold a newer snapshot, past batches sent since (the floor is INF when none is outstanding)
+            self._out.append(PersistState(slot.index, slot.inc, slot.snapshot))
+            slot.told, slot.snapshot = slot.snapshot, -1
 
     def _on_commit_failed(self, e: CommitFailed, now: float) -> None:
         if e.group not in self.commits:
@@ -514,6 +544,10 @@ class Scheduler:
             at = stop if at is None else min(at, stop)
         return at
 
+    def _leaving(self, slot: _Slot) -> bool:
+        """Its node is draining or the job is stopping: it takes no new batch."""
+        return self._stop is not None or (bool(self._draining) and slot.node in self._draining)
+
     def _drain_check(self, slot: _Slot, now: float, *, arm: bool = False) -> None:
         """Move a leaving slot (node draining, job stopping) one step on: wait for its calls in flight,
         then (stateful) for its outputs' commit, then persist its state, then leave; past its deadline,
@@ -523,6 +557,9 @@ class Scheduler:
             self._awaiting.discard(slot.index)
             return
         self._idle.pop(slot.index, None)
+        if slot.phase == RUNNING and slot.inflight and not slot.winding and now < at:
+            slot.winding = True  # its queued calls would put the hand-over off: they answer at once, unrun
+            self._out.append(WindDown(slot.index, slot.inc))
         if now >= at:
             if slot.phase in (RUNNING, HANDING, ROLLING):
                 self._awaiting.discard(slot.index)
@@ -657,6 +694,8 @@ class Scheduler:
     def _start(self, slot: _Slot, now: float, *, spare_ok: bool = True) -> None:
         self._inc += 1
         slot.inc, slot.phase = self._inc, STARTING
+        slot.snapshot = slot.told = -1
+        slot.winding = False
         slot.alone = None
         self._to_finish.add(slot.index)
         slot.pid = slot.node = None
@@ -678,10 +717,10 @@ class Scheduler:
         self._out.append(StartSpare(self._spare))
 
     def _maybe_top_up_spares(self) -> None:
-        """Standbys used by a hand-over are rebuilt once the batches it redelivered are committed (or, by
-        the "spares" timer, SPARE_DELAY_S after it): building one takes a core for about a second, which
-        the replacement needs first."""
-        if self._spares_due is not None and not self.urgent:
+        """Standbys used by a hand-over are rebuilt once the batches it redelivered are committed, and the
+        first new batch of each replacement (or, by the "spares" timer, SPARE_DELAY_S after it): building
+        one takes a core for about a second, which the replacement needs first."""
+        if self._spares_due is not None and not self.urgent and not any(s.quick for s in self.slots):
             self._top_up_spares()
 
     def _top_up_spares(self) -> None:
@@ -806,6 +845,7 @@ class Scheduler:
             self._queued -= len(slot.queue)
             slot.queue.clear()
             slot.phase = ROLLING
+            slot.snapshot = slot.told = -1  # the rollback drops the worker's snapshot
             slot.resume_at = now if dead else now + self._backoff(attempts)
             slot.rolled_for = b
             self._out.append(RollbackActor(slot.index, slot.inc))
@@ -930,7 +970,7 @@ class Scheduler:
             if not ready:
                 return
             slot = self.slots[s]
-            if slot.phase != RUNNING or slot.alone is not None or s == self._reserved:
+            if slot.phase != RUNNING or slot.alone is not None or s == self._reserved or self._leaving(slot):
                 del idle[s]
                 continue
             while len(slot.inflight) < depth and ready:
@@ -980,8 +1020,8 @@ class Scheduler:
         depth, per_call, suspects = self.policy.queue_depth, self._per_call(), self.suspects
         for s in list(idle):
             slot = self.slots[s]
-            if slot.phase != RUNNING or slot.paused_until > now or slot.alone is not None:
-                del idle[s]
+            if slot.phase != RUNNING or slot.paused_until > now or slot.alone is not None or self._leaving(slot):
+                del idle[s]  # (reading ahead marks a slot idle again: a leaving one takes nothing new)
                 continue
             q = slot.queue
             while len(slot.inflight) < depth and q:
@@ -1022,7 +1062,8 @@ class Scheduler:
             return
         p = self.policy
         full = len(self.group) >= p.commit_group_size
-        urgent = not self.calls or self._group_urgent or self._awaiting or self._stop is not None
+        urgent = (not self.calls or self._group_urgent or self._snap_waits or self._awaiting
+                  or self._stop is not None)
         due = self._last_flush + p.commit_interval_seconds
         if not (full or urgent) and now < due:
             if not self._flush_timer:
@@ -1030,6 +1071,7 @@ class Scheduler:
                 self._timer(due, "flush", None)
             return
         self._last_flush = now
+        self._snap_waits = False
         group, self.group = self.group[: p.commit_group_size], self.group[p.commit_group_size:]
         if self._group_urgent:
             self._group_urgent -= sum(1 for _, b, _ in group if b in self.urgent)

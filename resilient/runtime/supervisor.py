@@ -67,6 +67,7 @@ from resilient.runtime.protocol import (
     KillActor,
     KillSpare,
     NodeDraining,
+    PersistState,
     ProgressDone,
     ProgressFailed,
     RollbackActor,
@@ -78,10 +79,11 @@ from resilient.runtime.protocol import (
     StartSpare,
     StopJob,
     StopRequested,
+    WindDown,
 )
 from resilient.runtime.reader import BatchReader
 from resilient.runtime.scheduler import INF, SPARE_DELAY_S, DeadLetter, Policy, Scheduler
-from resilient.runtime.worker import JobSpec, Worker
+from resilient.runtime.worker import CONTROL_GROUP, JobSpec, Worker
 from resilient.storage import CheckpointStore
 
 __all__ = ["DeadLetter", "JobFailedError", "JobMismatchError", "JobResult", "JobStoppedError", "Supervisor",
@@ -449,6 +451,13 @@ class Supervisor:
 
         tag = self._refs.pop(ref)
         kind, slot, inc = tag[0], tag[1], tag[2]
+        if kind == "control":  # out of band (persist, wind down): a death shows in the calls, a failed save
+            # in the next batch
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001
+                pass
+            return
         if kind == "spare":  # a standby is built: where (if it died, its activation will say)
             try:
                 self._feed(SpareUp(inc, ray.get(ref)["node_id"]))
@@ -520,7 +529,8 @@ class Supervisor:
         from resilient.placement import actor_options, placement_bundles
 
         if self._actor_cls is None:
-            self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
+            self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0,
+                                         concurrency_groups={CONTROL_GROUP: 1})(Worker)
         s = self.settings
         pg = None
         group = placement_bundles(s.ray_remote_args, s.actor_cpus, s.actor_gpus)
@@ -601,6 +611,18 @@ class Supervisor:
 
     def _c_finish(self, c: FinishActor) -> None:
         self._refs[self._incs[c.inc].finish.remote(INF)] = ("finish", c.slot, c.inc)
+
+    def _c_wind_down(self, c: WindDown) -> None:
+        actor = self._incs.get(c.inc)
+        if actor is not None:
+            ref = actor.wind_down.options(concurrency_group=CONTROL_GROUP).remote()
+            self._refs[ref] = ("control", c.slot, c.inc)
+
+    def _c_persist(self, c: PersistState) -> None:
+        actor = self._incs.get(c.inc)
+        if actor is not None:  # beside the calls in flight, not behind them
+            ref = actor.persist_now.options(concurrency_group=CONTROL_GROUP).remote(c.floor)
+            self._refs[ref] = ("control", c.slot, c.inc)
 
     def _c_commit(self, c: CommitGroup) -> None:
         outputs = list(c.outputs)
@@ -787,6 +809,8 @@ _COMMANDS = {
     KillSpare: Supervisor._c_kill_spare,
     RollbackActor: Supervisor._c_rollback,
     FinishActor: Supervisor._c_finish,
+    PersistState: Supervisor._c_persist,
+    WindDown: Supervisor._c_wind_down,
     CommitGroup: Supervisor._c_commit,
     SaveProgress: Supervisor._c_progress,
     Emit: Supervisor._c_emit,

@@ -9,7 +9,14 @@ created). It never commits anything visible itself:
 * slot state (stateful pipelines) is snapshotted in memory every `checkpoint_every` batches or
   `checkpoint_interval_seconds`, and the snapshot is persisted only once the supervisor reports every
   output it covers as committed (``commit_floor``): a checkpoint is never ahead of committed outputs, so a
-  restore never skips a batch whose output was lost. Saves are fenced by the epoch in the store.
+  restore never skips a batch whose output was lost. Saves are fenced by the epoch in the store. The
+  floor comes with each call and, out of band, through `persist_now` (Ray runs it in the actor's
+  ``control`` concurrency group, beside a call in progress): each answer names the snapshot waiting
+  (``Result.snapshot``), and the supervisor calls `persist_now` once the commit covering it lands.
+  `wind_down` (same group) is for a leaving incarnation: from then on each call stops before its next
+  batch and answers what ran, so the calls queued behind the running batch answer at once. The
+  snapshot, the save in flight and their outcomes are guarded by one lock; `persist_now` runs no user
+  code, so ``state_dict``/``load_state_dict`` under the lock (the call's own thread) cannot deadlock it.
 
 One call carries one batch or several (`resilient.runtime.calls`); the worker runs them in order and
 answers each with a `Result` or, if it raised, a `Failure` (error and traceback). After an exception the
@@ -21,6 +28,7 @@ slot's batches from that checkpoint's cursor. A stateless worker goes on with th
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -33,7 +41,9 @@ from resilient.runtime.protocol import Failure, Result
 from resilient.runtime.records import slot_key
 from resilient.storage import CheckpointStore
 
-__all__ = ["DirtyWorkerError", "Failure", "JobSpec", "Result", "Worker"]
+__all__ = ["CONTROL_GROUP", "DirtyWorkerError", "Failure", "JobSpec", "Result", "Worker"]
+
+CONTROL_GROUP = "control"  # the actor's concurrency group for `persist_now`: runs beside a call
 
 
 class DirtyWorkerError(ResilientError):
@@ -69,6 +79,8 @@ class Worker:
             self.fn = target
         self.cursor = 0
         self.dirty = False
+        self._leaving = False  # set by `wind_down`: run no further batch
+        self._lock = threading.RLock()  # _snapshot, _saving, _outcomes: `persist_now` runs on another thread
         self._buffers = SnapshotBuffers()
         self._snapshot: dict | None = None  # taken in memory, waiting for its outputs to be committed
         self._saving = None
@@ -104,6 +116,10 @@ class Worker:
         """Load the slot's newest checkpoint (if any) into the user object; return its cursor."""
         if not self.spec.stateful:
             return 0
+        with self._lock:
+            return self._restore()
+
+    def _restore(self) -> int:
         from resilient.errors import NoCheckpointError
 
         try:
@@ -125,13 +141,14 @@ class Worker:
 
     def rollback(self) -> int:
         """Throw away in-memory state changes since the last persisted checkpoint; return its cursor."""
-        if self._saving is not None:
-            try:
-                self._saving.wait()
-            except Exception:  # noqa: BLE001 - a failed save just means an older checkpoint is restored
-                pass
-            self._saving = None
-        return self.restore()
+        with self._lock:
+            if self._saving is not None:
+                try:
+                    self._saving.wait()
+                except Exception:  # noqa: BLE001 - a failed save just means an older checkpoint is restored
+                    pass
+                self._saving = None
+            return self.restore()
 
     def process(self, work: tuple[int, list]) -> list[Result | Failure]:
         """Apply the pipeline to the batches of one call, in order: ``work = (commit_floor, items)`` with
@@ -148,6 +165,8 @@ class Worker:
             raise DirtyWorkerError(f"slot {self.slot} epoch {self.epoch} needs rollback before batch {items[0][0]}")
         answers: list[Result | Failure] = []
         for batch_id, batch, replay in items:
+            if self._leaving:
+                break  # unrun: the next incarnation (or the next run) takes them
             try:
                 if isinstance(batch, ray.ObjectRef):  # Ray resolves a ref passed as an argument, not inside one
                     batch = ray.get(batch)
@@ -169,12 +188,33 @@ class Worker:
         encoded = None
         if not replay:
             encoded = self.spec.sink.encode(batch_id, out, epoch=self.epoch)
+        snapshot = None
         if self.spec.stateful:
             self.cursor = batch_id + self.spec.slots
             self._since += 1
-            self._maybe_checkpoint(commit_floor)
+            with self._lock:
+                self._maybe_checkpoint(commit_floor)
+                snapshot = None if self._snapshot is None else int(self._snapshot["cursor"])
+        with self._lock:
+            saves = self._finished_saves()
         return Result(batch_id, self.slot, self.epoch, encoded, time.perf_counter() - t0, self.cursor,
-                      self._finished_saves(), self.replica_changes())
+                      saves, self.replica_changes(), snapshot)
+
+    def wind_down(self) -> None:
+        """Out of band: this incarnation is leaving; each call answers before its next batch."""
+        self._leaving = True
+
+    def persist_now(self, commit_floor: int) -> int | None:
+        """Out of band (the ``control`` group, beside a call in progress): persist the pending snapshot if
+        its outputs are all committed; return its cursor (or None). A failed earlier save is left for the
+        next batch to report, as a `persist` from a call would."""
+        with self._lock:
+            if self._saving is not None and self._saving.done():
+                try:
+                    self._wait_save()
+                except Exception:  # noqa: BLE001 - reported by the next batch (`_finished_saves` raises it)
+                    return None
+            return self.persist(commit_floor)
 
     def persist(self, commit_floor: int) -> int | None:
         """Persist a pending snapshot whose outputs are all committed; return its cursor (or None)."""
@@ -193,13 +233,14 @@ class Worker:
         output it made is committed by then). Refused while the state is suspect (`rollback` first)."""
         if self.dirty:
             raise DirtyWorkerError(f"slot {self.slot} epoch {self.epoch}: its state is suspect; not persisted")
-        if self.spec.stateful:
-            self._take_snapshot()
-            self.persist(commit_floor)
-            if self._saving is not None:
-                self._wait_save()
-                self._saving = None
-        return {"cursor": self.cursor, "checkpoints": self._finished_saves()}
+        with self._lock:
+            if self.spec.stateful:
+                self._take_snapshot()
+                self.persist(commit_floor)
+                if self._saving is not None:
+                    self._wait_save()
+                    self._saving = None
+            return {"cursor": self.cursor, "checkpoints": self._finished_saves()}
 
     def replica_changes(self) -> tuple:
         """This worker's replica health, when it changed since the last call (for the job's metrics)."""

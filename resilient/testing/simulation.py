@@ -26,7 +26,8 @@ After the run, `check` lists every violation of the guarantees:
 * every batch is committed exactly once with the reference output, or is a dead letter, and dead
   letters are only batches that failed by themselves (poison, crashers) or were charged for deaths Ray
   could not tell apart from a crash;
-* for stateful pipelines, every slot's final checkpoint equals a fault-free run (dead letters skipped);
+* for stateful pipelines, every slot's final checkpoint equals a fault-free run (dead letters skipped),
+  and no checkpoint is ever saved ahead of an output that is not committed (checked at each save);
 * the job finishes once faults stop; no attempt is charged for an external death, a drain notice or a
   stop; the scheduler's memory stays bounded by the work in flight;
 * replays are counted (``replayed``, and ``replayed_after_stop`` in the runs after a stop): with
@@ -68,6 +69,7 @@ from resilient.runtime.protocol import (
     KillActor,
     KillSpare,
     NodeDraining,
+    PersistState,
     ProgressDone,
     ProgressFailed,
     Result,
@@ -80,6 +82,7 @@ from resilient.runtime.protocol import (
     StartSpare,
     StopJob,
     StopRequested,
+    WindDown,
 )
 from resilient.runtime.scheduler import DeadLetter, Policy, Scheduler
 
@@ -195,6 +198,7 @@ class _Storage:
         self.commit_writes: dict[int, int] = {}
         self.progress: dict | None = None
         self.epoch = 0
+        self.on_save: Callable[[int, int], None] | None = None  # (slot, cursor) of each checkpoint saved
 
     def claim(self, slot: int) -> int:
         self.epoch += 1
@@ -205,6 +209,8 @@ class _Storage:
         if epoch < self.claimed.get(slot, 0):
             return False  # fenced: a newer incarnation owns the slot
         self.checkpoints[slot] = _Checkpoint(epoch, cursor, total)
+        if self.on_save is not None:
+            self.on_save(slot, cursor)
         return True
 
     def commit(self, batch_ids: tuple, outputs: tuple) -> None:
@@ -232,6 +238,7 @@ class _Actor:
         self.dirty = False
         self.since = 0
         self.snap: tuple[int, int] | None = None
+        self.leaving_at = float("inf")  # told to wind down: no batch starts after this
         world.nodes += 1
         self.node = f"node-{world.nodes}"  # one actor per node: a preemption takes exactly it
 
@@ -270,8 +277,9 @@ class _Actor:
                     return Failure(b, self.slot, self.epoch, "FencedError: a newer epoch owns the slot", "")
                 self.snap = None
             out = None if replay else (b, self.total)
-        else:
-            out = None if replay else (b, b * b)
+            snapshot = None if self.snap is None else self.snap[0]
+            return Result(b, self.slot, self.epoch, out, s.batch_seconds, self.cursor, snapshot=snapshot)
+        out = None if replay else (b, b * b)
         return Result(b, self.slot, self.epoch, out, s.batch_seconds, self.cursor)
 
 
@@ -306,6 +314,21 @@ class _World:
         self.charged: dict[int, int] = {}
         self.groups_of: dict[int, tuple[int, int]] = {}  # batch -> (run, group) that committed it
         self.commits_inflight: dict[int, CommitGroup] = {}
+        self._checked: dict[int, int] = {}  # slot -> cursor below which every batch was found committed
+        self.storage.on_save = self._saved
+
+    def _saved(self, slot: int, cursor: int) -> None:
+        """A checkpoint at `cursor` was saved: every batch of the slot below it must be committed already
+        (or a dead letter), or a restore could skip an output that a crash loses."""
+        dead = self.sched.dead if self.sched is not None else {}
+        s = self.scenario
+        start = self._checked.get(slot, slot)  # markers and dead letters stay: what was checked holds
+        for b in range(start, min(cursor, s.batches), s.slots):
+            if b not in self.storage.markers and b not in dead:
+                self.outcome.violations.append(f"slot {slot}: checkpoint at cursor {cursor} saved before batch "
+                                               f"{b}'s output was committed")
+                return
+        self._checked[slot] = max(start, cursor)
 
     # ------------------------------------------------------------------ time
 
@@ -430,7 +453,8 @@ class _World:
         if self.outcome.stops:
             self.outcome.replayed_after_stop += replays
         start = max(self.now, a.busy_until)
-        done = start + s.batch_seconds * len(c.items) * self.rng.uniform(0.5, 2.0) + 0.001
+        each = s.batch_seconds * self.rng.uniform(0.5, 2.0)
+        done = start + each * len(c.items) + 0.001
         a.busy_until = done
         op = ("call", c.call)
         a.pending.append(op)
@@ -445,7 +469,9 @@ class _World:
             if a.dirty:
                 return  # refuses calls until rolled back (the driver drops the refusal)
             answers = []
-            for b, replay in c.items:
+            for i, (b, replay) in enumerate(c.items):
+                if start + i * each >= a.leaving_at:
+                    break  # wound down before this batch began: unrun
                 out = a.run_batch(b, replay, c.floor)
                 if out is None:
                     return  # the batch killed its actor
@@ -507,9 +533,27 @@ class _World:
             a.pending.remove(op)
             if self.scenario.stateful and not self.storage.save_checkpoint(a.slot, a.epoch, a.cursor, a.total):
                 return
+            a.snap = None  # the final save took a fresh snapshot, as the worker's `finish` does
             self.feed(FinishDone(c.slot, c.inc))
 
         self.at(when, done)
+
+    def _c_WindDown(self, c: WindDown) -> None:
+        a = self.actors.get(c.inc)
+        if a is not None and a.alive:
+            a.leaving_at = self.now + self.rng.uniform(0.001, 0.02)
+
+    def _c_PersistState(self, c: PersistState) -> None:
+        a = self.actors.get(c.inc)
+        if a is None or not a.alive:
+            return
+
+        def persist() -> None:  # beside the calls in flight: only the save's own latency
+            if a.alive and a.snap is not None and a.snap[0] <= c.floor:
+                if self.storage.save_checkpoint(a.slot, a.epoch, *a.snap):
+                    a.snap = None
+
+        self.at(self.now + self.rng.uniform(0.001, 0.02), persist)
 
     def _c_CommitGroup(self, c: CommitGroup) -> None:
         for b in c.batch_ids:  # a retried group is the same group; another group is a second commit
