@@ -92,7 +92,9 @@ def test_batches_given_as_object_refs_reach_the_pipeline_as_values(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_chaos_stateless_sigkill_every_few_hundred_ms(tmp_path):
-    n_batches = 1000
+    # three slots of 10 ms batches: at least 5 s of work, so even at the slowest kill period (0.6 s) and
+    # no recovery time at all, 8 kills land; each kill costs a standby build, which sets the length
+    n_batches = 1500
     job = resilient.pipeline(simple.SlowSquare, num_actors=3, max_attempts=50, standby=3)
     handle = job.run(
         RangeSource(n_batches * 4, 4), str(tmp_path / "out"), job_id="chaos", settings=settings_for(tmp_path),
