@@ -184,7 +184,7 @@ def test_chaos_stateful_final_state_and_outputs_match_failure_free(tmp_path):
     """Kills spread through the job (one per 100 batches at most, each once every slot serves again), with
     two standbys; tests/test_chaos.py kills far more often, with user exceptions besides. Each kill costs a
     standby build (seconds on two cores): the kill count, not the batch count, sets the test's length."""
-    n_batches, bs, slots = 1000, 2, 2
+    n_batches, bs, slots = 1500, 2, 2
     job = resilient.pipeline(simple.SlowSum, num_actors=slots, checkpoint_every=20, max_attempts=50, standby=2)
     settings = settings_for(tmp_path)
     handle = job.run(RangeSource(n_batches * bs, bs), str(tmp_path / "out"), job_id="chaos-state",
