@@ -75,7 +75,7 @@ def test_an_unknown_fault_class_is_refused_naming_the_known_ones():
 @pytest.mark.usefixtures("ray_session")
 def test_score_example_passes_its_drill(tmp_path):
     names = ["kill", "poison", "replica-lost"]
-    rep = drill(Scorer, RangeSource(20_000, 10), batches=300, faults=names, report=str(tmp_path / "r"),
+    rep = drill(Scorer, RangeSource(20_000, 10), batches=120, faults=names, report=str(tmp_path / "r"),
                 progress=False, stream=io.StringIO())
     assert rep.stateful and rep.deterministic and rep.ok and rep.exit_code == 0
     assert_passed(rep, names)
@@ -104,7 +104,7 @@ def test_streaming_example_passes_its_drill():
 
 @pytest.mark.usefixtures("ray_session")
 def test_a_pipeline_with_state_outside_its_checkpoint_fails_naming_the_check():
-    rep = drill(pipelines.broken, RangeSource(4000, 10), batches=300, faults=["kill", "exception"],
+    rep = drill(pipelines.broken, RangeSource(4000, 10), batches=120, faults=["kill", "exception"],
                 progress=False, stream=io.StringIO())
     assert not rep.ok and rep.exit_code == 1 and rep.deterministic
     got = rows(rep)
@@ -121,7 +121,7 @@ def test_cli_drill_kills_the_driver_skips_what_the_cluster_cannot_do_and_detects
     try:
         out, err = io.StringIO(), io.StringIO()
         code = cli.main(["drill", "tests.pipelines.drill:noisy_pipeline", "--source", "range:10000:10", "--batches",
-                         "1000", "--faults", "driver,preemption,meteor", "--report", str(tmp_path / "r")],
+                         "300", "--faults", "driver,preemption,meteor", "--report", str(tmp_path / "r")],
                         stdout=out, stderr=err)
     finally:
         FAULTS.pop("meteor")
@@ -135,5 +135,5 @@ def test_cli_drill_kills_the_driver_skips_what_the_cluster_cannot_do_and_detects
     assert "drill [3/5] driver ..." in err.getvalue()
     saved = json.loads((tmp_path / "r" / "drill.json").read_text())
     driver = next(r for r in saved["rows"] if r["name"] == "driver")
-    assert driver["fault"] and driver["recovery_s"] > 0 and driver["samples"][-1][1] == 1000
+    assert driver["fault"] and driver["recovery_s"] > 0 and driver["samples"][-1][1] == 300
 

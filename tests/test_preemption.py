@@ -2,6 +2,7 @@
 
 * A multi-node cluster (several raylets on this machine, `tests/procs/preemption.py`): nodes drained with
   reason PREEMPTION and a deadline, as KubeRay, managed platforms and ``ray drain-node`` do, then removed.
+* The same cluster loses the node of a worker actor without notice (its raylet removed mid-job).
 * A driver process sent SIGTERM (what ``ray job stop`` sends) and run again.
 
 The decisions behind them run in tests/test_scheduler.py and, over many schedules, tests/test_simulation.py.
@@ -41,7 +42,7 @@ def cluster_cases(tmp_path_factory) -> dict[str, dict]:
         if line.startswith("{"):
             facts = json.loads(line)
             cases[facts["case"]] = facts
-    assert proc.returncode == 0 and len(cases) == 5, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0 and len(cases) == 7, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     return cases
 
 
@@ -90,6 +91,21 @@ def test_the_drills_preemption_class_drains_a_node_and_passes(cluster_cases):
     assert row["status"] == "PASS", cluster_cases["drill"]["table"]
     assert row["fault"].startswith("preemption notice") and row["replayed"] == 0 and row["attempts"] == 0
     assert row["recovery_s"] is not None
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_node_lost_mid_job_completes_exactly_once(cluster_cases, stateful):
+    from tests.test_runtime import expected_running
+
+    report = cluster_cases["node-loss-stateful" if stateful else "node-loss-stateless"]
+    assert report["restarts"] >= 1 and report["committed"] == 600
+    assert report["ids"] == list(range(600))  # every batch read back once: a multiset, no duplicates
+    outputs = {int(b): cols for b, cols in report["outputs"].items()}
+    if stateful:
+        assert outputs == expected_running(1200, 2, 2)
+    else:
+        assert all(cols["y"] == [i * i for i in cols["id"]] for cols in outputs.values())
+        assert sorted(i for cols in outputs.values() for i in cols["id"]) == list(range(1200))
 
 
 def _driver(args: list[str], *, sigterm_after: int | None) -> tuple[int, list[str], str, float]:

@@ -1,4 +1,5 @@
-"""Driver death and re-run, zombie incarnations: real processes, real signals, one shared Ray."""
+"""Driver death and re-run, zombie incarnations: real processes, real signals, one shared Ray. (Node loss
+runs on the multi-node cluster of tests/test_preemption.py.)"""
 
 from __future__ import annotations
 
@@ -6,9 +7,6 @@ import collections
 import json
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +22,6 @@ from tests import procs
 from tests.pipelines import simple
 from tests.test_runtime import expected_running
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
@@ -108,21 +105,3 @@ def test_zombie_incarnation_can_commit_neither_output_nor_checkpoint(tmp_path):
         assert not sink.is_committed(0)
         ray.kill(old)
         ray.kill(new)
-
-
-@pytest.mark.parametrize("stateful", [False, True])
-def test_node_lost_mid_job_completes_exactly_once(tmp_path, stateful):
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.procs.node_loss", str(tmp_path)] + (["stateful"] if stateful else []),
-        cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    # Ray may print its own lines (a dead worker's "(raylet)" notice) after the report
-    report = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
-    assert report["restarts"] >= 1 and report["committed"] == 600
-    assert report["ids"] == list(range(600))
-    outputs = {int(b): cols for b, cols in report["outputs"].items()}
-    if stateful:
-        assert outputs == expected_running(1200, 2, 2)
-    else:
-        assert all(cols["y"] == [i * i for i in cols["id"]] for cols in outputs.values())

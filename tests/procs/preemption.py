@@ -12,6 +12,8 @@ Runs the cases below on one cluster and prints one JSON line per case.
 * ``short``: the active actor's node drains with a 1 s deadline (less than the margin: its calls in
   flight are sent again), then goes.
 * ``drill``: `resilient drill`'s preemption class, allowed to drain a node (``drain_nodes=True``).
+* ``node-loss-stateless``, ``node-loss-stateful``: a job loses the node of a worker actor without notice
+  (the raylet removed mid-job): the slot is rebuilt elsewhere and the job completes exactly once.
 """
 
 from __future__ import annotations
@@ -120,6 +122,31 @@ def drill_case() -> dict:
     return {"case": "drill", "table": report.table(), "report": report.to_dict()}
 
 
+def node_loss_case(cluster: Cluster, workdir: str, stateful: bool, nodes: dict) -> dict:
+    """A job of 600 batches loses, after 150 commits, the node running its first actor (no drain notice)."""
+    case = "node-loss-" + ("stateful" if stateful else "stateless")
+    settings = resilient.Settings.from_env(
+        {}, storage=[f"{workdir}/{case}/ckpt-a", f"{workdir}/{case}/ckpt-b", f"{workdir}/{case}/ckpt-c"],
+        num_actors=2, actor_cpus=0.25, checkpoint_every=10,
+    )
+    target = simple.SlowSum if stateful else simple.SlowSquare
+    sink = f"{workdir}/{case}/out"
+    handle = resilient.pipeline(target).run(RangeSource(1200, 2), sink, job_id=case, settings=settings,
+                                            init_args=(0.004,))
+    while handle.progress()["committed"] < 150:
+        time.sleep(0.05)
+    victim = handle.actors()[0]["node_id"]
+    cluster.remove_node(nodes.pop(victim))
+    result = handle.wait(300)
+    ids: list[int] = []
+    got: dict[int, dict] = {}
+    for b, cols in FileSink(sink).read_all():
+        ids.append(b)
+        got[b] = cols
+    return {"case": case, "removed_node": victim, "restarts": result.restarts, "committed": result.committed,
+            "ids": sorted(ids), "outputs": {str(b): c for b, c in got.items()}}
+
+
 def main() -> None:
     workdir = sys.argv[1]
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -141,6 +168,9 @@ def main() -> None:
             nodes[fresh.node_id] = fresh
             cluster.wait_for_nodes()
         print(json.dumps(drill_case()), flush=True)
+        for stateful in (False, True):
+            # two nodes left in service after each (the drill's drained one is not): room for the job
+            print(json.dumps(node_loss_case(cluster, workdir, stateful, nodes)), flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
