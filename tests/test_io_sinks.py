@@ -561,3 +561,36 @@ def test_a_sink_that_does_not_exist_yet_has_nothing_committed(make_sink: Any) ->
         sink = make_sink(fmt)
         assert list(sink.committed_from(0)) == [] and not sink.is_committed(0) and list(sink.read_all()) == []
         assert sink.orphans() == [] and sink.is_complete() is None
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
+def test_settle_later_returns_before_the_fsync_and_settle_waits_for_it(tmp_path: Any, monkeypatch: Any,
+                                                                        fmt: str) -> None:
+    """A worker's staged file is synced in the background; `settle` returns only once every one is
+    durable, and a failed sync is told per batch, its staged file removed (it must not be published)."""
+    import resilient.io._publish as publish
+
+    gate, synced, real = threading.Event(), [], publish._sync_and_close
+
+    def slow_sync(fd: int, path: str) -> None:  # the deferred sync, held back; batch 5's fails
+        gate.wait(10)
+        if "000000000005" in os.path.basename(path):
+            synced.append(None)
+            os.close(fd)
+            os.unlink(path)
+            raise OSError(5, "Input/output error")
+        real(fd, path)
+        synced.append(path)
+
+    monkeypatch.setattr(publish, "_sync_and_close", slow_sync)
+    sink = FileSink(str(tmp_path / "out"), format=fmt)
+    staged = [sink.encode(b, {"y": [b, b]}, epoch=3, settle_later=True) for b in (4, 5, 6)]
+    assert synced == []  # encode returned with every fsync still waiting
+    gate.set()
+    failed = sink.settle()
+    assert list(failed) == [5] and "Input/output error" in failed[5] and len(synced) == 3
+    assert not os.path.exists(os.path.join(sink.url, staged[1].staged))
+    assert sink.settle() == {}  # nothing left
+    ok = [s for s in staged if s.batch_id != 5]
+    assert sink.commit_group(ok) == [True, True]
+    assert sorted(sink.committed_from(0)) == [4, 6]

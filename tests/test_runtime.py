@@ -411,6 +411,41 @@ def test_worker_answers_each_batch_of_a_call(tmp_path):
     stateless.store.close()
 
 
+def test_an_output_whose_background_sync_fails_is_that_batchs_failure(tmp_path, monkeypatch):
+    """A call answers once its outputs are durable; a staged file whose background fsync failed is never
+    answered as a result: a stateless worker answers that batch as failed and goes on, a stateful one
+    stops there and turns dirty (rolled back, then replayed), as if the batch had raised."""
+    import resilient.io._publish as publish
+    from resilient.io.sinks import FileSink
+    from resilient.runtime.supervisor import INF
+    from resilient.runtime.worker import DirtyWorkerError, Failure, JobSpec, Result, Worker
+
+    real = publish._sync_and_close
+
+    def failing(fd, path):
+        if os.path.basename(path).startswith("000000000002-"):
+            os.close(fd)
+            os.unlink(path)
+            raise OSError(5, "Input/output error")
+        real(fd, path)
+
+    monkeypatch.setattr(publish, "_sync_and_close", failing)
+    items = [(b, batch, False) for b, batch in RangeSource(50, 10).read(0)]
+    settings = settings_for(tmp_path, checkpoint_every=1)
+    stateless = Worker(JobSpec("w", simple.square, (), {}, False, FileSink(str(tmp_path / "o1")), settings, 1), 0, 1)
+    answers = stateless.process((INF, items[:4]))
+    assert [type(a) for a in answers] == [Result, Result, Failure, Result]
+    assert "Input/output error" in answers[2].error
+    stateful = Worker(JobSpec("w", simple.RunningSum, (), {}, True, FileSink(str(tmp_path / "o2")), settings, 1), 0, 1)
+    assert stateful.restore() == 0
+    answers = stateful.process((INF, items[:4]))
+    assert [type(a) for a in answers] == [Result, Result, Failure]  # batch 3 ran, but is not answered
+    with pytest.raises(DirtyWorkerError):
+        stateful.process((INF, items[3:4]))
+    for w in (stateless, stateful):
+        w.store.close()
+
+
 def test_a_snapshot_is_persisted_out_of_band_only_once_its_outputs_are_committed(tmp_path):
     """The worker names the snapshot it holds in its answers; `persist_now` saves it only when the bound
     reaches its cursor. On a real actor built as the supervisor builds it, `persist_now` in the control

@@ -17,6 +17,12 @@ other fsspec    an object under ``_staging/``                 existence check, t
                                                               warning says so once per protocol)
 ==============  ============================================  ============================================
 
+Deferred sync (local): `stage` and `put` take ``later``; given one, the file is written and its fsync (and
+close) handed to a small per-process pool, its future passed to ``later``. The caller must wait for that
+future before anyone publishes the file: the worker waits for the futures of a call's outputs before it
+answers the call (`FileSink.settle`), so the fsync of one batch overlaps the computing of the next. A
+failed fsync removes the staged file and fails the future.
+
 A publish that is retried after its first attempt landed is recognised as its own: locally the final name
 is the staged file's inode; on S3 the object's ETag is the one the completed upload gives (``md5`` of the
 part's MD5 digest, ``-1``).
@@ -32,7 +38,9 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import xxhash
@@ -44,6 +52,20 @@ from resilient.storage.sdk import precondition_failed
 __all__ = ["STAGING", "Publisher", "publisher_for"]
 
 STAGING = "_staging"
+SYNCERS = 2  # threads per process running deferred fsyncs
+
+Later = Callable[[Future], None]  # takes the future of a deferred fsync
+
+_sync_pool: ThreadPoolExecutor | None = None
+_sync_lock = threading.Lock()
+
+
+def _syncers() -> ThreadPoolExecutor:
+    global _sync_pool
+    with _sync_lock:
+        if _sync_pool is None:
+            _sync_pool = ThreadPoolExecutor(SYNCERS, thread_name_prefix="resilient-fsync")
+        return _sync_pool
 _MPU = "mpu:"  # a staged token on S3: "mpu:<upload id>:<part ETag>"
 
 
@@ -63,8 +85,9 @@ class Publisher:
         self.backend = backend
 
     # -- worker side
-    def put(self, rel: str, chunks: Iterable[Buffer]) -> tuple[int, str]:
-        """Write a new object ``rel`` whole and durably; ``(length, xxh3)``."""
+    def put(self, rel: str, chunks: Iterable[Buffer], *, later: Later | None = None) -> tuple[int, str]:
+        """Write a new object ``rel`` whole and durably; ``(length, xxh3)``. ``later``: see the module
+        docstring (only a local publisher defers; elsewhere the object is durable on return)."""
         h = xxhash.xxh3_64()
 
         def hashed() -> Iterator[Buffer]:
@@ -75,11 +98,11 @@ class Publisher:
         return self.backend.write_object(rel, hashed()), h.hexdigest()
 
     def stage(self, final: str, chunks: Iterable[Buffer], *, batch_id: int, epoch: int,
-              ext: str) -> tuple[int, str, str]:
+              ext: str, later: Later | None = None) -> tuple[int, str, str]:
         """Write the bytes of future object ``final`` out of readers' sight; ``(length, xxh3, token)``, the
         token naming what `publish` makes visible."""
         staged = staging_name(batch_id, epoch, ext)
-        length, digest = self.put(staged, chunks)
+        length, digest = self.put(staged, chunks, later=later)
         return length, digest, staged
 
     # -- driver side
@@ -128,7 +151,7 @@ class LocalPublisher(Publisher):
 
     backend: LocalReplica
 
-    def put(self, rel: str, chunks: Iterable[Buffer]) -> tuple[int, str]:
+    def put(self, rel: str, chunks: Iterable[Buffer], *, later: Later | None = None) -> tuple[int, str]:
         path = self.backend._abs(rel)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -144,12 +167,16 @@ class LocalPublisher(Publisher):
                 while mv:
                     mv = mv[os.write(fd, mv):]
                 n += memoryview(c).nbytes
-            os.fsync(fd)
+            if later is None:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-        os.close(fd)
+        if later is None:
+            os.close(fd)
+        else:
+            later(_syncers().submit(_sync_and_close, fd, path))
         return n, h.hexdigest()
 
     def publish(self, final: str, token: str) -> bool:
@@ -195,7 +222,7 @@ class S3Publisher(Publisher):
         return bucket, key
 
     def stage(self, final: str, chunks: Iterable[Buffer], *, batch_id: int, epoch: int,
-              ext: str) -> tuple[int, str, str]:
+              ext: str, later: Later | None = None) -> tuple[int, str, str]:
         h = xxhash.xxh3_64()
         data = bytearray()
         for c, view in _hashed(chunks):
@@ -279,6 +306,17 @@ class S3Publisher(Publisher):
             self._abort(bucket, key, upload)
         else:
             super().remove(name)
+
+
+def _sync_and_close(fd: int, path: str) -> None:
+    """A deferred fsync: the file is durable when this returns; if it fails, the file is removed."""
+    try:
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def publisher_for(backend: Backend) -> Publisher:

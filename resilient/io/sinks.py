@@ -37,9 +37,11 @@ scheduler never committed, unfinished multipart uploads): `orphans`, deleted by 
 ``resilient gc --sink`` once the job is complete. Fencing is the scheduler's (it commits only answers of
 a slot's current epoch); the create-only publish makes a late commit of a fenced output a no-op.
 
-Cost per batch: locally one fsync by the worker (and none extra by the driver but one directory fsync per
-group); on S3 three requests (create, part, complete) plus one per group. One committer at a time (the
-job's driver); concurrent committers of one batch are still fenced by the create-only publish.
+Cost per batch: locally one fsync by the worker, in the background while its next batch computes
+(``settle_later``: the call answers once its outputs are durable), and none extra by the driver but one
+directory fsync per group; on S3 three requests (create, part, complete) plus one per group. One
+committer at a time (the job's driver); concurrent committers of one batch are still fenced by the
+create-only publish.
 
 ``format="delta"``: a Delta Lake table (`resilient.io.delta`): workers write parquet files into the table
 directory, the driver commits each group as one Delta transaction.
@@ -66,7 +68,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -179,6 +181,7 @@ class FileSink:
         self._layout_recorded = False  # ours is recorded (needed before the first commit)
         self._records: dict[int, dict[str, Any]] | None = None  # batch -> published record (_commit/)
         self._table: Any = None  # delta: the table log, on the driver
+        self._unsettled: list[tuple[int, Future]] = []  # worker: (batch, fsync) of outputs staged with `settle_later`
 
     @classmethod
     def open(cls, url: str, *, storage_options: dict[str, Any] | None = None, **kw: Any) -> "FileSink":
@@ -286,9 +289,13 @@ class FileSink:
 
     # -- worker side -----------------------------------------------------------------------------------
 
-    def encode(self, batch_id: int, output: Any, *, epoch: int) -> StagedOutput:
+    def encode(self, batch_id: int, output: Any, *, epoch: int, settle_later: bool = False) -> StagedOutput:
         """Serialize ``output`` and write it, durably and out of readers' sight; return what the driver
         needs to commit it (`commit_group`), a few hundred bytes.
+
+        With ``settle_later``, the write may return before it is durable (a local fsync runs in the
+        background, overlapping the caller's next work): `settle` must be called, and what it reports
+        handled, before the output goes to the driver. A worker settles each call's outputs at its end.
 
         Raises:
             CodecError: the output does not fit the format (UnsupportedTypeError for a value's type).
@@ -299,14 +306,30 @@ class FileSink:
         fmt = "parquet" if self.format == "delta" else self.format
         make, rows = encode_output(self.format, output, f"{self._display} batch {batch_id}")
         pub = self._publisher()
+        later = (lambda f: self._unsettled.append((batch_id, f))) if settle_later else None
         if self.format == "delta":
             name = f"part-{batch_id:012d}-e{epoch}-{secrets.token_hex(4)}.parquet"
-            length, digest = self._call(lambda: pub.put(name, make()), path=name)
+            length, digest = self._call(lambda: pub.put(name, make(), later=later), path=name)
             return StagedOutput(batch_id, epoch, name, name, length, digest, rows)
         name = file_name(batch_id, self.format)
         length, digest, staged = self._call(
-            lambda: pub.stage(name, make(), batch_id=batch_id, epoch=epoch, ext=EXTENSIONS[fmt]), path=name)
+            lambda: pub.stage(name, make(), batch_id=batch_id, epoch=epoch, ext=EXTENSIONS[fmt], later=later),
+            path=name)
         return StagedOutput(batch_id, epoch, name, staged, length, digest, rows)
+
+    def settle(self) -> dict[int, str]:
+        """Wait until every output staged with ``settle_later`` is durable; ``{batch_id: error}`` of those
+        whose write failed (their files are removed: they must not go to the driver)."""
+        failed: dict[int, str] = {}
+        pending, self._unsettled = self._unsettled, []
+        for batch_id, future in pending:
+            try:
+                future.result()
+            except Exception as e:  # noqa: BLE001 - told per batch: the worker answers it as failed
+                where = file_name(batch_id, self.format) if self.format != "delta" else f"batch {batch_id}"
+                err = classify(e, url=self._display, path=where)
+                failed[batch_id] = f"{type(err).__name__}: {err}"
+        return failed
 
     stage = encode  # the same: every output is staged by the worker that made it
 

@@ -23,6 +23,11 @@ answers each with a `Result` or, if it raised, a `Failure` (error and traceback)
 state of a stateful slot may be half-updated: the worker stops the call there, turns *dirty* and refuses
 further calls until `rollback()` reloads the last persisted checkpoint; the supervisor then replays the
 slot's batches from that checkpoint's cursor. A stateless worker goes on with the call's next batch.
+
+Outputs are staged with ``settle_later`` (`FileSink.encode`): a local file's fsync runs in the background
+while the next batch computes, and the call waits for all of them (`FileSink.settle`) before it answers,
+so the driver never publishes a file that is not durable. An output whose background write failed is
+answered as that batch's `Failure` (stateful: the call stops there and the slot is rolled back).
 """
 
 from __future__ import annotations
@@ -180,14 +185,29 @@ class Worker:
                                        "".join(traceback.format_exception(e))))
                 if self.spec.stateful:
                     break
-        return answers
+        unsettled = self.spec.sink.settle()  # every output answered is durable first
+        return self._settled(answers, unsettled) if unsettled else answers
+
+    def _settled(self, answers: list, failed: dict[int, str]) -> list:
+        """The answers with each output whose background write failed turned into that batch's `Failure`; a
+        stateful call stops there, as if the batch had raised (its state already holds it: rolled back)."""
+        out: list[Result | Failure] = []
+        for a in answers:
+            if type(a) is Result and a.batch_id in failed:
+                out.append(Failure(a.batch_id, self.slot, self.epoch, failed[a.batch_id], ""))
+                if self.spec.stateful:
+                    self.dirty = True
+                    break
+            else:
+                out.append(a)
+        return out
 
     def _one(self, batch_id: int, batch: Any, replay: bool, commit_floor: int) -> Result:
         t0 = time.perf_counter()
         out = self.fn(batch)
         encoded = None
         if not replay:
-            encoded = self.spec.sink.encode(batch_id, out, epoch=self.epoch)
+            encoded = self.spec.sink.encode(batch_id, out, epoch=self.epoch, settle_later=True)
         snapshot = None
         if self.spec.stateful:
             self.cursor = batch_id + self.spec.slots
