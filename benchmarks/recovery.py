@@ -4,11 +4,13 @@
    model's weights plus two running counters, so a replacement restores a model-sized checkpoint) runs
    over synthetic rows on ``--actors`` slots with ``checkpoint_every`` batches per slot checkpoint. Once
    ``--kill-after`` + *k* batches are committed (and, with a standby, once the standby answers a call: its
-   model is built), the worker actor of slot 0 is SIGKILLed by PID (from ``handle.actors()``). *k* is
-   drawn per job (seeded) from ``0 .. checkpoint_every * actors - 1``: a crash comes at any point of the
-   checkpoint cycle, and a fixed count would always land at the same point of it (at 100, right as slot
-   0's snapshot at cursor 100 is being persisted: the most replay there can be). ``--kill-phase fixed``
-   keeps *k* = 0. The script then polls ``handle.events()`` and the sink's commit markers every 2 ms:
+   model is built), the worker actor of slot 0 is SIGKILLed by PID (from ``handle.actors()``). A crash
+   comes at any point of the checkpoint cycle (``checkpoint_every * actors`` committed batches), and a
+   fixed count always lands at the same point of it (at 100, right as slot 0's snapshot at cursor 100 is
+   being persisted: about the most replay there can be), so *k* varies over the jobs: spread evenly over
+   the cycle (``--kill-phase spread``, the default: job *r* of *R* kills at ``r * cycle // R``), drawn
+   at random (``random``, seeded) or 0 (``fixed``). The script then polls ``handle.events()`` and the
+   sink's commit markers every 2 ms:
 
      detect_s        kill -> the supervisor's ("restart", {...}) event (it saw the death)
      started_s       kill -> ("started", {"slot": 0, ...}): the replacement restored the slot checkpoint
@@ -267,11 +269,15 @@ def measure_preemption(args: argparse.Namespace) -> list[dict]:
 
 
 def kill_phase(args: argparse.Namespace, standby: int, rep: int) -> int:
-    """How many committed batches past ``--kill-after`` job `rep` kills at: seeded, uniform over one
-    checkpoint cycle of the slots (``--kill-phase random``), or 0 (``fixed``)."""
+    """How many committed batches past ``--kill-after`` job `rep` kills at, within one checkpoint cycle
+    of the slots: evenly spread over the jobs (``--kill-phase spread``), seeded at random (``random``), or
+    0 (``fixed``)."""
+    cycle = args.checkpoint_every * args.actors
     if args.kill_phase == "fixed":
         return 0
-    return random.Random(f"{args.seed}-{standby}-{rep}").randrange(args.checkpoint_every * args.actors)
+    if args.kill_phase == "spread":
+        return rep * cycle // args.repeat
+    return random.Random(f"{args.seed}-{standby}-{rep}").randrange(cycle)
 
 
 def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int) -> dict:
@@ -529,8 +535,9 @@ def main() -> None:
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5, help="failover jobs, bare restarts and drains per mode (median)")
     p.add_argument("--kill-after", type=int, default=100, help="committed batches before the kill")
-    p.add_argument("--kill-phase", choices=("random", "fixed"), default="random",
-                   help="kill at a seeded point of the checkpoint cycle past --kill-after, or exactly there")
+    p.add_argument("--kill-phase", choices=("spread", "random", "fixed"), default="spread",
+                   help="where in the checkpoint cycle past --kill-after each job kills: evenly spread, "
+                        "seeded at random, or exactly at --kill-after")
     p.add_argument("--checkpoint-every", type=int, default=10, help="slot checkpoint every N batches")
     p.add_argument("--batches-per-call", default="auto", help="RESILIENT_BATCHES_PER_CALL of the failover jobs")
     p.add_argument("--features", type=int, default=256)

@@ -472,16 +472,15 @@ def test_a_snapshot_is_persisted_out_of_band_only_once_its_outputs_are_committed
     assert w.process((INF, items[3:4]))[0].snapshot is None  # persisted: none held
     w.store.close()
 
-    spec = JobSpec("oob2", simple.SlowSum, (0.4,), {}, True, FileSink(str(tmp_path / "o2")), settings, 1)
+    spec = JobSpec("oob2", simple.SlowSum, (1.0,), {}, True, FileSink(str(tmp_path / "o2")), settings, 1)
     actor = ray.remote(max_restarts=0, concurrency_groups={CONTROL_GROUP: 1})(Worker).options(
         num_cpus=0.25).remote(spec, 0, 1)
     assert ray.get(actor.restore.remote()) == 0
-    [a0, a1] = ray.get(actor.process.remote((0, items[:2])))
+    [_, a1] = ray.get(actor.process.remote((0, items[:2])))
     assert a1.snapshot == 2
-    slow = actor.process.remote((INF, items[2:4]))  # 0.8 s of work
-    t0 = time.monotonic()
+    slow = actor.process.remote((INF, items[2:4]))  # 2 s of work
     assert ray.get(actor.persist_now.options(concurrency_group=CONTROL_GROUP).remote(2)) == 2
-    assert time.monotonic() - t0 < 0.6 and not ray.wait([slow], timeout=0)[0]  # beside the call, not behind it
+    assert not ray.wait([slow], timeout=0)[0]  # answered beside the call, not behind it
     assert [a.batch_id for a in ray.get(slow)] == [2, 3]
     ray.get(actor.finish.remote(INF))
     with resilient.CheckpointStore(settings) as store:

@@ -107,7 +107,7 @@ class JobStoppedError(JobFailedError):
     slots' state and the progress are saved; running it again with the same job id resumes it."""
 
 
-DRAIN_POLL_S = 0.1  # how often the driver asks Ray which nodes are draining (one GCS call, ~0.3 ms)
+DRAIN_POLL_S = 0.05  # how often the driver asks Ray which nodes are draining (one GCS call: ~0.2 ms of driver CPU)
 NO_DEADLINE_S = 1e9  # a drain announced without a deadline
 
 
