@@ -52,21 +52,28 @@ from resilient.storage.sdk import precondition_failed
 __all__ = ["STAGING", "Publisher", "publisher_for"]
 
 STAGING = "_staging"
+_MPU = "mpu:"  # a staged token on S3: "mpu:<upload id>:<part ETag>"
 SYNCERS = 2  # threads per process running deferred fsyncs
 
 Later = Callable[[Future], None]  # takes the future of a deferred fsync
 
-_sync_pool: ThreadPoolExecutor | None = None
-_sync_lock = threading.Lock()
+
+class ProcessPool:
+    """A thread pool of the process, made on first use (a pickled sink carries none)."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self.threads, self.name = threads, name
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=self.name)
+            return self._pool
 
 
-def _syncers() -> ThreadPoolExecutor:
-    global _sync_pool
-    with _sync_lock:
-        if _sync_pool is None:
-            _sync_pool = ThreadPoolExecutor(SYNCERS, thread_name_prefix="resilient-fsync")
-        return _sync_pool
-_MPU = "mpu:"  # a staged token on S3: "mpu:<upload id>:<part ETag>"
+_SYNCERS = ProcessPool(SYNCERS, "resilient-fsync")
 
 
 def _hashed(chunks: Iterable[Buffer]) -> Iterator[tuple[Buffer, Any]]:
@@ -176,7 +183,7 @@ class LocalPublisher(Publisher):
         if later is None:
             os.close(fd)
         else:
-            later(_syncers().submit(_sync_and_close, fd, path))
+            later(_SYNCERS.get().submit(_sync_and_close, fd, path))
         return n, h.hexdigest()
 
     def publish(self, final: str, token: str) -> bool:

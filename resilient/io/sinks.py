@@ -65,7 +65,6 @@ import numbers
 import os
 import re
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -77,7 +76,7 @@ import xxhash
 from resilient.config import redact_url
 from resilient.errors import ConfigError, CorruptionError, FencedError, PermanentStorageError, ResilientError
 from resilient.io._formats import EXTENSIONS, decode_output, encode_output
-from resilient.io._publish import STAGING, Publisher, publisher_for
+from resilient.io._publish import STAGING, ProcessPool, Publisher, publisher_for
 from resilient.retry import RetryPolicy, classify
 from resilient.storage.backend import Backend
 from resilient.storage.replica import open_backend
@@ -94,8 +93,7 @@ _FILE = re.compile(r"part-(\d{12})\.(" + "|".join(EXTENSIONS.values()) + ")")
 _DELTA_FILE = re.compile(r"part-(\d{12})-e(\d+)-[0-9a-f]{8}\.parquet")
 _INDEX = re.compile(r"\d{12}-[0-9a-f]{8}\.json")
 PUBLISHERS = 16  # a group's publishes in flight at once, on object stores
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_PUBLISHERS = ProcessPool(PUBLISHERS, "resilient-publish")
 
 
 @dataclass(frozen=True)
@@ -131,11 +129,7 @@ def _check_int(name: str, value: Any, hi: int, lo: int = 0) -> int:
 
 def _publishers() -> ThreadPoolExecutor:
     """The process's pool for publishing on object stores (`PUBLISHERS` threads, made on first use)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(PUBLISHERS, thread_name_prefix="resilient-publish")
-        return _pool
+    return _PUBLISHERS.get()
 
 
 def file_name(batch_id: int, fmt: str) -> str:
