@@ -80,7 +80,8 @@ def no_space_dir() -> Iterator[NoSpaceDirectory]:
 def ray_session() -> Iterator[Any]:
     """One local Ray instance for every Ray test of the session (start-up costs seconds here).
 
-    Death info arrives at once (no 1 s wait), and workers import test modules through PYTHONPATH.
+    Death info arrives at once (no 1 s wait), and workers import test modules through PYTHONPATH. A new
+    instance of the session's own (``address="local"``), never a cluster already running on the machine.
     """
     import os
 
@@ -89,6 +90,7 @@ def ray_session() -> Iterator[Any]:
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

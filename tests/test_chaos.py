@@ -22,16 +22,23 @@ from tests.test_runtime import expected_running, settings_for
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # the field after the state
+
+
 def worker_pids() -> set[int]:
-    """PIDs of this machine's worker actor processes (their title is ``ray::Worker...``)."""
-    pids = set()
+    """PIDs of this session's worker actor processes (their title is ``ray::Worker...``): those whose
+    raylet this test process started (worker -> raylet -> us), never another Ray's on the machine."""
+    pids, me = set(), os.getpid()
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::Worker"):
+                    if f.read().startswith(b"ray::Worker") and _parent(_parent(int(name))) == me:
                         pids.add(int(name))
-            except OSError:
+            except (OSError, ValueError):
                 pass
     return pids
 

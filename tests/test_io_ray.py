@@ -26,7 +26,7 @@ def local_ray(request: pytest.FixtureRequest) -> Iterator[None]:
         pass
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
