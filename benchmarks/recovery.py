@@ -565,7 +565,8 @@ def main() -> None:
         preemption_child(args)
         return
     if args.kill_after + args.checkpoint_every * args.actors >= args.batches // 2:
-        p.error("--kill-after must be under half of --batches (the job must outlive the recovery)")
+        p.error("--kill-after plus one checkpoint cycle (--checkpoint-every x --actors) must be under half of "
+                "--batches (the job must outlive the recovery)")
 
     from _bytecode import compile_resilient
 
@@ -662,7 +663,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     report.update({"batches": args.batches, "batch_rows": args.batch_rows, "actors": args.actors,
                    "repeat": args.repeat, "checkpoint_every": args.checkpoint_every,
-                   "batches_per_call": args.batches_per_call, "kill_after": args.kill_after, "kill_phase": args.kill_phase,
+                   "batches_per_call": args.batches_per_call, "kill_after": args.kill_after,
+                   "kill_phase": args.kill_phase,
                    "num_cpus": args.num_cpus, "load_avg": [round(x, 2) for x in os.getloadavg()]})
     print(json.dumps(report))
 

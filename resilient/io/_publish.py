@@ -174,14 +174,12 @@ class LocalPublisher(Publisher):
                 while mv:
                     mv = mv[os.write(fd, mv):]
                 n += memoryview(c).nbytes
-            if later is None:
-                os.fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
         if later is None:
-            os.close(fd)
+            _sync_and_close(fd, path)
         else:
             later(_SYNCERS.get().submit(_sync_and_close, fd, path))
         return n, h.hexdigest()
@@ -316,7 +314,8 @@ class S3Publisher(Publisher):
 
 
 def _sync_and_close(fd: int, path: str) -> None:
-    """A deferred fsync: the file is durable when this returns; if it fails, the file is removed."""
+    """Sync (inline, or deferred on the pool) and close: the file is durable when this returns; if the
+    sync fails, the file is removed."""
     try:
         os.fsync(fd)
     except BaseException:

@@ -379,7 +379,7 @@ class Scheduler:
             slot.alone = None
         if slot.phase == RUNNING and not (self._draining and slot.node in self._draining):
             self._idle[slot.index] = None
-        stateful = self.policy.stateful
+        stateful, fresh = self.policy.stateful, False
         for answer in e.answers:
             b = answer.batch_id
             self.suspects.discard(b)
@@ -391,16 +391,15 @@ class Scheduler:
             self._successes += 1
             self.timer.add(answer.seconds)
             if answer.snapshot is not None and answer.snapshot > slot.told and answer.snapshot != slot.snapshot:
-                slot.snapshot = answer.snapshot  # persisted once the outputs below it are committed
-                self._snap_waits = True
+                slot.snapshot, fresh = answer.snapshot, True  # persisted once the outputs below it are committed
             if answer.output is None or b in self.committing or self.ledger.is_done(b):
                 continue
             self.committing.add(b)
             self.group.append((slot.index, b, answer.output))
             if b in self.urgent:
                 self._group_urgent += 1
-        if slot.snapshot >= 0 and slot.inc == call.inc:
-            self._persist_if_covered(slot)
+        if slot.snapshot >= 0 and not self._persist_if_covered(slot) and fresh:
+            self._snap_waits = True  # the group holding the outputs below it goes at once
         if not stateful and len(e.answers) < len(call.ids):  # the call failed as a whole: the rest go again
             answered = {answer.batch_id for answer in e.answers}
             again = [b for b in call.ids if b not in answered and not self.ledger.is_done(b)
@@ -458,14 +457,16 @@ class Scheduler:
         for s in list(self._awaiting):
             self._drain_check(self.slots[s], now)
 
-    def _persist_if_covered(self, slot: _Slot) -> None:
+    def _persist_if_covered(self, slot: _Slot) -> bool:
         """Tell the slot's worker to persist its snapshot as soon as every output below it is committed,
-        instead of waiting for the floor to reach it with the next call."""
-        if self.commit_floor(slot.index) >= slot.snapshot:
-            # the bound is the snapshot's own cursor, not the floor: by the time the worker reads it, it may
-            # hold a newer snapshot, past batches sent since (the floor is INF when none is outstanding)
-            self._out.append(PersistState(slot.index, slot.inc, slot.snapshot))
-            slot.told, slot.snapshot = slot.snapshot, -1
+        instead of waiting for the floor to reach it with the next call; False if some is not yet."""
+        if self.commit_floor(slot.index) < slot.snapshot:
+            return False
+        # the bound is the snapshot's own cursor, not the floor: by the time the worker reads it, it may hold
+        # a newer snapshot, past batches sent since (the floor is INF when none is outstanding)
+        self._out.append(PersistState(slot.index, slot.inc, slot.snapshot))
+        slot.told, slot.snapshot = slot.snapshot, -1
+        return True
 
     def _on_commit_failed(self, e: CommitFailed, now: float) -> None:
         if e.group not in self.commits:
@@ -546,7 +547,7 @@ class Scheduler:
 
     def _leaving(self, slot: _Slot) -> bool:
         """Its node is draining or the job is stopping: it takes no new batch."""
-        return self._stop is not None or (bool(self._draining) and slot.node in self._draining)
+        return self._leaving_at(slot) is not None
 
     def _drain_check(self, slot: _Slot, now: float, *, arm: bool = False) -> None:
         """Move a leaving slot (node draining, job stopping) one step on: wait for its calls in flight,

@@ -209,13 +209,12 @@ class Worker:
         if not replay:
             encoded = self.spec.sink.encode(batch_id, out, epoch=self.epoch, settle_later=True)
         snapshot = None
-        if self.spec.stateful:
-            self.cursor = batch_id + self.spec.slots
-            self._since += 1
-            with self._lock:
+        with self._lock:
+            if self.spec.stateful:
+                self.cursor = batch_id + self.spec.slots
+                self._since += 1
                 self._maybe_checkpoint(commit_floor)
                 snapshot = None if self._snapshot is None else int(self._snapshot["cursor"])
-        with self._lock:
             saves = self._finished_saves()
         return Result(batch_id, self.slot, self.epoch, encoded, time.perf_counter() - t0, self.cursor,
                       saves, self.replica_changes(), snapshot)
@@ -229,12 +228,10 @@ class Worker:
         its outputs are all committed; return its cursor (or None). A failed earlier save is left for the
         next batch to report, as a `persist` from a call would."""
         with self._lock:
-            if self._saving is not None and self._saving.done():
-                try:
-                    self._wait_save()
-                except Exception:  # noqa: BLE001 - reported by the next batch (`_finished_saves` raises it)
-                    return None
-            return self.persist(commit_floor)
+            try:
+                return self.persist(commit_floor)
+            except Exception:  # noqa: BLE001 - the failed save stays in `_saving`: the next batch raises it
+                return None
 
     def persist(self, commit_floor: int) -> int | None:
         """Persist a pending snapshot whose outputs are all committed; return its cursor (or None)."""
