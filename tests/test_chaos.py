@@ -70,10 +70,9 @@ def test_stateful_job_finishes_exactly_once_under_kills_and_transient_exceptions
     n, size, slots = 5000, 2, 2
     markers = tmp_path / "markers"
     markers.mkdir()
-    # calls of 64 batches, a checkpoint every 64: between two kills a slot gets far (a fresh actor takes
-    # seconds to start on two cores, so the job's length is mostly its recoveries), and each kill or
-    # exception still rolls back over a call's worth of batches and replays them
-    settings = settings_for(tmp_path, checkpoint_every=64, batches_per_call=64, standby=1, max_attempts=5)
+    # a checkpoint every 20 batches and calls as "auto" makes them: the job must last long enough for the
+    # killer's 20 kills (with calls of 64 batches it ended after 19 in a clean-clone run)
+    settings = settings_for(tmp_path, checkpoint_every=20, standby=1, max_attempts=5)
     job = resilient.pipeline(FlakySum, num_actors=slots)
     killer = Killer(0.5, 1.0, seed=7)
     handle = job.run(RangeSource(n * size, size), str(tmp_path / "out"), job_id="chaos", settings=settings,
