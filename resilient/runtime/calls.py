@@ -12,6 +12,14 @@ per call share that cost. What a call of ``k`` batches trades for it:
   Each of them is then retried alone (as when several calls are in flight), so the next failure names
   its batch, and only named batches count attempts towards the poison limit.
 
+Why ``"auto"`` aims at calls of about 0.2 s (`AUTO_CALL_SECONDS`) and not shorter: besides Ray's fixed
+cost, a call answers only once its outputs are durable, so each call ends waiting for the fsync of its
+last output (a millisecond or more, while that core may idle). Measured on 2 cores with 20 ms batches
+(`benchmarks/pipeline_overhead.py`): the driver spent about 1.5 ms of CPU per batch with calls of 2
+batches (a 0.05 s aim), 1.1 with 4, 0.9 with 8; plain Ray actors, one batch per call, 1.5. What longer
+calls cost is latency (a batch's output waits for its call, at most about 0.2 s more) and, after a death,
+more batches to retry alone; `AUTO_MAX` bounds both for short batches.
+
 Exceptions need no guessing: the worker runs a call's batches in order and answers each with its result
 or its error (a stateful slot stops at the first error, since its state is rolled back).
 
@@ -24,8 +32,7 @@ from __future__ import annotations
 
 __all__ = ["AUTO_CALL_SECONDS", "AUTO_MAX", "BatchTimer", "batches_per_call", "most_per_call"]
 
-AUTO_CALL_SECONDS = 0.05  # auto: a call's batches together take about this long at most (a call's fixed
-# cost, about 1 ms of CPU on both sides together, is then about 2 % of it)
+AUTO_CALL_SECONDS = 0.2  # auto: a call's batches together take about this long at most (see below)
 AUTO_MAX = 8  # auto: never more batches per call than this
 
 
@@ -34,9 +41,9 @@ def batches_per_call(setting: int | str, seconds_per_batch: float | None, timeou
 
     >>> batches_per_call(4, None, 600.0), batches_per_call("auto", None, 600.0)
     (4, 1)
-    >>> batches_per_call("auto", 0.012, 600.0), batches_per_call("auto", 0.001, 600.0)
-    (4, 8)
-    >>> batches_per_call("auto", 0.03, 600.0), batches_per_call("auto", 0.002, 0.02)
+    >>> batches_per_call("auto", 0.03, 600.0), batches_per_call("auto", 0.001, 600.0)
+    (6, 8)
+    >>> batches_per_call("auto", 0.15, 600.0), batches_per_call("auto", 0.002, 0.02)
     (1, 2)
     """
     if setting != "auto":
