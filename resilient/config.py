@@ -552,7 +552,7 @@ FIELDS: tuple[Field, ...] = (
           "actor calls queued on one worker actor at a time", "4"),
     Field("batches_per_call", "RESILIENT_BATCHES_PER_CALL", _PER_CALL, "auto",
           "batches one actor call carries; `auto`: several when batches are short (a call's batches "
-          "together under about 0.2 s and a quarter of the batch timeout), else 1", "1"),
+          "together under about 0.2 s, 0.05 s when stateful, and a quarter of the batch timeout), else 1", "1"),
     Field("checkpoint_every", "RESILIENT_CHECKPOINT_EVERY", _Integer(1), 100,
           "stateful pipelines: checkpoint a slot's state every N batches", "500"),
     Field("checkpoint_interval_seconds", "RESILIENT_CHECKPOINT_INTERVAL_SECONDS", _Number(), 60.0,

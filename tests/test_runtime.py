@@ -376,6 +376,7 @@ def test_call_size_decisions():
     assert calls.batches_per_call("auto", None, 600.0) == 1  # nothing timed yet
     assert calls.batches_per_call("auto", 0.0, 600.0) == calls.AUTO_MAX
     assert calls.batches_per_call("auto", calls.AUTO_CALL_SECONDS / 3.5, 600.0) == 3
+    assert calls.batches_per_call("auto", calls.AUTO_CALL_SECONDS_STATEFUL / 2.5, 600.0, stateful=True) == 2
     assert calls.batches_per_call("auto", 0.001, 0.014) == 3  # a quarter of the timeout: 3.5 ms
     assert calls.batches_per_call("auto", 10.0, 1.0) == 1  # slower than the timeout: still one
     assert [calls.most_per_call(s) for s in ("auto", 1, 5)] == [calls.AUTO_MAX, 1, 5]

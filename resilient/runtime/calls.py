@@ -12,31 +12,42 @@ per call share that cost. What a call of ``k`` batches trades for it:
   Each of them is then retried alone (as when several calls are in flight), so the next failure names
   its batch, and only named batches count attempts towards the poison limit.
 
-Why ``"auto"`` aims at calls of about 0.2 s (`AUTO_CALL_SECONDS`) and not shorter: besides Ray's fixed
-cost, a call answers only once its outputs are durable, so each call ends waiting for the fsync of its
-last output (a millisecond or more, while that core may idle). Measured on 2 cores with 20 ms batches
-(`benchmarks/pipeline_overhead.py`): the driver spent about 1.5 ms of CPU per batch with calls of 2
-batches (a 0.05 s aim), 1.1 with 4, 0.9 with 8; plain Ray actors, one batch per call, 1.5. What longer
-calls cost is latency (a batch's output waits for its call, at most about 0.2 s more) and, after a death,
-more batches to retry alone; `AUTO_MAX` bounds both for short batches.
+How long a call ``"auto"`` aims at depends on the pipeline:
+
+* stateless: about 0.2 s (`AUTO_CALL_SECONDS`). Besides Ray's fixed cost, a call answers only once its
+  outputs are durable, so each call ends waiting for the fsync of its last output (a millisecond or more,
+  while that core may idle). Measured on 2 cores with 20 ms batches (`benchmarks/pipeline_overhead.py`):
+  the driver spent about 1.5 ms of CPU per batch with calls of 2 batches (a 0.05 s aim), 1.1 with 4, 0.9
+  with 8; plain Ray actors, one batch per call, 1.5. What longer calls cost is latency (a batch's output
+  waits for its call, at most about 0.2 s more) and, after a death, more batches to retry alone.
+* stateful: about 0.05 s (`AUTO_CALL_SECONDS_STATEFUL`). A slot's snapshot is persisted only once the
+  outputs it covers are committed, and they come back when their call ends: every batch a call adds past
+  a snapshot is a batch the persisted state trails by, replayed after a crash. With calls of 8 batches of
+  18 ms, hot failover (`benchmarks/recovery.py`) replayed 5 to 13 batches and took 0.30 s (median), against
+  2 to 7 batches and 0.22 s with calls of 0.05 s.
+
+`AUTO_MAX` bounds a call for short batches either way.
 
 Exceptions need no guessing: the worker runs a call's batches in order and answers each with its result
 or its error (a stateful slot stops at the first error, since its state is rolled back).
 
 `batches_per_call` is the decision, a pure function of the setting and the measured seconds per batch:
 a fixed setting is taken as it is; ``"auto"`` starts at 1 and, once batches have been timed, carries as
-many as fit in `AUTO_CALL_SECONDS` and a quarter of the batch timeout, at most `AUTO_MAX`.
+many as fit in its aim (above) and a quarter of the batch timeout, at most `AUTO_MAX`.
 """
 
 from __future__ import annotations
 
-__all__ = ["AUTO_CALL_SECONDS", "AUTO_MAX", "BatchTimer", "batches_per_call", "most_per_call"]
+__all__ = ["AUTO_CALL_SECONDS", "AUTO_CALL_SECONDS_STATEFUL", "AUTO_MAX", "BatchTimer", "batches_per_call",
+           "most_per_call"]
 
-AUTO_CALL_SECONDS = 0.2  # auto: a call's batches together take about this long at most (see below)
+AUTO_CALL_SECONDS = 0.2  # auto, stateless: a call's batches together take about this long at most
+AUTO_CALL_SECONDS_STATEFUL = 0.05  # auto, stateful (shorter: see the module docstring)
 AUTO_MAX = 8  # auto: never more batches per call than this
 
 
-def batches_per_call(setting: int | str, seconds_per_batch: float | None, timeout: float) -> int:
+def batches_per_call(setting: int | str, seconds_per_batch: float | None, timeout: float, *,
+                     stateful: bool = False) -> int:
     """Batches the next call may carry.
 
     >>> batches_per_call(4, None, 600.0), batches_per_call("auto", None, 600.0)
@@ -45,13 +56,16 @@ def batches_per_call(setting: int | str, seconds_per_batch: float | None, timeou
     (6, 8)
     >>> batches_per_call("auto", 0.15, 600.0), batches_per_call("auto", 0.002, 0.02)
     (1, 2)
+    >>> batches_per_call("auto", 0.018, 600.0), batches_per_call("auto", 0.018, 600.0, stateful=True)
+    (8, 2)
     """
     if setting != "auto":
         return int(setting)
     if seconds_per_batch is None:
         return 1
     per = max(seconds_per_batch, 1e-6)
-    return max(1, min(AUTO_MAX, int(AUTO_CALL_SECONDS / per), int(timeout / (4 * per))))
+    aim = AUTO_CALL_SECONDS_STATEFUL if stateful else AUTO_CALL_SECONDS
+    return max(1, min(AUTO_MAX, int(aim / per), int(timeout / (4 * per))))
 
 
 def most_per_call(setting: int | str) -> int:

@@ -951,7 +951,7 @@ class Scheduler:
 
     def _per_call(self) -> int:
         p = self.policy
-        return batches_per_call(p.batches_per_call, self.timer.seconds, p.batch_timeout_seconds)
+        return batches_per_call(p.batches_per_call, self.timer.seconds, p.batch_timeout_seconds, stateful=p.stateful)
 
     def _dispatch(self, now: float) -> None:
         if self.policy.stateful:
