@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=1, help="the large jobs' seed")
     args = p.parse_args()
+    if args.actors < 1 or args.batches < 1 or args.seeds < 0:
+        p.error(f"need --actors >= 1 and --batches >= 1 (the large jobs) and --seeds >= 0; got --actors "
+                f"{args.actors}, --batches {args.batches}, --seeds {args.seeds}")
     results = {"stateless": large(args, False), "stateful": large(args, True)}
     t0 = time.perf_counter()
 
