@@ -21,10 +21,12 @@ How long a call ``"auto"`` aims at depends on the pipeline:
   with 8; plain Ray actors, one batch per call, 1.5. What longer calls cost is latency (a batch's output
   waits for its call, at most about 0.2 s more) and, after a death, more batches to retry alone.
 * stateful: about 0.05 s (`AUTO_CALL_SECONDS_STATEFUL`). A slot's snapshot is persisted only once the
-  outputs it covers are committed, and they come back when their call ends: every batch a call adds past
-  a snapshot is a batch the persisted state trails by, replayed after a crash. With calls of 8 batches of
-  18 ms, hot failover (`benchmarks/recovery.py`) replayed 5 to 13 batches and took 0.30 s (median), against
-  2 to 7 batches and 0.22 s with calls of 0.05 s.
+  outputs it covers are committed, and they come back when their call ends: every batch a call runs after
+  the snapshot delays its persist, and the persisted state trails the slot by that much more, replayed
+  after a crash (about 28 ms a batch in `benchmarks/recovery.py`). Calls of 8 batches instead of 2 make
+  that up to 6 more batches, 3 on average. Five kills per run cannot show it apart from where the kills
+  land in the checkpoint cycle: hot failover took 0.30 s (median; replaying 5 to 13) with calls of 8, and
+  0.22 s and 0.32 s in two runs (replaying 2 to 7, and 2 to 10) with calls of 2.
 
 `AUTO_MAX` bounds a call for short batches either way.
 
