@@ -67,7 +67,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -93,7 +93,7 @@ _FILE = re.compile(r"part-(\d{12})\.(" + "|".join(EXTENSIONS.values()) + ")")
 _DELTA_FILE = re.compile(r"part-(\d{12})-e(\d+)-[0-9a-f]{8}\.parquet")
 _INDEX = re.compile(r"\d{12}-[0-9a-f]{8}\.json")
 PUBLISHERS = 16  # a group's publishes in flight at once, on object stores
-_PUBLISHERS = ProcessPool(PUBLISHERS, "resilient-publish")
+_PUBLISHERS = ProcessPool(PUBLISHERS, "resilient-publish")  # the process's pool for those, made on first use
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,6 @@ def _check_int(name: str, value: Any, hi: int, lo: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
         raise ConfigError(name, value, f"an int from {lo} to {hi}")
     return int(value)
-
-
-def _publishers() -> ThreadPoolExecutor:
-    """The process's pool for publishing on object stores (`PUBLISHERS` threads, made on first use)."""
-    return _PUBLISHERS.get()
 
 
 def file_name(batch_id: int, fmt: str) -> str:
@@ -381,7 +376,7 @@ class FileSink:
             return self._call(pub.publish, o.name, o.staged, path=o.name)
 
         if len(outputs) > 1 and self._store().protocol != "file":
-            created = list(_publishers().map(publish, outputs))
+            created = list(_PUBLISHERS.get().map(publish, outputs))
         else:
             created = [publish(o) for o in outputs]
         self._call(pub.sync, [o.name for o in outputs], path=outputs[0].name)
