@@ -22,9 +22,13 @@
      all_redelivered_s  kill -> every redelivered batch committed.
 
    Measured with the default ``standby=1`` (hot: a spare actor, model built, takes over) as
-   ``failover_s``, and with ``standby=0`` (cold: a fresh actor imports torch and builds the model) as
-   ``failover_cold_s``; medians over ``--repeat`` jobs. Each job then runs to completion and every batch
-   must be committed exactly once (counted from the commit markers).
+   ``failover_s``, with ``standby=0`` (cold: a fresh actor imports torch and builds the model) as
+   ``failover_cold_s``, and with the standby but hot snapshots off (``hot_snapshot_max_mb=0``: the
+   replacement restores the persisted checkpoint from storage) as ``failover_stored_s``, the three
+   interleaved; medians over ``--repeat`` jobs each. ``failover_from_hot`` counts the hot runs whose
+   replacement started from the slot's hot snapshot. Each job then runs to completion and every batch
+   must be committed exactly once (counted from the commit markers). ``failover_hot_target_met``:
+   ``failover_s <= 0.25``.
 
    Next to it, in the same Ray instance: a bare Ray actor (``max_restarts=1``) that imports torch and
    builds the same model; SIGKILL by PID, time until it answers a call again (``bare_ray_restart_s``).
@@ -47,7 +51,12 @@
    after the imports, ``resume_1m_rss_abs_mb`` the absolute peak. With ``--resume-full-run`` it then also
    runs ``Supervisor.run()`` on the finished job (joining this script's Ray instance).
 
-3. Preemption. In a child process, a multi-node cluster on this machine (a head with no CPUs, three
+3. What hot snapshots cost (``--skip-hot-cost`` skips it). The same stateful job (standby 1, no kills,
+   ``--hot-cost-batches``) with hot snapshots on and off, in alternating order over ``--hot-cost-rounds``
+   rounds; throughput from the 100th committed batch to the end. ``hot_snapshot_throughput_ratio``: the
+   median of the rounds' on/off ratios (each snapshot is also copied into the object store).
+
+4. Preemption. In a child process, a multi-node cluster on this machine (a head with no CPUs, three
    raylets of one CPU; `ray.cluster_utils.Cluster`) runs the same stateful job with a standby, actors
    spread over the nodes (``scheduling_strategy="SPREAD"``). Once ``--kill-after`` batches are
    committed and the standby is built, the node of slot 0's actor is drained the way KubeRay, a managed
@@ -63,9 +72,9 @@
    Medians over ``--repeat`` drains; every job must commit each batch exactly once.
 
 The last line printed is one JSON object with at least ``failover_s``, ``failover_cold_s``,
-``bare_ray_restart_s``, ``model_init_s``, ``state_load_s``, ``resume_1m_s``, ``resume_1m_rss_mb`` and
-``resume_1m_rss_abs_mb``, and ``preemption_handover_s``, ``preemption_replayed``,
-``preemption_attempts_charged``. Timings on a shared or loaded machine are noisy: check ``load_avg``.
+``failover_stored_s``, ``bare_ray_restart_s``, ``model_init_s``, ``state_load_s``, ``resume_1m_s``,
+``resume_1m_rss_mb``, ``resume_1m_rss_abs_mb``, ``hot_snapshot_throughput_ratio``,
+``preemption_handover_s``, ``preemption_replayed`` and ``preemption_attempts_charged``. Timings on a shared or loaded machine are noisy: check ``load_avg``.
 
 Usage:
     python benchmarks/recovery.py [--batches 600] [--batch-rows 256] [--actors 2] [--repeat 5]
@@ -280,19 +289,21 @@ def kill_phase(args: argparse.Namespace, standby: int, rep: int) -> int:
     return random.Random(f"{args.seed}-{standby}-{rep}").randrange(cycle)
 
 
-def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int) -> dict:
+def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int, *, hot: bool = True) -> dict:
     import ray
 
     import resilient
     from resilient.io import FileSink, RangeSource
 
-    work = tempfile.mkdtemp(prefix=f"failover-s{standby}-{rep}-", dir=root)
+    name = f"failover-s{standby}{'' if hot else '-stored'}-{rep}"
+    work = tempfile.mkdtemp(prefix=f"{name}-", dir=root)
     out = os.path.join(work, "out")
     settings = settings_for(os.path.join(work, "ckpt"), num_actors=args.actors, standby=standby,
-                            checkpoint_every=args.checkpoint_every, batches_per_call=args.batches_per_call)
+                            checkpoint_every=args.checkpoint_every, batches_per_call=args.batches_per_call,
+                            **({} if hot else {"hot_snapshot_max_mb": 0}))
     handle = resilient.pipeline(StatefulScorer).run(
         RangeSource(args.batches * args.batch_rows, args.batch_rows), FileSink(out, format="parquet"),
-        job_id=f"failover-s{standby}-{rep}", settings=settings, init_args=(args.features, args.hidden, args.seed))
+        job_id=name, settings=settings, init_args=(args.features, args.hidden, args.seed))
     probe = FileSink(out, format="parquet")  # a second reader of the same sink: only reads markers
     try:
         kill_at = args.kill_after + kill_phase(args, standby, rep)
@@ -327,6 +338,7 @@ def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int
                     r["started_s"] = now - t_kill
                     r["cursor"] = event.cursor
                     r["new_pid"] = event.pid
+                    r["from_hot"] = event.hot
                     if not redelivered:  # nothing was in flight: the slot's first batch not yet committed
                         b = event.cursor
                         while b < args.batches and probe.is_committed(b):
@@ -353,6 +365,38 @@ def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int
         if not handle.done():
             handle.wait(timeout=600)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_hot_cost(args: argparse.Namespace, root: str) -> dict:
+    """The same stateful job (standby 1, no kills) with hot snapshots on and off, in alternating order over
+    ``--hot-cost-rounds`` rounds: steady throughput from the 100th committed batch to the end."""
+    import resilient
+    from resilient.io import FileSink, RangeSource
+
+    n, skip = args.hot_cost_batches, 100
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for rnd in range(args.hot_cost_rounds):
+        for hot in (True, False) if rnd % 2 == 0 else (False, True):
+            work = tempfile.mkdtemp(prefix=f"hot-cost-{rnd}-{hot}-", dir=root)
+            settings = settings_for(os.path.join(work, "ckpt"), num_actors=args.actors, standby=1,
+                                    checkpoint_every=args.checkpoint_every, batches_per_call=args.batches_per_call,
+                                    **({} if hot else {"hot_snapshot_max_mb": 0}))
+            handle = resilient.pipeline(StatefulScorer).run(
+                RangeSource(n * args.batch_rows, args.batch_rows), FileSink(os.path.join(work, "out"), format="parquet"),
+                job_id=f"hot-cost-{rnd}-{hot}", settings=settings, init_args=(args.features, args.hidden, args.seed))
+            while handle.progress()["committed"] < skip and not handle.done():
+                time.sleep(0.005)
+            t0 = time.monotonic()
+            result = handle.wait(timeout=600)
+            if result.committed != n:
+                raise RuntimeError(f"hot cost job: {result}")
+            rates[hot].append((n - skip) / (time.monotonic() - t0))
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"  hot snapshots cost, round {rnd}: {rates[True][-1]:.1f} batches/s on, {rates[False][-1]:.1f} off",
+              flush=True)
+    ratios = [a / b for a, b in zip(rates[True], rates[False])]
+    return {"hot_snapshot_throughput_ratio": round(statistics.median(ratios), 3),
+            "hot_snapshot_throughput_rounds": [round(r, 3) for r in ratios]}
 
 
 def measure_bare_restart(args: argparse.Namespace) -> dict:
@@ -553,6 +597,9 @@ def main() -> None:
     p.add_argument("--skip-failover", action="store_true")
     p.add_argument("--skip-resume", action="store_true")
     p.add_argument("--skip-preemption", action="store_true")
+    p.add_argument("--skip-hot-cost", action="store_true")
+    p.add_argument("--hot-cost-rounds", type=int, default=4, help="rounds of the hot snapshot cost (on, off)")
+    p.add_argument("--hot-cost-batches", type=int, default=1000, help="batches per job of the hot snapshot cost")
     p.add_argument("--preemption-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dir", default=None, help="parent of the temporary work directory")
     p.add_argument("--resume-child", default=None, help=argparse.SUPPRESS)
@@ -583,17 +630,19 @@ def main() -> None:
     report: dict[str, Any] = {}
     try:
         if not args.skip_failover:
-            bare, hot, cold = [], [], []
+            bare, hot, cold, stored = [], [], [], []
             for rep in range(args.repeat):
                 bare.append(measure_bare_restart(args))
                 print(f"  bare Ray restart: {bare[-1]['bare_ray_restart_s']:.3f} s (torch import "
                       f"{bare[-1]['torch_import_s']:.3f} s, model init {bare[-1]['model_init_s']:.3f} s)", flush=True)
-                for standby, runs in ((1, hot), (0, cold)):
-                    runs.append(measure_failover(args, root, standby, rep))
+                for standby, runs, from_hot in ((1, hot, True), (0, cold, True), (1, stored, False)):
+                    runs.append(measure_failover(args, root, standby, rep, hot=from_hot))
                     r = runs[-1]
-                    print(f"  failover standby={standby}: detect {r['detect_s']:.3f} s, started {r['started_s']:.3f}"
-                          f" s, first redelivered commit {r['failover_s']:.3f} s, all {r['all_redelivered_s']:.3f} s"
-                          f" (redelivered {r['redelivered']}, replayed {r.get('replayed')})", flush=True)
+                    print(f"  failover standby={standby}{'' if from_hot else ', hot snapshots off'}: detect "
+                          f"{r['detect_s']:.3f} s, started {r['started_s']:.3f} s, first redelivered commit "
+                          f"{r['failover_s']:.3f} s, all {r['all_redelivered_s']:.3f} s (redelivered {r['redelivered']}"
+                          f", replayed {r.get('replayed')}, from {'hot snapshot' if r['from_hot'] else 'storage'})",
+                          flush=True)
             state_load = measure_state_load(args, root)
             report["compute_ms_per_batch"] = round(compute_ms(args), 2)
 
@@ -612,17 +661,24 @@ def main() -> None:
                 "failover_all_redelivered_s": med(hot, "all_redelivered_s"),
                 "failover_cold_detect_s": med(cold, "detect_s"),
                 "failover_cold_started_s": med(cold, "started_s"),
+                "failover_stored_s": med(stored, "failover_s"),
+                "failover_stored_runs": [round(r["failover_s"], 3) for r in stored],
+                "failover_stored_replayed": [r.get("replayed") for r in stored],
+                "failover_from_hot": sum(bool(r["from_hot"]) for r in hot),
                 "failover_replayed": [r.get("replayed") for r in hot],
                 "failover_cold_replayed": [r.get("replayed") for r in cold],
                 "failover_runs": [round(r["failover_s"], 3) for r in hot],
                 "failover_cold_runs": [round(r["failover_s"], 3) for r in cold],
                 "bare_ray_restart_runs": [round(r["bare_ray_restart_s"], 3) for r in bare],
-                "exactly_once": all(r["exactly_once"] for r in hot + cold),
+                "exactly_once": all(r["exactly_once"] for r in hot + cold + stored),
             })
             target = report["bare_ray_restart_s"] + report["model_init_s"] + report["state_load_s"] + 0.5
             report["failover_target_s"] = round(target, 4)
             report["failover_target_met"] = report["failover_s"] <= target
             report["failover_cold_target_met"] = report["failover_cold_s"] <= target
+            report["failover_hot_target_met"] = report["failover_s"] <= 0.25
+        if not args.skip_hot_cost:
+            report.update(measure_hot_cost(args, root))
         if not args.skip_preemption:
             ray.shutdown()  # the rounds run on a cluster of their own, in a child process
             rounds = measure_preemption(args)

@@ -555,6 +555,9 @@ FIELDS: tuple[Field, ...] = (
           "together under about 0.2 s, 0.05 s when stateful, and a quarter of the batch timeout), else 1", "1"),
     Field("checkpoint_every", "RESILIENT_CHECKPOINT_EVERY", _Integer(1), 100,
           "stateful pipelines: checkpoint a slot's state every N batches", "500"),
+    Field("hot_snapshot_max_mb", "RESILIENT_HOT_SNAPSHOT_MAX_MB", _Integer(0), 64,
+          "stateful pipelines: each slot's newest snapshot up to this size is also kept in the Ray object "
+          "store, so a replacement starts from it instead of the older persisted checkpoint; 0: never", "512"),
     Field("checkpoint_interval_seconds", "RESILIENT_CHECKPOINT_INTERVAL_SECONDS", _Number(), 60.0,
           "stateful pipelines: checkpoint a slot's state at least this often", "30"),
     Field("batch_timeout_seconds", "RESILIENT_BATCH_TIMEOUT_SECONDS", _Number(), 600.0,
@@ -640,6 +643,7 @@ class Settings:
     queue_depth: int
     batches_per_call: int | str
     checkpoint_every: int
+    hot_snapshot_max_mb: int
     checkpoint_interval_seconds: float
     batch_timeout_seconds: float
     max_attempts: int

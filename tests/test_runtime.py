@@ -490,6 +490,95 @@ def test_a_snapshot_is_persisted_out_of_band_only_once_its_outputs_are_committed
     ray.kill(actor)
 
 
+def test_a_call_ships_its_newest_snapshot_unless_past_a_failed_output(tmp_path, monkeypatch):
+    """In process: `Worker.run` returns the cursor and packed copy of the newest snapshot the call took; not
+    one taken after a batch whose output then failed to sync (it holds a lost output); none at all with
+    ``hot_snapshot_max_mb=0``."""
+    import resilient.io._publish as publish
+    from resilient.io.sinks import FileSink
+    from resilient.runtime.hot import unpack
+    from resilient.runtime.supervisor import INF
+    from resilient.runtime.worker import Failure, JobSpec, Worker
+
+    items = [(b, batch, False) for b, batch in RangeSource(80, 10).read(0)]
+    settings = settings_for(tmp_path, checkpoint_every=2, checkpoint_interval_seconds=3600.0)
+    w = Worker(JobSpec("hot", simple.TensorSum, (), {}, True, FileSink(str(tmp_path / "o0")), settings, 1), 0, 1)
+    assert w.restore() == 0
+    (answers, cursor), packed = w.run((INF, items[:5]))  # all committed: each snapshot persisted at once
+    state = unpack(packed)
+    assert len(answers) == 5 and cursor == 4 and state["cursor"] == 4
+    assert state["user"]["total"] == sum(range(40)) and state["user"]["acc"].tolist() == [40.0] * 4
+    assert state["user"]["half"].dtype.is_floating_point and state["user"]["half"].tolist() == [40.0] * 4
+    assert w.run((INF, items[5:6]))[0][1] == 6  # due again after two batches
+    (answers, cursor), packed = w.run((INF, items[6:7]))  # took none
+    assert len(answers) == 1 and cursor is None and packed is None
+    w.store.close()
+
+    real = publish._sync_and_close
+
+    def failing(fd, path):
+        if os.path.basename(path).startswith("000000000002-"):
+            os.close(fd)
+            os.unlink(path)
+            raise OSError(5, "Input/output error")
+        real(fd, path)
+
+    monkeypatch.setattr(publish, "_sync_and_close", failing)
+    every = settings_for(tmp_path, checkpoint_every=1, checkpoint_interval_seconds=3600.0)
+    w = Worker(JobSpec("hot2", simple.TensorSum, (), {}, True, FileSink(str(tmp_path / "o1")), every, 1), 0, 1)
+    w.restore()
+    (answers, cursor), packed = w.run((INF, items[:4]))
+    assert [type(a).__name__ for a in answers] == ["Result", "Result", "Failure"] and cursor is None
+    assert packed is None and isinstance(answers[2], Failure)
+    w.store.close()
+    off = settings_for(tmp_path, checkpoint_every=1, hot_snapshot_max_mb=0)
+    w = Worker(JobSpec("hot3", simple.TensorSum, (), {}, True, FileSink(str(tmp_path / "o2")), off, 1), 0, 1)
+    w.restore()
+    assert w.run((INF, items[:2]))[1] is None
+    w.store.close()
+
+
+def test_a_replacement_starts_from_the_hot_snapshot_of_a_killed_worker(tmp_path):
+    """On real actors built as the supervisor builds them: a call's snapshot stays in the object store
+    after its worker is SIGKILLed by PID; a standby activated with it takes the slot at its cursor with
+    the killed worker's state (nothing was persisted: floor 0) and goes on changing it in place. Given a
+    ref that does not load, a standby restores from storage instead."""
+    import ray
+
+    from resilient.io.sinks import FileSink
+    from resilient.runtime.supervisor import INF
+    from resilient.runtime.worker import CONTROL_GROUP, JobSpec, Worker
+
+    items = [(b, batch, False) for b, batch in RangeSource(60, 10).read(0)]
+    settings = settings_for(tmp_path, checkpoint_every=2, checkpoint_interval_seconds=3600.0)
+    spec = JobSpec("hot", simple.TensorSum, (), {}, True, FileSink(str(tmp_path / "o")), settings, 1)
+    actor_cls = ray.remote(max_restarts=0, concurrency_groups={CONTROL_GROUP: 1})(Worker)
+    first = actor_cls.options(num_cpus=0.25).remote(spec, 0, 1)
+    assert ray.get(first.restore.remote()) == 0
+    ref, hot = first.run.options(num_returns=2).remote((0, items[:5]))
+    answers, cursor = ray.get(ref)
+    assert cursor == 2 and len(answers) == 5  # the snapshot at 2 waits for its commit: none taken after it
+    os.kill(ray.get(first.ready.remote())["pid"], signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(first.ready.remote(), timeout=60)
+
+    standby = actor_cls.options(num_cpus=0.25).remote(spec)
+    up = ray.get(standby.activate.remote(0, 2, [hot]), timeout=60)
+    assert up["hot"] is True and up["cursor"] == 2 and up["generation"] is None
+    state = ray.get(standby.__ray_call__.remote(lambda w: w.fn.state_dict()))
+    assert state["total"] == sum(range(20)) and state["acc"].tolist() == [20.0] * 4
+    [answer] = ray.get(standby.process.remote((INF, items[2:3])))  # replayed from the snapshot's cursor
+    assert answer.batch_id == 2 and answer.cursor == 3
+    state = ray.get(standby.__ray_call__.remote(lambda w: w.fn.state_dict()))
+    assert state["total"] == sum(range(30)) and state["half"].tolist() == [30.0] * 4
+
+    other = actor_cls.options(num_cpus=0.25).remote(spec)
+    up = ray.get(other.activate.remote(0, 3, [ray.put({"not": "a snapshot"})]), timeout=60)
+    assert not up.get("hot") and up["cursor"] == 0  # storage holds nothing yet: from the start
+    for a in (standby, other):
+        ray.kill(a)
+
+
 def test_same_job_id_different_pipeline_is_refused(tmp_path):
     settings = settings_for(tmp_path)
     resilient.pipeline(simple.square).run(RangeSource(50, 10), str(tmp_path / "out"), job_id="j1",

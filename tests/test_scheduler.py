@@ -28,7 +28,7 @@ from resilient.runtime.protocol import (
 )
 from resilient.runtime.scheduler import Policy, Scheduler
 
-MODULES = ["calls", "events", "ledger", "policy", "protocol", "reader", "records", "scheduler", "supervisor"]
+MODULES = ["calls", "events", "hot", "ledger", "policy", "protocol", "reader", "records", "scheduler", "supervisor"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -368,3 +368,44 @@ def test_a_slot_on_a_draining_node_takes_no_new_batch_while_its_calls_finish():
         answer(1)
     assert sent and all(c.slot == 1 for c in sent), [c for c in sent if c.slot == 0]
     assert s.read_pos > 8  # batches of slot 0 were read meanwhile (4 and 6 were already queued: 8 is new)
+
+
+def test_a_replacement_starts_from_the_newest_hot_snapshot_of_an_accepted_answer():
+    """The hot snapshot a call ships rides on `StartActor` after a death; an older one never replaces a
+    newer one, a forgotten call's (its incarnation replaced) is ignored, and a slot started from storage
+    at a later cursor drops it."""
+    s = Scheduler(Policy(slots=1, stateful=True, standby=0, batches_per_call=1, queue_depth=2), Ledger(40, 64))
+    [start] = [c for c in s.start(0.0) if isinstance(c, StartActor)]
+    assert start.hot is None
+    c0, c1 = sends(s.handle(ActorUp(0, start.inc, epoch=1, node="n0", cursor=0), 0.0))
+    s.handle(CallAnswered(c0.call, (Result(0, 0, 1, "out-0", 0.01, 1),), hot=(1, "token-1")), 0.1)
+    cmds = s.handle(CallAnswered(c1.call, (Result(1, 0, 1, "out-1", 0.01, 2),), hot=(1, "older")), 0.2)
+    [c2] = sends(cmds)
+    cmds = s.handle(ActorDown(0, start.inc, Cause.NODE, "node lost"), 0.3)
+    [again] = [c for c in cmds if isinstance(c, StartActor)]
+    assert again.hot == "token-1"
+    # the dead incarnation's call answers late with a newer snapshot: forgotten, not trusted
+    s.handle(CallAnswered(c2.call, (Result(2, 0, 1, "out-2", 0.01, 3),), hot=(3, "zombie")), 0.35)
+    assert s.slots[0].hot == (1, "token-1")
+    [replay, new] = sends(s.handle(ActorUp(0, again.inc, epoch=2, node="n1", cursor=1, hot=True), 0.4))
+    assert replay.items == ((1, True),) and new.items == ((2, False),)
+    cmds = s.handle(ActorDown(0, again.inc, Cause.NODE, "node lost"), 0.5)
+    [third] = [c for c in cmds if isinstance(c, StartActor)]
+    assert third.hot == "token-1"
+    s.handle(ActorUp(0, third.inc, epoch=3, node="n2", cursor=2, generation=4), 0.6)  # storage was newer
+    assert s.slots[0].hot is None
+
+
+def test_a_hand_over_drops_the_hot_snapshot_its_persisted_state_supersedes():
+    from resilient.runtime.protocol import CommitDone, CommitGroup, FinishDone
+
+    s = Scheduler(Policy(slots=1, stateful=True, standby=0, batches_per_call=1, queue_depth=1), Ledger(6, 64))
+    [start] = [c for c in s.start(0.0) if isinstance(c, StartActor)]
+    [call] = sends(s.handle(ActorUp(0, start.inc, epoch=1, node="n0", cursor=0), 0.0))
+    s.handle(NodeDraining("n0", deadline=60.0), 1.0)
+    cmds = s.handle(CallAnswered(call.call, (Result(0, 0, 1, "out-0", 0.01, 1),), hot=(1, "token")), 1.1)
+    [commit] = [c for c in cmds if isinstance(c, CommitGroup)]
+    s.handle(CommitDone(commit.group), 1.2)
+    cmds = s.handle(FinishDone(0, start.inc), 1.3)
+    [again] = [c for c in cmds if isinstance(c, StartActor)]
+    assert again.hot is None and s.slots[0].hot is None

@@ -28,12 +28,15 @@ def test_every_guarantee_holds_over_thousands_of_fault_schedules(part):
 
 def test_the_sweep_injects_every_kind_of_fault():
     """The faults are not just configured but happen: deaths of every cause, hangs, zombies, exceptions,
-    poison and crashing batches, failed commits and progress saves, driver crashes and re-runs."""
+    poison and crashing batches, failed commits and progress saves, driver crashes and re-runs; slots
+    restored from hot snapshots, from storage after losing one with its node, and with them off."""
     outcomes = [simulate(random_scenario(seed)) for seed in range(300)]
     assert sum(o.runs > 1 for o in outcomes) > 50  # driver crashes and re-runs
     assert sum(o.restarts for o in outcomes) > 500
     assert any(o.scenario.poison for o in outcomes) and any(o.scenario.crashers for o in outcomes)
     assert any(o.scenario.zombie_rate for o in outcomes) and any(o.scenario.hang_rate for o in outcomes)
+    assert sum(o.hot_restores for o in outcomes) > 50 and sum(o.hot_lost for o in outcomes) > 5
+    assert any(o.scenario.stateful and not o.scenario.hot and o.restarts for o in outcomes)  # storage only
 
 
 def test_a_large_job_with_many_actors_and_faults_everywhere():
@@ -234,6 +237,42 @@ def test_it_catches_a_hand_over_that_does_not_persist_the_slot_first(monkeypatch
     monkeypatch.setattr(scheduler_module.Scheduler, "_drain_check", hasty)
     outcomes = [simulate(_notice_only(seed)) for seed in range(100)]
     assert sum(o.replayed for o in outcomes) > 0
+
+
+def _hot_case(seed: int, hot: bool) -> Scenario:
+    return Scenario(seed=seed, batches=200, slots=3, stateful=True, kill_rate=0.01, checkpoint_every=10,
+                    zombie_rate=0.1, transient_rate=0.01, hot=hot)
+
+
+def test_hot_snapshots_shorten_replays_and_a_lost_one_falls_back_to_storage():
+    """Replacements start from the slots' hot snapshots (checked against the answers at each start), fewer
+    batches are replayed than from storage alone, and snapshots lost with their node fall back to it."""
+    with_hot = [simulate(_hot_case(seed, True)) for seed in range(150)]
+    without = [simulate(_hot_case(seed, False)) for seed in range(150)]
+    bad = [o for o in with_hot + without if o.violations or not o.completed]
+    assert not bad, _report(bad)
+    assert sum(o.hot_restores for o in with_hot) > 50 and sum(o.hot_lost for o in with_hot) > 5
+    assert sum(o.hot_restores for o in without) == 0
+    assert sum(o.replayed for o in with_hot) < 0.95 * sum(o.replayed for o in without)
+
+
+def test_it_catches_a_scheduler_that_starts_a_slot_from_the_wrong_hot_snapshot(monkeypatch):
+    """Hand each replacement the next slot's hot snapshot: its batches below that cursor were not all
+    answered, and its state is not the slot's, which the start-time check and the final state name."""
+    original = scheduler_module.Scheduler._start
+
+    def mixed_up(self, slot, now, *, spare_ok=True):
+        own = slot.hot
+        slot.hot = self.slots[(slot.index + 1) % len(self.slots)].hot
+        try:
+            original(self, slot, now, spare_ok=spare_ok)
+        finally:
+            slot.hot = own
+
+    monkeypatch.setattr(scheduler_module.Scheduler, "_start", mixed_up)
+    outcomes = [simulate(_hot_case(seed, True)) for seed in range(100)]
+    assert any("hot snapshot" in v for o in outcomes for v in o.violations)
+    assert any("final state" in v for o in outcomes for v in o.violations)
 
 
 def test_a_failing_seed_prints_a_one_line_reproduction():

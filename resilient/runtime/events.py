@@ -53,6 +53,7 @@ class ActorStarted(JobEvent):
     cursor: int
     generation: int | None
     node_id: str | None = None
+    hot: bool = False  # restored from a hot snapshot (driver memory), not from storage
 
 
 @dataclass(frozen=True, slots=True)

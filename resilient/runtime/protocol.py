@@ -19,6 +19,11 @@ Identities
   epoch is not its incarnation's is a zombie's and is dropped (fencing across runs).
 * A *call* is one actor call carrying one batch or several; the scheduler numbers calls.
 * A *spare* is a standby actor built ahead (model loaded) and numbered by the scheduler.
+* A *hot snapshot* (stateful) is a copy of a slot's state that a call ships back beside its answers
+  (`CallAnswered.hot`): ``(cursor, token)``, the token opaque here (a Ray object ref owned by the driver).
+  Every batch of the slot below its cursor answered in that call or an earlier one, so a replacement may
+  start from it (`StartActor.hot`) instead of the slot's last persisted checkpoint; one whose token is
+  lost (its node died) falls back to that checkpoint. See `resilient.runtime.hot`.
 
 Why an actor died (`Cause`)
 ---------------------------
@@ -124,7 +129,8 @@ Answer = Result | Failure
 
 @dataclass(frozen=True, slots=True)
 class ActorUp:
-    """Incarnation `inc` of `slot` is activated: its state restored up to `cursor` (stateful)."""
+    """Incarnation `inc` of `slot` is activated: its state restored up to `cursor` (stateful), from checkpoint
+    `generation` or from the hot snapshot it was given (`hot`)."""
 
     slot: int
     inc: int
@@ -133,6 +139,7 @@ class ActorUp:
     node: str | None = None
     cursor: int = 0
     generation: int | None = None
+    hot: bool = False  # restored from the hot snapshot it was given (`StartActor.hot`), not from storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +159,7 @@ class CallAnswered:
 
     call: int
     answers: tuple
+    hot: tuple[int, Any] | None = None  # stateful: (cursor, token) of the newest snapshot the call took
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +259,7 @@ class StartActor:
     slot: int
     inc: int
     spare: int | None
+    hot: Any = None  # stateful: the token of the slot's newest hot snapshot, restored instead if it loads
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,14 @@ Exactly-once protocol
   lands, `PersistState` tells the worker out of band, so the persisted checkpoint trails the slot by a
   commit and a save rather than by the calls queued on it. A restored or rolled-back slot replays from
   its cursor; batches already done replay without output.
+* Hot snapshots (`resilient.runtime.hot`): a stateful call may ship the newest snapshot it took beside its
+  answers (``CallAnswered.hot``, kept in driver memory). Every batch below its cursor answered without
+  error in that call or an earlier one of the slot, and an accepted answer's output is committed (or
+  the job fails), so a replacement may start from it: `StartActor` carries the slot's newest, which the
+  worker restores instead of the persisted checkpoint (falling back to it if the token is lost). It
+  saves the wait for the commit and the save behind a checkpoint, and the read from storage. Only the
+  answers the scheduler accepts count (a forgotten call's or a zombie's never do); a hand-over's
+  persisted state (exact) supersedes it, and it is gone with the driver (a re-run restores from storage).
 
 Failures
 --------
@@ -165,6 +173,7 @@ class _Slot:
     quick: bool = False  # a replacement incarnation: its first new batch goes alone and is committed at once
     snapshot: int = -1  # stateful: the cursor of the snapshot its worker holds until the outputs below it commit
     told: int = -1  # the highest snapshot cursor its worker was told to persist (`PersistState`)
+    hot: tuple[int, Any] | None = None  # stateful: (cursor, token) of the newest hot snapshot answered
     winding: bool = False  # told to wind down (`WindDown`): its calls in flight answer after their current batch
     user_failures: int = 0  # constructor/restore exceptions in a row
     start_deaths: int = 0  # other deaths while starting, in a row
@@ -184,7 +193,7 @@ class Scheduler:
         >>> from resilient.runtime.ledger import Ledger
         >>> s = Scheduler(Policy(slots=1, stateful=False, standby=0), Ledger(2, 64), now=0.0)
         >>> [start] = s.start(0.0); start
-        StartActor(slot=0, inc=1, spare=None)
+        StartActor(slot=0, inc=1, spare=None, hot=None)
         >>> cmds = s.handle(ActorUp(0, start.inc, epoch=7), 0.0)   # up: two calls of one batch each
         >>> [(type(c).__name__, getattr(c, "items", None)) for c in cmds]
         [('Emit', None), ('SendCall', ((0, False),)), ('SendCall', ((1, False),))]
@@ -319,11 +328,13 @@ class Scheduler:
         slot.phase, slot.epoch, slot.pid, slot.node = RUNNING, e.epoch, e.pid, e.node
         self._actors_seen = None
         slot.cursor = e.cursor
+        if slot.hot is not None and slot.hot[0] < e.cursor:
+            slot.hot = None  # storage held a newer state
         slot.user_failures = slot.start_deaths = 0
         slot.quick = slot.started and self.policy.stateful
         slot.started = True
         slot.paused_until = 0.0
-        self._emit(ev.ActorStarted(e.slot, e.pid, e.epoch, e.cursor, e.generation, e.node))
+        self._emit(ev.ActorStarted(e.slot, e.pid, e.epoch, e.cursor, e.generation, e.node, e.hot))
         if self.policy.stateful and self.reading:
             self._rebuild_queue(slot)
         self._idle[slot.index] = None
@@ -380,6 +391,8 @@ class Scheduler:
         if slot.phase == RUNNING and not (self._draining and slot.node in self._draining):
             self._idle[slot.index] = None
         stateful, fresh = self.policy.stateful, False
+        if e.hot is not None and stateful and (slot.hot is None or e.hot[0] > slot.hot[0]):
+            slot.hot = e.hot  # the worker ships one only below the call's first failure
         for answer in e.answers:
             b = answer.batch_id
             self.suspects.discard(b)
@@ -430,9 +443,11 @@ class Scheduler:
             return
         if slot.phase == FINISHING:
             slot.phase = FINISHED
+            slot.hot = None  # its object store memory goes
             self._n_finished += 1
         elif slot.phase == HANDING:  # its state is persisted at its cursor: the next incarnation replays nothing
             slot.phase = RUNNING
+            slot.hot = None  # older than that
             self._leave(slot, now)
 
     def _on_commit(self, e: CommitDone, now: float) -> None:
@@ -709,7 +724,7 @@ class Scheduler:
             if spare is not None:
                 self.spares.remove(spare)
                 self._spare_nodes.pop(spare, None)
-        self._out.append(StartActor(slot.index, slot.inc, spare))
+        self._out.append(StartActor(slot.index, slot.inc, spare, None if slot.hot is None else slot.hot[1]))
         self._timer(now + self.policy.start_timeout_seconds, "start_timeout", (slot.index, slot.inc))
 
     def _build_spare(self) -> None:

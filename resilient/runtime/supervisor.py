@@ -12,6 +12,10 @@ blocks on one actor or one write while the job runs:
   threads; each finished one is put on a queue that the loop drains;
 * time is the scheduler's timers: the loop waits at most until the next one is due.
 
+A stateful call (`Worker.run`) has two returns: the answers, read when they come, and the newest snapshot
+it took, never read here: its ref is the slot's hot snapshot (`resilient.runtime.hot`), kept by the
+scheduler and handed to a replacement's activation.
+
 Why an actor died is read from Ray's error (`death_cause`): the constructor's or a restore's exception,
 preemption, a lost node, the memory monitor, or a plain process death.
 
@@ -485,12 +489,16 @@ class Supervisor:
             self._feed(ActorDown(slot, inc, Cause.PROCESS, f"{type(e).__name__}: {e}"))
             return
         if kind == "call":
+            hot = None
+            if self.spec.stateful:  # `Worker.run`: the answers and the cursor of the snapshot in tag[6]
+                value, cursor = value
+                hot = None if cursor is None else (cursor, tag[6])
             self._worker_reports(slot, inc, value)
-            self._feed(CallAnswered(tag[3], tuple(value)))
+            self._feed(CallAnswered(tag[3], tuple(value), hot))
         elif kind == "up":
             self._checkpoint_events(slot, value.get("checkpoints", ()))
             self._feed(ActorUp(slot, inc, tag[3], value["pid"], value["node_id"], value["cursor"],
-                               value.get("generation")))
+                               value.get("generation"), value.get("hot", False)))
         elif kind == "rollback":
             self._feed(RollbackDone(slot, inc, int(value)))
         elif kind == "finish":
@@ -582,7 +590,7 @@ class Supervisor:
                     return FailJob(f"slot {c.slot}: could not claim an epoch in the checkpoint store: {e}")
                 return ActorDown(c.slot, c.inc, Cause.PROCESS, f"could not claim an epoch: {type(e).__name__}: {e}")
             self._epochs[c.inc] = epoch
-            return ("activate", c, epoch, actor.activate.remote(c.slot, epoch))
+            return ("activate", c, epoch, actor.activate.remote(c.slot, epoch, None if c.hot is None else [c.hot]))
 
         self._submit(self.io, activate)
 
@@ -592,8 +600,12 @@ class Supervisor:
         ids = [b for b, _ in c.items]
         batches = self._reader.get(ids)
         work = [(b, batch, replay) for (b, replay), batch in zip(c.items, batches)]
-        ref = actor.process.remote((c.floor, work))
-        self._refs[ref] = ("call", c.slot, c.inc, c.call, tuple(ids), self._epochs.get(c.inc, -1))
+        if self.spec.stateful:  # the answers, and the newest snapshot it took (a hot snapshot), kept unread
+            ref, hot = actor.run.options(num_returns=2).remote((c.floor, work))
+            self._refs[ref] = ("call", c.slot, c.inc, c.call, tuple(ids), self._epochs.get(c.inc, -1), hot)
+        else:
+            ref = actor.process.remote((c.floor, work))
+            self._refs[ref] = ("call", c.slot, c.inc, c.call, tuple(ids), self._epochs.get(c.inc, -1))
         replays = [b for b, replay in c.items if replay]
         if replays:
             self._reader.drop(replays)  # sent for the last time (a later replay reads them again)
@@ -672,9 +684,10 @@ class Supervisor:
         elif isinstance(e, ev.SlotRolledBack):
             log.warning("slot %d: rolled back to its checkpoint at batch %d after batch %d raised", e.slot,
                         e.cursor, e.batch_id)
-        elif isinstance(e, ev.ActorStarted) and (self.restarts or e.generation is not None) and self.spec.stateful:
+        elif isinstance(e, ev.ActorStarted) and (self.restarts or e.generation is not None or e.hot) and self.spec.stateful:
             log.warning("slot %d: epoch %d running on pid %s, %s; replaying its batches from %d", e.slot, e.epoch,
-                        e.pid, f"resumed from checkpoint generation {e.generation}" if e.generation is not None
+                        e.pid, "resumed from its hot snapshot" if e.hot else
+                        f"resumed from checkpoint generation {e.generation}" if e.generation is not None
                         else "no checkpoint yet (state rebuilt from the start)", e.cursor)
         self.on_event(e)
 

@@ -24,6 +24,10 @@ state of a stateful slot may be half-updated: the worker stops the call there, t
 further calls until `rollback()` reloads the last persisted checkpoint; the supervisor then replays the
 slot's batches from that checkpoint's cursor. A stateless worker goes on with the call's next batch.
 
+A stateful call goes through `run` (two returns): its answers, and the newest snapshot it took, packed for
+the Ray object store, which the driver keeps as the slot's *hot snapshot*; `activate` restores from one when
+given it, else (or if it is lost) from storage (`resilient.runtime.hot`).
+
 Outputs are staged with ``settle_later`` (`FileSink.encode`): a local file's fsync runs in the background
 while the next batch computes, and the call waits for all of them (`FileSink.settle`) before it answers,
 so the driver never publishes a file that is not durable. An output whose background write failed is
@@ -32,6 +36,7 @@ answered as that batch's `Failure` (stateful: the call stops there and the slot 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -42,12 +47,14 @@ from typing import Any
 from resilient.codec import SnapshotBuffers
 from resilient.config import Settings
 from resilient.errors import ResilientError
+from resilient.runtime.hot import HOT_READ_TIMEOUT_S, pack, unpack
 from resilient.runtime.protocol import Failure, Result
 from resilient.runtime.records import slot_key
 from resilient.storage import CheckpointStore
 
 __all__ = ["CONTROL_GROUP", "DirtyWorkerError", "Failure", "JobSpec", "Result", "Worker"]
 
+log = logging.getLogger("resilient.worker")
 CONTROL_GROUP = "control"  # the actor's concurrency group for `persist_now`: runs beside a call
 
 
@@ -88,6 +95,8 @@ class Worker:
         self._lock = threading.RLock()  # _snapshot, _saving, _outcomes: `persist_now` runs on another thread
         self._buffers = SnapshotBuffers()
         self._snapshot: dict | None = None  # taken in memory, waiting for its outputs to be committed
+        self._hot: dict | None = None  # the newest snapshot taken in the current call, to ship (`run`)
+        self._hot_limit = spec.settings.hot_snapshot_max_mb * (1 << 20)
         self._saving = None
         self._since = 0
         self._last_snapshot_at = time.monotonic()
@@ -104,17 +113,42 @@ class Worker:
 
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "epoch": self.epoch}
 
-    def activate(self, slot: int, epoch: int) -> dict:
+    def activate(self, slot: int, epoch: int, hot: list | None = None) -> dict:
         """Take over `slot` as incarnation `epoch` (a standby built ahead, or a fresh actor): restore the
-        slot's state and report where it stands."""
+        slot's state and report where it stands. ``hot``: ``[ref]`` of the slot's hot snapshot (in a list,
+        so that Ray passes the ref, not its value), restored instead of the persisted checkpoint if it
+        arrives and loads."""
         self.slot, self.epoch = slot, epoch
         self.key = slot_key(self.spec.job_id, slot)
+        if hot and self.spec.stateful:
+            cursor = self._restore_hot(hot[0])
+            if cursor is not None:
+                return {**self.ready(), "cursor": cursor, "generation": None, "hot": True, "checkpoints": ()}
         t0 = time.perf_counter()
         cursor = self.restore()
         load = {"op": "load", "seconds": time.perf_counter() - t0, "bytes": self._loaded_bytes,
                 "generation": self._loaded_generation}
         return {**self.ready(), "cursor": cursor, "generation": self._loaded_generation,
                 "checkpoints": (load,) if self._loaded_generation is not None else ()}
+
+    def _restore_hot(self, ref: Any) -> int | None:
+        """Load the hot snapshot behind `ref`; its cursor, or None (lost, late or not loading: the caller
+        restores from storage)."""
+        import ray
+
+        try:
+            state = unpack(ray.get(ref, timeout=HOT_READ_TIMEOUT_S))
+            with self._lock:
+                self.fn.load_state_dict(state["user"])
+                self.cursor = int(state["cursor"])
+                self.dirty = False
+                self._snapshot = None
+                self._loaded_generation = self._loaded_bytes = None
+                return self.cursor
+        except Exception as e:  # noqa: BLE001 - the persisted checkpoint is restored instead
+            log.warning("slot %d: its hot snapshot did not load (%s: %s); restoring its checkpoint from storage",
+                        self.slot, type(e).__name__, e)
+            return None
 
     # -- state
     def restore(self) -> int:
@@ -154,6 +188,23 @@ class Worker:
                     pass
                 self._saving = None
             return self.restore()
+
+    def run(self, work: tuple[int, list]) -> tuple[tuple[list, int | None], Any]:
+        """A stateful call from the driver (Ray ``num_returns=2``): `process`, then the newest snapshot
+        taken during it, packed (`resilient.runtime.hot`), with its cursor beside the answers; ``None``
+        when it took none, when the snapshot is past the call's first failure (it holds that batch's half
+        or a lost output) or larger than ``hot_snapshot_max_mb``."""
+        self._hot = None
+        answers = self.process(work)
+        hot, self._hot = self._hot, None
+        if hot is not None:
+            failed = next((a.batch_id for a in answers if type(a) is Failure), None)
+            if failed is None or hot["cursor"] <= failed:
+                try:
+                    return (answers, int(hot["cursor"])), pack(hot)
+                except Exception as e:  # noqa: BLE001 - not shipped: a replacement restores from storage
+                    log.warning("slot %d: snapshot not kept in memory (%s: %s)", self.slot, type(e).__name__, e)
+        return (answers, None), None
 
     def process(self, work: tuple[int, list]) -> list[Result | Failure]:
         """Apply the pipeline to the batches of one call, in order: ``work = (commit_floor, items)`` with
@@ -296,5 +347,6 @@ class Worker:
         if self._saving is not None and not self._saving.done():
             self._wait_save()  # the previous save still reads the buffers we are about to reuse
         self._snapshot = self._buffers.take({"user": self.fn.state_dict(), "cursor": self.cursor})
+        self._hot = self._snapshot if 0 < self._hot_limit and self._buffers.nbytes <= self._hot_limit else None
         self._since = 0
         self._last_snapshot_at = time.monotonic()

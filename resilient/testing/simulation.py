@@ -19,7 +19,9 @@ Faults, each at a seeded rate:
 * failed or slow storage writes: group commits and progress saves;
 * the driver crashing (every actor dies with it, a commit in flight lands partly) and the job re-run
   from its records, as `resilient.runtime.supervisor` does;
-* the driver asked to stop (SIGTERM: `StopRequested` with a deadline), then the job re-run.
+* the driver asked to stop (SIGTERM: `StopRequested` with a deadline), then the job re-run;
+* hot snapshots (`resilient.runtime.hot`) shipped with stateful answers and lost with their node (a
+  death reported as node loss or preemption): the replacement then restores from storage.
 
 After the run, `check` lists every violation of the guarantees:
 
@@ -27,7 +29,8 @@ After the run, `check` lists every violation of the guarantees:
   letters are only batches that failed by themselves (poison, crashers) or were charged for deaths Ray
   could not tell apart from a crash;
 * for stateful pipelines, every slot's final checkpoint equals a fault-free run (dead letters skipped),
-  and no checkpoint is ever saved ahead of an output that is not committed (checked at each save);
+  no checkpoint is ever saved ahead of an output that is not committed (checked at each save), and no
+  replacement starts from a hot snapshot ahead of a batch not answered (checked at each such start);
 * the job finishes once faults stop; no attempt is charged for an external death, a drain notice or a
   stop; the scheduler's memory stays bounded by the work in flight;
 * replays are counted (``replayed``, and ``replayed_after_stop`` in the runs after a stop): with
@@ -118,6 +121,7 @@ class Scenario:
     driver_crashes: int = 0  # the driver dies this many times; each time the job is re-run
     stops: int = 0  # the driver is asked to stop (SIGTERM) this many times; each time the job is re-run
     stop_seconds: tuple[float, float] = (0.5, 5.0)  # the stop deadline, after the request
+    hot: bool = True  # stateful calls ship their newest snapshot (a hot snapshot) for replacements
     fault_window: float = 60.0  # virtual seconds after which no new fault is injected
     batch_seconds: float = 0.01
     time_limit: float = 3600.0  # virtual seconds: a run still going then has not finished (liveness)
@@ -150,7 +154,7 @@ def random_scenario(seed: int, *, max_batches: int = 300) -> Scenario:
         transient_rate=r.choice([0.0, 0.02, 0.1]), poison=poison, crashers=crashers,
         broken_starts=r.choice([0, 0, 0, 1]), commit_fail_rate=r.choice([0.0, 0.05]),
         progress_fail_rate=r.choice([0.0, 0.1]), driver_crashes=r.choice([0, 0, 1, 2]),
-        fault_window=r.choice([5.0, 30.0]), stops=r.choice([0, 0, 0, 1]),
+        fault_window=r.choice([5.0, 30.0]), stops=r.choice([0, 0, 0, 1]), hot=r.random() < 0.75,
     )
 
 
@@ -172,6 +176,8 @@ class Outcome:
     handovers: int = 0  # slots handed over ahead of a preemption (a node draining)
     replayed: int = 0  # batches sent again as replays (stateful: rebuilding state), all runs
     replayed_after_stop: int = 0  # of those, in the runs that follow a stop
+    hot_restores: int = 0  # replacements that started from a hot snapshot
+    hot_lost: int = 0  # hot snapshots handed to a replacement but lost with their node
     stops: int = 0  # runs that ended by a stop
     charged_external: int = 0
     peak_timers: int = 0
@@ -238,6 +244,7 @@ class _Actor:
         self.dirty = False
         self.since = 0
         self.snap: tuple[int, int] | None = None
+        self.hot: tuple[int, int] | None = None  # the newest snapshot taken in the current call
         self.leaving_at = float("inf")  # told to wind down: no batch starts after this
         world.nodes += 1
         self.node = f"node-{world.nodes}"  # one actor per node: a preemption takes exactly it
@@ -272,6 +279,7 @@ class _Actor:
             self.since += 1
             if self.since >= s.checkpoint_every:
                 self.snap, self.since = (self.cursor, self.total), 0
+                self.hot = self.snap
             if self.snap is not None and self.snap[0] <= floor:
                 if not w.storage.save_checkpoint(self.slot, self.epoch, *self.snap):
                     return Failure(b, self.slot, self.epoch, "FencedError: a newer epoch owns the slot", "")
@@ -316,6 +324,18 @@ class _World:
         self.commits_inflight: dict[int, CommitGroup] = {}
         self._checked: dict[int, int] = {}  # slot -> cursor below which every batch was found committed
         self.storage.on_save = self._saved
+        self.lost_nodes: set[str] = set()
+
+    def _check_hot(self, slot: int, cursor: int) -> None:
+        """A replacement starts from a hot snapshot at `cursor`: every batch of the slot below it must be
+        committed, on its way to a commit, or a dead letter (its output is never lost)."""
+        sched = self.sched
+        assert sched is not None
+        for b in range(slot, min(cursor, self.scenario.batches), self.scenario.slots):
+            if not (sched.ledger.is_done(b) or b in sched.committing or b in sched.dead):
+                self.outcome.violations.append(f"slot {slot}: started from a hot snapshot at cursor {cursor} "
+                                               f"while batch {b}'s output was not answered")
+                return
 
     def _saved(self, slot: int, cursor: int) -> None:
         """A checkpoint at `cursor` was saved: every batch of the slot below it must be committed already
@@ -427,6 +447,15 @@ class _World:
                 a.alive = False
                 self.feed(ActorDown(c.slot, c.inc, Cause.USER, "OSError: no weights", _tb(True)))
                 return
+            if c.hot is not None and c.hot[2] in self.lost_nodes:
+                self.outcome.hot_lost += 1  # its node is gone: the worker restores from storage
+            elif c.hot is not None:
+                a.restore()
+                a.cursor, a.total = c.hot[0], c.hot[1]
+                self._check_hot(c.slot, a.cursor)
+                self.outcome.hot_restores += 1
+                self.feed(ActorUp(c.slot, c.inc, a.epoch, pid=1000 + c.inc, node=a.node, cursor=a.cursor, hot=True))
+                return
             a.restore()
             gen = 1 if self.storage.checkpoints.get(c.slot) else None
             self.feed(ActorUp(c.slot, c.inc, a.epoch, pid=1000 + c.inc, node=a.node, cursor=a.cursor, generation=gen))
@@ -469,6 +498,7 @@ class _World:
             if a.dirty:
                 return  # refuses calls until rolled back (the driver drops the refusal)
             answers = []
+            a.hot = None
             for i, (b, replay) in enumerate(c.items):
                 if start + i * each >= a.leaving_at:
                     break  # wound down before this batch began: unrun
@@ -478,7 +508,11 @@ class _World:
                 answers.append(out)
                 if isinstance(out, Failure) and s.stateful:
                     break
-            self.feed_late(a, CallAnswered(c.call, tuple(answers)))
+            hot = None  # as `Worker.run`: the newest snapshot, unless past the call's first failure
+            failed = next((x.batch_id for x in answers if isinstance(x, Failure)), None)
+            if s.stateful and s.hot and a.hot is not None and (failed is None or a.hot[0] <= failed):
+                hot = (a.hot[0], (*a.hot, a.node))  # the token: the state, and the node holding it
+            self.feed_late(a, CallAnswered(c.call, tuple(answers), hot))
 
         self.at(done, answer)
 
@@ -624,6 +658,8 @@ class _World:
         if not a.alive:
             return
         a.alive = False
+        if cause in (Cause.NODE, Cause.PREEMPTED):
+            self.lost_nodes.add(a.node)  # and the object store's copies on it
         pending, a.pending = a.pending, []
         if a.inc < 0:
             return  # a standby: found dead when it is activated

@@ -128,3 +128,28 @@ class BrokenInit:
 
     def __call__(self, batch: dict) -> dict:
         return square(batch)
+
+
+class TensorSum(RunningSum):
+    """Stateful, with tensors in its state (float32 and bfloat16), changed in place by every batch."""
+
+    def __init__(self) -> None:
+        import torch
+
+        super().__init__()
+        self.acc = torch.zeros(4)
+        self.half = torch.zeros(4, dtype=torch.bfloat16)
+
+    def __call__(self, batch: dict) -> dict:
+        out = super().__call__(batch)
+        self.acc += len(batch["id"])
+        self.half.copy_(self.acc)
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "acc": self.acc, "half": self.half}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.acc = state["acc"]  # kept as given: it must be writable memory of its own
+        self.half = state["half"]
