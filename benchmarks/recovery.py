@@ -3,14 +3,16 @@
 1. Failover. A stateful pipeline (an MLP with random, seeded weights, 1 torch thread; its state is the
    model's weights plus two running counters, so a replacement restores a model-sized checkpoint) runs
    over synthetic rows on ``--actors`` slots with ``checkpoint_every`` batches per slot checkpoint. Once
-   ``--kill-after`` + *k* batches are committed (and, with a standby, once the standby answers a call: its
-   model is built), the worker actor of slot 0 is SIGKILLed by PID (from ``handle.actors()``). A crash
-   comes at any point of the checkpoint cycle (``checkpoint_every * actors`` committed batches), and a
-   fixed count always lands at the same point of it (at 100, right as slot 0's snapshot at cursor 100 is
-   being persisted: about the most replay there can be), so *k* varies over the jobs: spread evenly over
-   the cycle (``--kill-phase spread``, the default: job *r* of *R* kills at ``r * cycle // R``), drawn
-   at random (``random``, seeded) or 0 (``fixed``). The script then polls ``handle.events()`` and the
-   sink's commit markers every 2 ms:
+   slot 0 has ``--kill-after / actors`` + *k* of its own batches committed, in order (read from the
+   sink's commit markers; and, with a standby, once the standby answers a call: its model is built), the
+   worker actor of slot 0 is SIGKILLed by PID (from ``handle.actors()``). A crash comes at any point of
+   the slot's checkpoint cycle (``checkpoint_every`` of its batches), and a fixed count always lands at
+   the same point of it (*k* = 0: right as the slot's snapshot at cursor ``--kill-after`` is being
+   persisted), so *k* varies over the jobs: spread evenly over the cycle (``--kill-phase spread``, the
+   default: job *r* of *R* kills at ``r * checkpoint_every // R``), drawn at random (``random``, seeded)
+   or 0 (``fixed``). (The phase is counted in slot 0's own batches: counted over all slots' commits, as
+   earlier versions did, it lands unevenly in slot 0's cycle, because the slots do not keep pace.)
+   The script then polls ``handle.events()`` and the sink's commit markers every 2 ms:
 
      detect_s        kill -> the supervisor's ("restart", {...}) event (it saw the death)
      started_s       kill -> ("started", {"slot": 0, ...}): the replacement restored the slot checkpoint
@@ -52,8 +54,8 @@
    runs ``Supervisor.run()`` on the finished job (joining this script's Ray instance).
 
 3. What hot snapshots cost (``--skip-hot-cost`` skips it). The same stateful job (standby 1, no kills,
-   ``--hot-cost-batches``) with hot snapshots on and off, in alternating order over ``--hot-cost-rounds``
-   rounds; throughput from the 100th committed batch to the end. ``hot_snapshot_throughput_ratio``: the
+   ``--hot-cost-batches``, ``--hot-cost-checkpoint-every``) with hot snapshots on and off, in alternating
+   order over ``--hot-cost-rounds`` rounds; throughput from the 100th committed batch to the end. ``hot_snapshot_throughput_ratio``: the
    median of the rounds' on/off ratios (each snapshot is also copied into the object store).
 
 4. Preemption. In a child process, a multi-node cluster on this machine (a head with no CPUs, three
@@ -278,10 +280,10 @@ def measure_preemption(args: argparse.Namespace) -> list[dict]:
 
 
 def kill_phase(args: argparse.Namespace, standby: int, rep: int) -> int:
-    """How many committed batches past ``--kill-after`` job `rep` kills at, within one checkpoint cycle
-    of the slots: evenly spread over the jobs (``--kill-phase spread``), seeded at random (``random``), or
-    0 (``fixed``)."""
-    cycle = args.checkpoint_every * args.actors
+    """How many of slot 0's batches past ``--kill-after / actors`` job `rep` kills at, within one
+    checkpoint cycle of the slot: evenly spread over the jobs (``--kill-phase spread``), seeded at random
+    (``random``), or 0 (``fixed``)."""
+    cycle = args.checkpoint_every
     if args.kill_phase == "fixed":
         return 0
     if args.kill_phase == "spread":
@@ -306,8 +308,11 @@ def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int
         job_id=name, settings=settings, init_args=(args.features, args.hidden, args.seed))
     probe = FileSink(out, format="parquet")  # a second reader of the same sink: only reads markers
     try:
-        kill_at = args.kill_after + kill_phase(args, standby, rep)
-        while handle.progress()["committed"] < kill_at:
+        kill_at = (args.kill_after // args.actors + kill_phase(args, standby, rep)) * args.actors  # a slot-0 id
+        frontier = 0  # slot 0's lowest batch not committed
+        while frontier < kill_at:
+            while frontier < kill_at and probe.is_committed(frontier):
+                frontier += args.actors
             if handle.done():
                 handle.wait()
                 raise RuntimeError("the job ended before the kill: raise --batches")
@@ -379,7 +384,8 @@ def measure_hot_cost(args: argparse.Namespace, root: str) -> dict:
         for hot in (True, False) if rnd % 2 == 0 else (False, True):
             work = tempfile.mkdtemp(prefix=f"hot-cost-{rnd}-{hot}-", dir=root)
             settings = settings_for(os.path.join(work, "ckpt"), num_actors=args.actors, standby=1,
-                                    checkpoint_every=args.checkpoint_every, batches_per_call=args.batches_per_call,
+                                    checkpoint_every=args.hot_cost_checkpoint_every or args.checkpoint_every,
+                                    batches_per_call=args.batches_per_call,
                                     **({} if hot else {"hot_snapshot_max_mb": 0}))
             handle = resilient.pipeline(StatefulScorer).run(
                 RangeSource(n * args.batch_rows, args.batch_rows), FileSink(os.path.join(work, "out"), format="parquet"),
@@ -600,6 +606,8 @@ def main() -> None:
     p.add_argument("--skip-hot-cost", action="store_true")
     p.add_argument("--hot-cost-rounds", type=int, default=4, help="rounds of the hot snapshot cost (on, off)")
     p.add_argument("--hot-cost-batches", type=int, default=1000, help="batches per job of the hot snapshot cost")
+    p.add_argument("--hot-cost-checkpoint-every", type=int, default=None,
+                   help="checkpoint_every of the hot snapshot cost jobs (default: --checkpoint-every)")
     p.add_argument("--preemption-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dir", default=None, help="parent of the temporary work directory")
     p.add_argument("--resume-child", default=None, help=argparse.SUPPRESS)
@@ -611,6 +619,8 @@ def main() -> None:
     if args.preemption_child:
         preemption_child(args)
         return
+    if args.kill_after % args.actors or args.kill_after // args.actors % args.checkpoint_every:
+        p.error("--kill-after must be a multiple of --actors x --checkpoint-every (a slot snapshot point)")
     if args.kill_after + args.checkpoint_every * args.actors >= args.batches // 2:
         p.error("--kill-after plus one checkpoint cycle (--checkpoint-every x --actors) must be under half of "
                 "--batches (the job must outlive the recovery)")
@@ -719,6 +729,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     report.update({"batches": args.batches, "batch_rows": args.batch_rows, "actors": args.actors,
                    "repeat": args.repeat, "checkpoint_every": args.checkpoint_every,
+                   "hot_cost_checkpoint_every": args.hot_cost_checkpoint_every or args.checkpoint_every,
                    "batches_per_call": args.batches_per_call, "kill_after": args.kill_after,
                    "kill_phase": args.kill_phase,
                    "num_cpus": args.num_cpus, "load_avg": [round(x, 2) for x in os.getloadavg()]})
