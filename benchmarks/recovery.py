@@ -55,8 +55,9 @@
 
 3. What hot snapshots cost (``--skip-hot-cost`` skips it). The same stateful job (standby 1, no kills,
    ``--hot-cost-batches``, ``--hot-cost-checkpoint-every``) with hot snapshots on and off, in alternating
-   order over ``--hot-cost-rounds`` rounds; throughput from the 100th committed batch to the end. ``hot_snapshot_throughput_ratio``: the
-   median of the rounds' on/off ratios (each snapshot is also copied into the object store).
+   order over ``--hot-cost-rounds`` rounds; throughput from the 100th committed batch to the end.
+   ``hot_snapshot_throughput_ratio``: the median of the rounds' on/off ratios (each snapshot is also
+   copied into the object store).
 
 4. Preemption. In a child process, a multi-node cluster on this machine (a head with no CPUs, three
    raylets of one CPU; `ray.cluster_utils.Cluster`) runs the same stateful job with a standby, actors
@@ -76,7 +77,8 @@
 The last line printed is one JSON object with at least ``failover_s``, ``failover_cold_s``,
 ``failover_stored_s``, ``bare_ray_restart_s``, ``model_init_s``, ``state_load_s``, ``resume_1m_s``,
 ``resume_1m_rss_mb``, ``resume_1m_rss_abs_mb``, ``hot_snapshot_throughput_ratio``,
-``preemption_handover_s``, ``preemption_replayed`` and ``preemption_attempts_charged``. Timings on a shared or loaded machine are noisy: check ``load_avg``.
+``preemption_handover_s``, ``preemption_replayed`` and ``preemption_attempts_charged``. Timings on a
+shared or loaded machine are noisy: check ``load_avg``.
 
 Usage:
     python benchmarks/recovery.py [--batches 600] [--batch-rows 256] [--actors 2] [--repeat 5]
@@ -166,6 +168,24 @@ def settings_for(ckpt: str, **options: Any):
     return resilient.Settings.from_env({}, storage=[ckpt], **options)  # the environment is ignored
 
 
+def start_job(args: argparse.Namespace, work: str, job_id: str, batches: int, *, standby: int, hot: bool = True,
+              checkpoint_every: int | None = None, **options: Any) -> tuple[Any, str]:
+    """Run the stateful pipeline over `batches` synthetic batches into ``<work>/out`` (checkpoints under
+    ``<work>/ckpt``); ``hot=False`` turns hot snapshots off. Returns the job's handle and the sink's path."""
+    import resilient
+    from resilient.io import FileSink, RangeSource
+
+    out = os.path.join(work, "out")
+    settings = settings_for(os.path.join(work, "ckpt"), num_actors=args.actors, standby=standby,
+                            checkpoint_every=checkpoint_every or args.checkpoint_every,
+                            batches_per_call=args.batches_per_call,
+                            **options, **({} if hot else {"hot_snapshot_max_mb": 0}))
+    handle = resilient.pipeline(StatefulScorer).run(
+        RangeSource(batches * args.batch_rows, args.batch_rows), FileSink(out, format="parquet"),
+        job_id=job_id, settings=settings, init_args=(args.features, args.hidden, args.seed))
+    return handle, out
+
+
 # ------------------------------------------------------------------------------------------- failover
 
 
@@ -181,19 +201,13 @@ def finish_exactly_once(handle: Any, probe: Any, args: argparse.Namespace, after
 def measure_preemption_round(args: argparse.Namespace, root: str, cluster: Any, nodes: dict, rep: int) -> dict:
     import ray
 
-    import resilient
-    from resilient.io import FileSink, RangeSource
+    from resilient.io import FileSink
     from resilient.runtime import events as ev
     from resilient.testing import announce_preemption
 
     work = tempfile.mkdtemp(prefix=f"preempt-{rep}-", dir=root)
-    out = os.path.join(work, "out")
-    settings = settings_for(os.path.join(work, "ckpt"), num_actors=args.actors, standby=1,
-                            checkpoint_every=args.checkpoint_every, batches_per_call=args.batches_per_call,
+    handle, out = start_job(args, work, f"preempt-{rep}", args.batches, standby=1,
                             ray_remote_args={"scheduling_strategy": "SPREAD"})
-    handle = resilient.pipeline(StatefulScorer).run(
-        RangeSource(args.batches * args.batch_rows, args.batch_rows), FileSink(out, format="parquet"),
-        job_id=f"preempt-{rep}", settings=settings, init_args=(args.features, args.hidden, args.seed))
     probe = FileSink(out, format="parquet")
     try:
         while handle.progress()["committed"] < args.kill_after or not handle._supervisor.spares:
@@ -294,18 +308,11 @@ def kill_phase(args: argparse.Namespace, standby: int, rep: int) -> int:
 def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int, *, hot: bool = True) -> dict:
     import ray
 
-    import resilient
-    from resilient.io import FileSink, RangeSource
+    from resilient.io import FileSink
 
     name = f"failover-s{standby}{'' if hot else '-stored'}-{rep}"
     work = tempfile.mkdtemp(prefix=f"{name}-", dir=root)
-    out = os.path.join(work, "out")
-    settings = settings_for(os.path.join(work, "ckpt"), num_actors=args.actors, standby=standby,
-                            checkpoint_every=args.checkpoint_every, batches_per_call=args.batches_per_call,
-                            **({} if hot else {"hot_snapshot_max_mb": 0}))
-    handle = resilient.pipeline(StatefulScorer).run(
-        RangeSource(args.batches * args.batch_rows, args.batch_rows), FileSink(out, format="parquet"),
-        job_id=name, settings=settings, init_args=(args.features, args.hidden, args.seed))
+    handle, out = start_job(args, work, name, args.batches, standby=standby, hot=hot)
     probe = FileSink(out, format="parquet")  # a second reader of the same sink: only reads markers
     try:
         kill_at = (args.kill_after // args.actors + kill_phase(args, standby, rep)) * args.actors  # a slot-0 id
@@ -375,21 +382,13 @@ def measure_failover(args: argparse.Namespace, root: str, standby: int, rep: int
 def measure_hot_cost(args: argparse.Namespace, root: str) -> dict:
     """The same stateful job (standby 1, no kills) with hot snapshots on and off, in alternating order over
     ``--hot-cost-rounds`` rounds: steady throughput from the 100th committed batch to the end."""
-    import resilient
-    from resilient.io import FileSink, RangeSource
-
     n, skip = args.hot_cost_batches, 100
     rates: dict[bool, list[float]] = {True: [], False: []}
     for rnd in range(args.hot_cost_rounds):
         for hot in (True, False) if rnd % 2 == 0 else (False, True):
             work = tempfile.mkdtemp(prefix=f"hot-cost-{rnd}-{hot}-", dir=root)
-            settings = settings_for(os.path.join(work, "ckpt"), num_actors=args.actors, standby=1,
-                                    checkpoint_every=args.hot_cost_checkpoint_every or args.checkpoint_every,
-                                    batches_per_call=args.batches_per_call,
-                                    **({} if hot else {"hot_snapshot_max_mb": 0}))
-            handle = resilient.pipeline(StatefulScorer).run(
-                RangeSource(n * args.batch_rows, args.batch_rows), FileSink(os.path.join(work, "out"), format="parquet"),
-                job_id=f"hot-cost-{rnd}-{hot}", settings=settings, init_args=(args.features, args.hidden, args.seed))
+            handle, _ = start_job(args, work, f"hot-cost-{rnd}-{hot}", n, standby=1, hot=hot,
+                                  checkpoint_every=args.hot_cost_checkpoint_every)
             while handle.progress()["committed"] < skip and not handle.done():
                 time.sleep(0.005)
             t0 = time.monotonic()

@@ -382,6 +382,22 @@ def test_call_size_decisions():
     assert [calls.most_per_call(s) for s in ("auto", 1, 5)] == [calls.AUTO_MAX, 1, 5]
 
 
+def fail_sync_of_batch(monkeypatch, batch_id: int) -> None:
+    """The background fsync of batch `batch_id`'s staged output fails (EIO), and the file is gone."""
+    import resilient.io._publish as publish
+
+    real = publish._sync_and_close
+
+    def failing(fd, path):
+        if os.path.basename(path).startswith(f"{batch_id:012d}-"):
+            os.close(fd)
+            os.unlink(path)
+            raise OSError(5, "Input/output error")
+        real(fd, path)
+
+    monkeypatch.setattr(publish, "_sync_and_close", failing)
+
+
 def test_worker_answers_each_batch_of_a_call(tmp_path):
     """In process: a stateless worker goes on after a batch raises; a stateful one stops there, refuses
     the next call until rolled back, and its state holds nothing of the failed batch."""
@@ -416,21 +432,11 @@ def test_an_output_whose_background_sync_fails_is_that_batchs_failure(tmp_path, 
     """A call answers once its outputs are durable; a staged file whose background fsync failed is never
     answered as a result: a stateless worker answers that batch as failed and goes on, a stateful one
     stops there and turns dirty (rolled back, then replayed), as if the batch had raised."""
-    import resilient.io._publish as publish
     from resilient.io.sinks import FileSink
     from resilient.runtime.supervisor import INF
     from resilient.runtime.worker import DirtyWorkerError, Failure, JobSpec, Result, Worker
 
-    real = publish._sync_and_close
-
-    def failing(fd, path):
-        if os.path.basename(path).startswith("000000000002-"):
-            os.close(fd)
-            os.unlink(path)
-            raise OSError(5, "Input/output error")
-        real(fd, path)
-
-    monkeypatch.setattr(publish, "_sync_and_close", failing)
+    fail_sync_of_batch(monkeypatch, 2)
     items = [(b, batch, False) for b, batch in RangeSource(50, 10).read(0)]
     settings = settings_for(tmp_path, checkpoint_every=1)
     stateless = Worker(JobSpec("w", simple.square, (), {}, False, FileSink(str(tmp_path / "o1")), settings, 1), 0, 1)
@@ -494,7 +500,6 @@ def test_a_call_ships_its_newest_snapshot_unless_past_a_failed_output(tmp_path, 
     """In process: `Worker.run` returns the cursor and packed copy of the newest snapshot the call took; not
     one taken after a batch whose output then failed to sync (it holds a lost output); none at all with
     ``hot_snapshot_max_mb=0``."""
-    import resilient.io._publish as publish
     from resilient.io.sinks import FileSink
     from resilient.runtime.hot import unpack
     from resilient.runtime.supervisor import INF
@@ -514,16 +519,7 @@ def test_a_call_ships_its_newest_snapshot_unless_past_a_failed_output(tmp_path, 
     assert len(answers) == 1 and cursor is None and packed is None
     w.store.close()
 
-    real = publish._sync_and_close
-
-    def failing(fd, path):
-        if os.path.basename(path).startswith("000000000002-"):
-            os.close(fd)
-            os.unlink(path)
-            raise OSError(5, "Input/output error")
-        real(fd, path)
-
-    monkeypatch.setattr(publish, "_sync_and_close", failing)
+    fail_sync_of_batch(monkeypatch, 2)
     every = settings_for(tmp_path, checkpoint_every=1, checkpoint_interval_seconds=3600.0)
     w = Worker(JobSpec("hot2", simple.TensorSum, (), {}, True, FileSink(str(tmp_path / "o1")), every, 1), 0, 1)
     w.restore()

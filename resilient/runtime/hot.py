@@ -70,35 +70,41 @@ def pack(tree: Any) -> Any:
     >>> unpack(p)["w"].equal(t)
     True
     """
-    kind = type(tree)
-    if kind is dict or kind is OrderedDict:
-        return kind((k, pack(v)) for k, v in tree.items())
-    if kind is list:
-        return [pack(v) for v in tree]
-    if kind is tuple:
-        return tuple(pack(v) for v in tree)
-    if kind is DeviceTensor:
-        return DeviceTensor(pack(tree.host), tree.device)
-    if isinstance(tree, torch.Tensor):
-        t = tree.detach().contiguous()
-        return PackedTensor(t.view(same_size_int(t.dtype)).numpy(), t.dtype, tuple(t.shape))
-    return tree
+    return _map(tree, _pack_leaf)
 
 
 def unpack(tree: Any) -> Any:
     """The inverse of `pack`, with every array and tensor copied into fresh, writable memory; a
     `DeviceTensor` goes back to its device."""
+    return _map(tree, _unpack_leaf)
+
+
+def _map(tree: Any, leaf: Any) -> Any:
+    """``tree`` rebuilt (dict, OrderedDict, list and tuple containers) with ``leaf`` applied to the rest."""
     kind = type(tree)
     if kind is dict or kind is OrderedDict:
-        return kind((k, unpack(v)) for k, v in tree.items())
+        return kind((k, _map(v, leaf)) for k, v in tree.items())
     if kind is list:
-        return [unpack(v) for v in tree]
+        return [_map(v, leaf) for v in tree]
     if kind is tuple:
-        return tuple(unpack(v) for v in tree)
-    if kind is DeviceTensor:
-        return unpack(tree.host).to(tree.device)
-    if kind is PackedTensor:
-        return torch.from_numpy(np.array(tree.data)).view(tree.dtype).reshape(tree.shape)
-    if isinstance(tree, np.ndarray):
-        return np.array(tree)
-    return tree
+        return tuple(_map(v, leaf) for v in tree)
+    return leaf(tree)
+
+
+def _pack_leaf(value: Any) -> Any:
+    if type(value) is DeviceTensor:
+        return DeviceTensor(_pack_leaf(value.host), value.device)
+    if isinstance(value, torch.Tensor):
+        t = value.detach().contiguous()
+        return PackedTensor(t.view(same_size_int(t.dtype)).numpy(), t.dtype, tuple(t.shape))
+    return value
+
+
+def _unpack_leaf(value: Any) -> Any:
+    if type(value) is DeviceTensor:
+        return _unpack_leaf(value.host).to(value.device)
+    if type(value) is PackedTensor:
+        return torch.from_numpy(np.array(value.data)).view(value.dtype).reshape(value.shape)
+    if isinstance(value, np.ndarray):
+        return np.array(value)
+    return value

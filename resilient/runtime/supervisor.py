@@ -600,12 +600,12 @@ class Supervisor:
         ids = [b for b, _ in c.items]
         batches = self._reader.get(ids)
         work = [(b, batch, replay) for (b, replay), batch in zip(c.items, batches)]
+        hot: list = []
         if self.spec.stateful:  # the answers, and the newest snapshot it took (a hot snapshot), kept unread
-            ref, hot = actor.run.options(num_returns=2).remote((c.floor, work))
-            self._refs[ref] = ("call", c.slot, c.inc, c.call, tuple(ids), self._epochs.get(c.inc, -1), hot)
+            ref, *hot = actor.run.options(num_returns=2).remote((c.floor, work))
         else:
             ref = actor.process.remote((c.floor, work))
-            self._refs[ref] = ("call", c.slot, c.inc, c.call, tuple(ids), self._epochs.get(c.inc, -1))
+        self._refs[ref] = ("call", c.slot, c.inc, c.call, tuple(ids), self._epochs.get(c.inc, -1), *hot)
         replays = [b for b, replay in c.items if replay]
         if replays:
             self._reader.drop(replays)  # sent for the last time (a later replay reads them again)
@@ -684,7 +684,8 @@ class Supervisor:
         elif isinstance(e, ev.SlotRolledBack):
             log.warning("slot %d: rolled back to its checkpoint at batch %d after batch %d raised", e.slot,
                         e.cursor, e.batch_id)
-        elif isinstance(e, ev.ActorStarted) and (self.restarts or e.generation is not None or e.hot) and self.spec.stateful:
+        elif (isinstance(e, ev.ActorStarted) and self.spec.stateful
+              and (self.restarts or e.generation is not None or e.hot)):
             log.warning("slot %d: epoch %d running on pid %s, %s; replaying its batches from %d", e.slot, e.epoch,
                         e.pid, "resumed from its hot snapshot" if e.hot else
                         f"resumed from checkpoint generation {e.generation}" if e.generation is not None

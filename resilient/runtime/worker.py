@@ -139,12 +139,7 @@ class Worker:
         try:
             state = unpack(ray.get(ref, timeout=HOT_READ_TIMEOUT_S))
             with self._lock:
-                self.fn.load_state_dict(state["user"])
-                self.cursor = int(state["cursor"])
-                self.dirty = False
-                self._snapshot = None
-                self._loaded_generation = self._loaded_bytes = None
-                return self.cursor
+                return self._load(state, None, None)
         except Exception as e:  # noqa: BLE001 - the persisted checkpoint is restored instead
             log.warning("slot %d: its hot snapshot did not load (%s: %s); restoring its checkpoint from storage",
                         self.slot, type(e).__name__, e)
@@ -171,9 +166,14 @@ class Worker:
             self._loaded_generation = self._loaded_bytes = None
             self.cursor = self.slot
             return self.cursor
-        self._loaded_generation, self._loaded_bytes = loaded.generation, loaded.length
-        self.fn.load_state_dict(loaded.state["user"])
-        self.cursor = int(loaded.state["cursor"])
+        return self._load(loaded.state, loaded.generation, loaded.length)
+
+    def _load(self, state: dict, generation: int | None, length: int | None) -> int:
+        """Take a slot state (``{"user", "cursor"}``: a checkpoint's, or a hot snapshot's) into the user
+        object; return its cursor."""
+        self.fn.load_state_dict(state["user"])
+        self._loaded_generation, self._loaded_bytes = generation, length
+        self.cursor = int(state["cursor"])
         self.dirty = False
         self._snapshot = None
         return self.cursor

@@ -249,10 +249,13 @@ class _Actor:
         world.nodes += 1
         self.node = f"node-{world.nodes}"  # one actor per node: a preemption takes exactly it
 
-    def restore(self) -> None:
+    def restore(self, hot: tuple[int, int] | None = None) -> None:
+        """Load the slot's hot snapshot ``(cursor, total)`` if given, else its checkpoint (if any)."""
         ck = self.world.storage.checkpoints.get(self.slot)
         s = self.world.scenario
-        if ck is None:
+        if hot is not None:
+            self.cursor, self.total = hot
+        elif ck is None:
             self.cursor, self.total = self.slot, 0
         else:
             self.cursor, self.total = ck.cursor, ck.total
@@ -447,18 +450,15 @@ class _World:
                 a.alive = False
                 self.feed(ActorDown(c.slot, c.inc, Cause.USER, "OSError: no weights", _tb(True)))
                 return
-            if c.hot is not None and c.hot[2] in self.lost_nodes:
-                self.outcome.hot_lost += 1  # its node is gone: the worker restores from storage
-            elif c.hot is not None:
-                a.restore()
-                a.cursor, a.total = c.hot[0], c.hot[1]
+            hot = c.hot is not None and c.hot[2] not in self.lost_nodes  # else the worker restores from storage
+            self.outcome.hot_lost += c.hot is not None and not hot
+            a.restore(c.hot[:2] if hot else None)
+            if hot:
                 self._check_hot(c.slot, a.cursor)
                 self.outcome.hot_restores += 1
-                self.feed(ActorUp(c.slot, c.inc, a.epoch, pid=1000 + c.inc, node=a.node, cursor=a.cursor, hot=True))
-                return
-            a.restore()
-            gen = 1 if self.storage.checkpoints.get(c.slot) else None
-            self.feed(ActorUp(c.slot, c.inc, a.epoch, pid=1000 + c.inc, node=a.node, cursor=a.cursor, generation=gen))
+            gen = 1 if self.storage.checkpoints.get(c.slot) and not hot else None
+            self.feed(ActorUp(c.slot, c.inc, a.epoch, pid=1000 + c.inc, node=a.node, cursor=a.cursor, generation=gen,
+                              hot=hot))
 
         self.at(when, up)
 
